@@ -45,7 +45,8 @@ if HAS_TRITON:
             out = tl.fma(d, w, t)
         else:
             out = tl.fma(-d, v, s)
-        tl.store(t_ptr + offs, out.to(t_ptr.dtype.element_ty), mask=mask)
+        # via fp32: the interpreter turns a direct fp64→bf16 cast into NaN
+        tl.store(t_ptr + offs, out.to(tl.float32).to(t_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch(teacher: torch.Tensor, student: torch.Tensor, alpha: float) -> None:
