@@ -1,0 +1,13 @@
+"""Test-session set-up shared by every test file.
+
+The Triton interpreter must be chosen before any kernel is decorated, i.e. before `kernels` is
+imported; without a GPU the kernel tests run the Triton path through it (RID_KERNELS=triton is
+set per test with monkeypatch, since kernels.kernel_mode() re-reads it on every call).
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
