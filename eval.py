@@ -1,0 +1,645 @@
+"""Evaluate reward-incremental runs: every stage -> metrics -> forgetting (the paper's Eq. 3) -> report.
+
+    python eval.py --ckpt out/                       one run, report in out/
+    python eval.py --ckpt out/rid out/baseline       methods side by side in one table
+    python eval.py --soup out/a out/b out/c          model soup of independently trained runs
+
+Stage 0 is the base model; stage k is the adapter group after task k (out/stageK-<task>/, listed in
+out/run.json). Every stage and method samples the same test prompts from the same initial noise:
+image i of prompt p starts from noise drawn with a generator seeded by (--seed, p, i), whatever the
+batch size. Metrics per stage (direction in brackets):
+
+    aesthetic (up)  LAION aesthetic predictor v2, 1-10          hps (up)   HPSv2 cosine
+    clip (up)       100 * cos(image, prompt), rewards.clip_score
+    png_kb (down)   lossless PNG size, PIL, kB                  jpeg_kb (down)  JPEG size at quality 80, kB
+    fid (down)      Frechet distance to --fid-ref images: Inception features (torchmetrics), or CLIP
+                    features (rewards.clip_features) in the mini world / with --fid-features clip
+
+Forgetting of a metric m after the last stage T is the largest drop from any earlier stage,
+F = max_{k<T} (m_k - m_T) for higher-is-better m and max_{k<T} (m_T - m_k) for lower-is-better m, so
+lower F is better for every metric. Results per stage are cached in <run>/eval/ keyed by a hash of
+the adapters and every setting that changes a number; a re-run computes only what is missing.
+Writes report.md (Table-2 layout: "value (forgetting)" on the last stage's rows), report.csv,
+report.json and grid.png (stages x prompts) to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import rewards
+import rid
+
+# name: (column label, higher is better, decimals)
+METRICS = {
+    "aesthetic": ("Aesthetic", True, 3),
+    "hps": ("HPS", True, 4),
+    "clip": ("CLIP", True, 2),
+    "png_kb": ("PNG kB", False, 1),
+    "jpeg_kb": ("JPEG kB", False, 1),
+    "fid": ("FID", False, 2),
+}
+JPEG_QUALITY = 80  # the JPEG size metric's quality (rewards.DEFAULT_JPEG_QUALITY trains towards the same)
+CACHE_VERSION = 1  # bump when a metric's definition changes: old caches then miss
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class UsageError(Exception):
+    """Bad input: main() prints it as one line and exits 2."""
+
+
+#### RUNS AND STAGES ####
+
+@dataclass
+class Run:
+    dir: Path
+    info: dict  # run.json
+    prompts: list
+    label: str = ""
+
+
+@dataclass
+class Stage:
+    run: Run                      # where model, prompts, reward spec and sampler settings come from
+    index: int                    # 0 = base model
+    name: str                     # "stage0-base", "stage2-hps", "soup(a+b)"
+    method: str                   # table label
+    dirs: tuple = ()              # adapter dirs: () base, (dir,) a stage, several for a soup
+    weights: tuple | None = None  # soup weights
+    cache_dir: Path | None = None
+    key: str = ""
+    result: dict | None = field(default=None, repr=False)
+
+
+def load_run(path) -> Run:
+    d = Path(path)
+    if not (d / "run.json").is_file():
+        raise UsageError(f"--ckpt {str(path)!r} is not a run directory (no run.json; train.py writes one)")
+    try:
+        info = json.loads((d / "run.json").read_text())
+        prompts_file = d / info.get("test_prompts", "test_prompts.txt")
+        prompts = [l.strip() for l in prompts_file.read_text().splitlines() if l.strip()]
+        model, stages = info["model"], list(info.get("stages", []))
+    except (json.JSONDecodeError, KeyError, OSError, TypeError) as e:
+        raise UsageError(f"--ckpt {str(path)!r}: unreadable run.json or test prompts ({type(e).__name__}: {e})") from None
+    if not prompts:
+        raise UsageError(f"--ckpt {str(path)!r}: {prompts_file.name} holds no prompts")
+    for s in stages:
+        if not (d / s / "adapters.json").is_file():
+            raise UsageError(f"--ckpt {str(path)!r}: run.json lists stage {s!r} but {d / s} has no adapters.json")
+    if not isinstance(model, str):
+        raise UsageError(f"--ckpt {str(path)!r}: run.json 'model' must be a string, got {model!r}")
+    return Run(d, info, prompts)
+
+
+def stages_of(run: Run) -> list[Stage]:
+    out = [Stage(run, 0, "stage0-base", "base", cache_dir=run.dir / "eval")]
+    for k, s in enumerate(run.info.get("stages", []), 1):
+        out.append(Stage(run, k, s, run.label, (str(run.dir / s),), cache_dir=run.dir / "eval"))
+    return out
+
+
+def soup_stage(paths: list, weights: list | None, cache_dir: Path) -> Stage:
+    """A soup of runs: each path is a run dir (its last finished stage is used) or a stage dir."""
+    dirs, runs = [], []
+    for p in map(Path, paths):
+        if (p / "run.json").is_file():
+            run = load_run(p)
+            if not run.info.get("stages"):
+                raise UsageError(f"--soup {str(p)!r}: the run has no finished stage yet")
+            dirs.append(str(p / run.info["stages"][-1]))
+        elif (p / "adapters.json").is_file() and (p.parent / "run.json").is_file():
+            run = load_run(p.parent)
+            dirs.append(str(p))
+        else:
+            raise UsageError(f"--soup {str(p)!r} is neither a run directory (run.json) nor a stage directory "
+                             "(adapters.json inside a run directory)")
+        runs.append(run)
+    if weights is not None and len(weights) != len(dirs):
+        raise UsageError(f"--weights {weights} gives {len(weights)} weights for {len(dirs)} --soup runs")
+    name = "soup(" + "+".join(Path(d).parent.name for d in dirs) + ")"
+    return Stage(runs[0], 1, name, "soup", tuple(dirs), tuple(weights) if weights else None, cache_dir=cache_dir)
+
+
+#### SETTINGS AND CACHE KEYS ####
+
+@dataclass
+class Settings:
+    images_per_prompt: int = 4     # 200 images per stage at the paper's 50 test prompts
+    seed: int = 0
+    steps: int | None = None       # None: the run's own (run.json config)
+    guidance: float | None = None
+    dtype: str = "fp32"
+    device: str = "cpu"
+    batch: int = 8
+    reward_spec: str | None = None  # None: the run's own
+    fid_ref: str | None = None      # None: the mini world's held-out images when the run is mini
+    fid_features: str | None = None  # inception | clip | None (auto: clip in the mini world)
+    max_prompts: int | None = None
+    grid_prompts: int = 8
+
+
+def _mini():
+    try:
+        import mini
+        return mini
+    except ImportError:
+        return None
+
+
+def is_mini(run: Run) -> bool:
+    m = _mini()
+    return m is not None and os.path.realpath(run.info["model"]) == os.path.realpath(m.MODEL)
+
+
+def stage_config(stage: Stage, s: Settings) -> dict:
+    """Everything that changes a stage's numbers (hashed into its cache key)."""
+    run, cfg = stage.run, stage.run.info.get("config", {})
+    spec_path = s.reward_spec or run.info.get("reward_spec")
+    spec = rewards.load_spec(spec_path)
+    mini = is_mini(run)
+    features = s.fid_features or ("clip" if mini else "inception")
+    ref = s.fid_ref or (str(Path(_mini().WORLD) / "fid_ref.safetensors") if mini else None)
+    prompts = run.prompts[: s.max_prompts] if s.max_prompts else run.prompts
+    return {
+        "version": CACHE_VERSION, "model": run.info["model"], "prompts": prompts, "seed": s.seed,
+        "images_per_prompt": s.images_per_prompt, "dtype": s.dtype,
+        "steps": int(s.steps or cfg.get("steps", 50)), "guidance": float(s.guidance or cfg.get("guidance", 7.5)),
+        "spec": dataclasses.asdict(spec), "fid": {"features": features, "ref": _ref_id(ref)},
+        "jpeg_quality": JPEG_QUALITY, "grid_prompts": s.grid_prompts,
+    }
+
+
+def _ref_id(ref):
+    if ref is None:
+        return None
+    p = Path(ref)
+    if p.is_dir():
+        return {"dir": str(p.resolve()), "n": sum(1 for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)}
+    return {"file": str(p.resolve()), "size": p.stat().st_size if p.exists() else None}
+
+
+def _file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stage_key(stage: Stage, config: dict) -> str:
+    adapters = [_file_hash(Path(d) / "adapters.safetensors") for d in stage.dirs]
+    blob = json.dumps({"config": config, "adapters": adapters, "weights": stage.weights}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _cache_paths(stage: Stage) -> tuple[Path, Path]:
+    stem = f"{stage.name}.{stage.key}"
+    return stage.cache_dir / f"{stem}.json", stage.cache_dir / f"{stem}.png"
+
+
+def find_cached(stage: Stage, dirs: list, enabled: set) -> dict | None:
+    """A cached result for this key (in any run's eval/ dir) that has every enabled metric."""
+    for d in [stage.cache_dir, *dirs]:
+        for f in sorted(Path(d).glob(f"*.{stage.key}.json")) if Path(d).is_dir() else []:
+            res = json.loads(f.read_text())
+            if res.get("key") == stage.key and enabled <= set(res["metrics"]) and f.with_suffix(".png").is_file():
+                res["strip"] = str(f.with_suffix(".png"))
+                return res
+    return None
+
+
+#### FORGETTING (Eq. 3) ####
+
+def forgetting(values: list, higher_is_better: bool) -> float | None:
+    """Largest drop from any earlier stage 0..T-1 to the last stage T; lower is better either way.
+    None when there is no earlier stage or a value is missing."""
+    if len(values) < 2 or any(v is None for v in values):
+        return None
+    last, earlier = values[-1], values[:-1]
+    return max(m - last for m in earlier) if higher_is_better else max(last - m for m in earlier)
+
+
+#### METRICS ####
+
+def file_kb(images: torch.Tensor, fmt: str) -> list[float]:
+    """Encoded size in kB (1000 bytes) per image, PIL, as DDPO measures compressibility."""
+    arr = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    sizes = []
+    for a in arr:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format=fmt, **({"quality": JPEG_QUALITY} if fmt == "JPEG" else {}))
+        sizes.append(buf.tell() / 1000)
+    return sizes
+
+
+class _ClipFeatures(torch.nn.Module):
+    """rewards.clip_features as the custom feature extractor torchmetrics' FID accepts."""
+
+    def __init__(self, spec, device):
+        super().__init__()
+        self.spec, self.device = spec, device
+        self.num_features = int(rewards.clip_features(torch.zeros(1, 3, 8, 8), spec, device).shape[-1])
+
+    def forward(self, x):
+        return rewards.clip_features(x, self.spec, self.device)
+
+
+def reference_batches(ref: str, size: tuple, batch: int = 64):
+    """FID reference images in batches (B, 3, H, W) in [0, 1] at the generated size, streamed (MS-COCO
+    does not fit in memory): a folder (centre crop to square, bicubic resize, as clean-fid prepares
+    reference sets) or a .safetensors file with a uint8 tensor "images" (N, 3, H, W)."""
+    p = Path(ref)
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        for chunk in load_file(str(p))["images"].split(batch):
+            x = chunk.float() / 255
+            if tuple(x.shape[-2:]) != tuple(size):
+                x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", antialias=True).clamp(0, 1)
+            yield x
+        return
+    files = sorted(x for x in p.iterdir() if x.suffix.lower() in IMAGE_SUFFIXES)
+    for b in range(0, len(files), batch):
+        out = []
+        for f in files[b:b + batch]:
+            im = Image.open(f).convert("RGB")
+            side = min(im.size)
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            im = im.crop((left, top, left + side, top + side)).resize((size[1], size[0]), Image.BICUBIC)
+            out.append(torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1))
+        yield torch.stack(out).float() / 255
+
+
+def _count_reference(ref: str) -> int:
+    p = Path(ref)
+    if not p.exists():
+        return 0
+    if p.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(p), "pt") as f:
+            return f.get_slice("images").get_shape()[0] if "images" in f.keys() else 0
+    return sum(1 for x in p.iterdir() if x.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else 0
+
+
+class Scorer:
+    """The metrics of one (reward spec, FID setting). Every model loads here, once: what cannot load
+    is skipped with one line saying how to supply it, never a crash in the middle of a run."""
+
+    def __init__(self, config: dict, spec_path: str | None, device: str, log):
+        self.spec, self.device, self.config = rewards.load_spec(spec_path), device, config
+        self.fns, self.skipped, self.fid, self.fid_ready = {}, {}, None, False
+        for name in ("aesthetic", "hps"):
+            try:
+                self.fns[name] = rewards.get(name, self.spec, device)
+            except ValueError as e:
+                self.skipped[name] = str(e)
+        try:
+            rewards.clip_features(torch.zeros(1, 3, 8, 8), self.spec, device)  # loads the CLIP once
+            self.fns["clip"] = lambda x, p: rewards.clip_score(x, p, self.spec, device)
+        except ValueError as e:
+            self.skipped["clip"] = str(e)
+        self._setup_fid(config["fid"])
+        for name, why in self.skipped.items():
+            log(f"skipping {name}: {why}")
+        self.enabled = {"png_kb", "jpeg_kb", *self.fns} | ({"fid"} if self.fid is not None else set())
+
+    def _setup_fid(self, fid: dict):
+        """torchmetrics' FrechetInceptionDistance: Inception v3 (torch-fidelity's FID weights, fetched on
+        first use) or rewards.clip_features as its custom feature extractor."""
+        if fid["ref"] is None:
+            self.skipped["fid"] = "no reference images; pass --fid-ref DIR (the paper: MS-COCO images)"
+            return
+        self.fid_ref = fid["ref"].get("dir") or fid["ref"].get("file")
+        if _count_reference(self.fid_ref) < 2:
+            self.skipped["fid"] = f"--fid-ref {self.fid_ref!r} holds fewer than 2 images"
+            return
+        if fid["features"] == "clip" and "clip" in self.skipped:
+            self.skipped["fid"] = "--fid-features clip needs the CLIP model: " + self.skipped["clip"]
+            return
+        from torchmetrics.image.fid import FrechetInceptionDistance
+
+        try:
+            feat = _ClipFeatures(self.spec, self.device) if fid["features"] == "clip" else 2048
+            self.fid = FrechetInceptionDistance(feature=feat, normalize=True, reset_real_features=False)
+            self.fid = self.fid.to(self.device)
+        except Exception as e:  # no network for the Inception weights, ...
+            self.skipped["fid"] = (f"Inception weights unavailable ({type(e).__name__}: {e}); run once with "
+                                   "network access so torch-fidelity caches them, or pass --fid-features clip")
+
+    def _fid_update(self, images):
+        if not self.fid_ready:  # reference statistics once; reset() keeps them (reset_real_features=False)
+            for x in reference_batches(self.fid_ref, tuple(images.shape[-2:])):
+                self.fid.update(x.to(self.device), real=True)
+            self.fid_ready = True
+        self.fid.update(images.float().to(self.device), real=False)
+
+    def start(self):
+        self.values = {k: [] for k in self.enabled if k != "fid"}
+        if self.fid is not None:
+            self.fid.reset()
+
+    @torch.no_grad()
+    def update(self, images: torch.Tensor, prompts: list):
+        for name, fn in self.fns.items():
+            self.values[name] += fn(images, prompts).float().cpu().tolist()
+        self.values["png_kb"] += file_kb(images, "PNG")
+        self.values["jpeg_kb"] += file_kb(images, "JPEG")
+        if "fid" in self.enabled:
+            self._fid_update(images)
+
+    def result(self) -> dict:
+        out = {k: sum(v) / len(v) for k, v in self.values.items()}
+        if "fid" in self.enabled:
+            out["fid"] = float(self.fid.compute())
+        return out
+
+
+#### GENERATION ####
+
+def noise_for(seed: int, p: int, i: int, shape: tuple) -> torch.Tensor:
+    """Initial latents of image i of prompt p: fixed by (seed, p, i), shared by every stage and method."""
+    s = int(hashlib.sha256(f"{seed}/{p}/{i}".encode()).hexdigest()[:15], 16)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(s))
+
+
+def evaluate_stage(stage: Stage, models: rid.Models, scorer: Scorer, config: dict, s: Settings, bar) -> dict:
+    """Generate the stage's images batch by batch, score them, cache the result and a sample strip."""
+    group = None
+    if stage.method == "soup":
+        group = rid.soup(models.unet, list(stage.dirs), list(stage.weights) if stage.weights else None)
+    elif stage.dirs:
+        group = rid.load_group(models.unet, stage.dirs[0])
+    prompts, n = config["prompts"], config["images_per_prompt"]
+    jobs = [(p, i) for p in range(len(prompts)) for i in range(n)]
+    scorer.start()
+    strip = []
+    bar.set_description(f"{stage.method} {stage.name}")
+    for b in range(0, len(jobs), s.batch):
+        batch = jobs[b:b + s.batch]
+        noise = torch.stack([noise_for(config["seed"], p, i, models.latent_shape) for p, i in batch])
+        texts = [prompts[p] for p, _ in batch]
+        images = rid.sample(models, texts, noise, steps=config["steps"], guidance=config["guidance"], group=group)
+        scorer.update(images, texts)  # (B, 3, H, W) in [0, 1]
+        strip += [img for (p, i), img in zip(batch, images.cpu()) if i == 0 and p < config["grid_prompts"]]
+        bar.update(len(batch))
+    result = {"key": stage.key, "stage": stage.name, "index": stage.index, "n_images": len(jobs),
+              "metrics": scorer.result(), "config": config}
+    js, png = _cache_paths(stage)
+    js.parent.mkdir(parents=True, exist_ok=True)
+    _save_strip(torch.stack(strip), png)
+    tmp = js.with_name(f".{js.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=1))
+    os.replace(tmp, js)  # atomic: a killed eval leaves no half-written cache
+    result["strip"] = str(png)
+    return result
+
+
+def _save_strip(images: torch.Tensor, path: Path, max_side: int = 256):
+    """One row of thumbnails (first image of each grid prompt)."""
+    imgs = [Image.fromarray((x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()) for x in images]
+    imgs = [im if max(im.size) <= max_side else im.resize((max_side, max_side * im.height // im.width), Image.BICUBIC)
+            for im in imgs]
+    w, h = imgs[0].size
+    row = Image.new("RGB", (w * len(imgs), h))
+    for j, im in enumerate(imgs):
+        row.paste(im, (j * w, 0))
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    row.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+#### EVALUATION ####
+
+def plan(ckpts: list, soup: list | None, weights: list | None, s: Settings, out: Path | None):
+    """Validate the inputs; list the stage chains (base, stage 1, ..., stage T per run; base, soup).
+    Raises UsageError. -> (chains, configs by stage id, out dir, runs)."""
+    runs = [load_run(c) for c in ckpts]
+    methods = [r.info.get("method", "run") for r in runs]
+    for r, m in zip(runs, methods):  # the method name, or the directory name when methods repeat
+        r.label = m if methods.count(m) == 1 else f"{m} ({r.dir.name})"
+    if out is None:
+        first = Path(ckpts[0] if ckpts else soup[0])
+        out = first if len(ckpts) == 1 and not soup else first.resolve().parent / ("eval-" + "+".join(
+            Path(p).resolve().name for p in [*ckpts, *(soup or [])]))
+    chains = [stages_of(r) for r in runs]
+    if soup:
+        sp = soup_stage(soup, weights, out / "eval")
+        chains.append([Stage(sp.run, 0, "stage0-base", "base", cache_dir=sp.run.dir / "eval"), sp])
+    configs = {}
+    for st in (st for chain in chains for st in chain):
+        try:
+            configs[id(st)] = stage_config(st, s)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        st.key = stage_key(st, configs[id(st)])
+    return chains, configs, out, runs
+
+
+def _adapter_layout(stage: Stage):
+    """(rank, targets) of a stage's adapters; None for the base model."""
+    if not stage.dirs:
+        return None
+    meta = json.loads((Path(stage.dirs[0]) / "adapters.json").read_text())
+    return meta["rank"], tuple(meta["targets"])
+
+
+def evaluate(ckpts: list, soup: list | None = None, weights: list | None = None, s: Settings | None = None,
+             out: Path | None = None, log=print) -> dict:
+    """Evaluate every stage (cached ones are read back) and write the report. -> report dict with
+    "computed": the number of stages generated and scored in this call."""
+    s = s or Settings()
+    chains, configs, out, runs = plan(ckpts, soup, weights, s, out)
+    stages = [st for chain in chains for st in chain]
+    cache_dirs = sorted({str(st.cache_dir) for st in stages})
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[s.dtype]
+    scorers, loaded = {}, {}  # loaded: model id -> (Models, adapter layout injected into its UNet)
+
+    def scorer_for(st):
+        key = json.dumps([configs[id(st)]["spec"], configs[id(st)]["fid"]], sort_keys=True)
+        if key not in scorers:
+            scorers[key] = Scorer(configs[id(st)], s.reward_spec or st.run.info.get("reward_spec"), s.device, log)
+        return scorers[key]
+
+    def load(st):
+        try:
+            loaded[st.run.info["model"]] = (rid.load_models(st.run.info["model"], device=s.device, dtype=dtype), None)
+        except ValueError as e:
+            raise UsageError(f"{st.run.dir / 'run.json'}: {e}") from None
+
+    def models_for(st):
+        """The run's base model; reloaded only when a stage needs another adapter layout, or the base
+        model after adapters were injected (rid.load_group reuses a UNet's group of the same layout)."""
+        model, layout = st.run.info["model"], _adapter_layout(st)
+        if loaded[model][1] is not None and loaded[model][1] != layout:
+            load(st)
+        models = loaded[model][0]
+        loaded[model] = (models, layout or loaded[model][1])
+        return models
+
+    todo = {}
+    for st in stages:
+        st.result = find_cached(st, cache_dirs, scorer_for(st).enabled)
+        if st.result is None:
+            todo.setdefault(st.key, st)  # a base model shared by several runs is generated once
+    order = sorted(todo.values(), key=lambda t: (t.index > 0, str(_adapter_layout(t))))  # bases first
+    for st in order:  # load the base models up front: a bad model id fails before any progress bar
+        if st.run.info["model"] not in loaded:
+            load(st)
+    total = sum(len(configs[id(t)]["prompts"]) * configs[id(t)]["images_per_prompt"] for t in order)
+    with tqdm(total=total, unit="img", disable=not order) as bar:
+        for st in order:
+            models = models_for(st)
+            try:
+                st.result = evaluate_stage(st, models, scorer_for(st), configs[id(st)], s, bar)
+            except ValueError as e:  # adapters that do not fit the run's base model
+                raise UsageError(f"{st.name}: {e}") from None
+    for st in stages:
+        st.result = st.result or todo[st.key].result
+    report = build_report(chains, runs, s, scorers)
+    report["computed"] = len(order)
+    write_report(report, out)
+    n = len({st.key for st in stages})
+    log(f"{len(order)} of {n} distinct stage(s) computed, {n - len(order)} read from cache; report in {out}")
+    return report
+
+
+#### REPORT ####
+
+def _row(st: Stage, chain: list | None) -> dict:
+    """A table row; chain (the stages up to this one) is given for a run's last stage: forgetting."""
+    f = None
+    if chain is not None and len(chain) > 1:
+        f = {m: forgetting([x.result["metrics"].get(m) for x in chain], METRICS[m][1]) for m in METRICS}
+    return {"method": st.method, "stage": st.index, "name": st.name, "run": str(st.run.dir), "key": st.key,
+            "metrics": st.result["metrics"], "forgetting": f, "strip": st.result["strip"]}
+
+
+def build_report(chains: list, runs: list, s: Settings, scorers: dict) -> dict:
+    """Rows in the paper's Table-2 order: the base model once per distinct base, then stage by stage
+    every run side by side, the soup last."""
+    rows, seen = [], set()
+    for chain in chains:
+        if chain[0].key not in seen:
+            seen.add(chain[0].key)
+            rows.append(_row(chain[0], None))
+    runs_chains = [c for c in chains if c[-1].method != "soup"]
+    for k in range(1, max(len(c) for c in chains)):
+        rows += [_row(c[k], c if k == len(c) - 1 else None) for c in runs_chains if len(c) > k]
+    rows += [_row(c[-1], c) for c in chains if c[-1].method == "soup"]
+    skipped = {k: v for sc in scorers.values() for k, v in sc.skipped.items()}
+    return {"settings": dataclasses.asdict(s),
+            "runs": [{"label": r.label, "dir": str(r.dir), "method": r.info.get("method"), "tasks": r.info.get("tasks")}
+                     for r in runs],
+            "rows": rows, "skipped": skipped}
+
+
+def _fmt(v, m, signed=False):
+    return "–" if v is None else f"{v:{'+' if signed else ''}.{METRICS[m][2]}f}"
+
+
+def write_report(report: dict, out: Path):
+    out.mkdir(parents=True, exist_ok=True)
+    rows = report["rows"]
+    cols = [m for m in METRICS if any(m in r["metrics"] for r in rows)]
+    head = ["Method", "Stage"] + [f"{METRICS[m][0]} {'↑' if METRICS[m][1] else '↓'}" for m in cols]
+    md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        fg = r["forgetting"]
+        cells = [_fmt(r["metrics"].get(m), m) + (f" ({_fmt(fg.get(m), m, True)})" if fg else "") for m in cols]
+        md.append(f"| {r['method']} | {r['stage']}: {r['name']} | " + " | ".join(cells) + " |")
+    notes = ["", "Last-stage rows: value (forgetting F, Eq. 3: the largest drop from any earlier stage to the "
+             "last; lower is better for every metric)."]
+    notes += [f"Skipped {k}: {v}" for k, v in report["skipped"].items()]
+    (out / "report.md").write_text("\n".join(md + notes) + "\n")
+    with open(out / "report.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["method", "stage", "name", "run"] + cols + [f"{m}_forgetting" for m in cols])
+        for r in rows:
+            fg = r["forgetting"] or {}
+            w.writerow([r["method"], r["stage"], r["name"], r["run"]] + [r["metrics"].get(m, "") for m in cols]
+                       + ["" if fg.get(m) is None else fg[m] for m in cols])
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    _write_grid(rows, out / "grid.png")
+
+
+def _write_grid(rows: list, path: Path, label_w: int = 160):
+    """Rows = the table's rows, columns = the first grid prompts (first image of each)."""
+    strips = [Image.open(r["strip"]).convert("RGB") for r in rows]
+    up = max(1, -(-64 // max(s.height for s in strips)))  # tiny images (mini world): enlarge, no blur
+    strips = [s.resize((s.width * up, s.height * up), Image.NEAREST) for s in strips]
+    w, h = max(s.width for s in strips), max(s.height for s in strips)
+    grid = Image.new("RGB", (label_w + w, h * len(strips)), "white")
+    draw = ImageDraw.Draw(grid)
+    for j, (r, strip) in enumerate(zip(rows, strips)):
+        grid.paste(strip, (label_w, j * h))
+        draw.text((4, j * h + 4), f"{r['method']}\n{r['name']}", fill="black")
+    grid.save(path)
+
+
+#### CLI ####
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Settings()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--ckpt", nargs="+", default=[], help="run directories written by train.py (several: side by side)")
+    a("--soup", nargs="+", help="runs (or stage dirs) to average into one model soup, evaluated like a stage")
+    a("--weights", nargs="+", type=float, help="soup weights, one per --soup entry (default: equal)")
+    a("--out", help="report directory (default: the --ckpt dir; a new eval-<names> dir beside it for several)")
+    a("--images-per-prompt", type=int, default=d.images_per_prompt, help=f"images per test prompt (default: {d.images_per_prompt})")
+    a("--seed", type=int, default=d.seed, help=f"noise seed shared by every stage and method (default: {d.seed})")
+    a("--batch", type=int, default=d.batch, help=f"images per sampling batch (default: {d.batch}); the noise per image is fixed, so images "
+                                                  "agree up to float rounding")
+    a("--steps", type=int, help="DDIM steps (default: the run's)")
+    a("--guidance", type=float, help="classifier-free guidance (default: the run's)")
+    a("--max-prompts", type=int, help="evaluate only the first N test prompts (quick looks)")
+    a("--reward-spec", help="reward spec JSON (default: the run's; see rewards.RewardSpec)")
+    a("--fid-ref", help="folder of reference images for FID (the paper: MS-COCO); mini world: its own")
+    a("--fid-features", choices=("inception", "clip"), help="FID feature space (default: inception; clip in the mini world)")
+    a("--dtype", choices=("fp32", "fp16", "bf16"), help="sampling precision (default: fp16 on CUDA, fp32 on CPU)")
+    a("--device", help="cuda or cpu (default: cuda if available)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    s = Settings(images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
+                 dtype=args.dtype or ("fp16" if device.startswith("cuda") else "fp32"), device=device,
+                 batch=args.batch, reward_spec=args.reward_spec, fid_ref=args.fid_ref, fid_features=args.fid_features,
+                 max_prompts=args.max_prompts)
+    try:
+        for name in ("images_per_prompt", "batch", "steps", "max_prompts"):
+            v = getattr(args, name)
+            if v is not None and v < 1:
+                raise UsageError(f"--{name.replace('_', '-')} {v} is not allowed; use an integer >= 1")
+        if not args.ckpt and not args.soup:
+            raise UsageError("nothing to evaluate: pass --ckpt RUN_DIR [...] and/or --soup RUN_DIR [...]")
+        if args.weights and not args.soup:
+            raise UsageError("--weights applies to --soup; pass the soup runs with --soup")
+        if args.fid_ref and not Path(args.fid_ref).exists():
+            raise UsageError(f"--fid-ref {args.fid_ref!r} does not exist; pass a folder of reference images")
+        evaluate(args.ckpt, args.soup, args.weights, s, Path(args.out) if args.out else None, log=tqdm.write)
+    except UsageError as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

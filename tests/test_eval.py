@@ -1,0 +1,271 @@
+"""eval.py: Eq. 3 by hand, and a tiny end-to-end evaluation of real run directories (tiny SD from
+tests/tiny.py + rid adapters saved with rid's own save, a tiny-CLIP reward spec), checked against
+metrics recomputed directly (rewards on rid.sample's images, PIL file sizes, a Frechet distance
+written out with eigh)."""
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval as ev
+import rewards
+import rid
+from test_rewards import tiny_spec
+from tiny import tiny_sd
+
+PROMPTS = ["a photo of a cat", "a red car", "a blue house"]
+SETTINGS = dict(images_per_prompt=2, seed=0, batch=6, device="cpu", dtype="fp32", fid_features="clip")
+
+
+#### FORGETTING (Eq. 3), worked by hand ####
+
+def test_forgetting_higher_is_better():
+    # stages 0..2 = 5.0, 6.0, 5.5: the largest drop to the last stage is from stage 1: 6.0 - 5.5
+    assert ev.forgetting([5.0, 6.0, 5.5], True) == pytest.approx(0.5)
+    # improving all along: F is negative (a gain), max(1 - 3, 2 - 3) = -1
+    assert ev.forgetting([1.0, 2.0, 3.0], True) == pytest.approx(-1.0)
+
+
+def test_forgetting_lower_is_better():
+    # PNG kB 10, 8, 9: the last stage is 1 kB worse than the best earlier (8); max(9 - 10, 9 - 8) = 1
+    assert ev.forgetting([10.0, 8.0, 9.0], False) == pytest.approx(1.0)
+    # FID 30 -> 20: better, F = 20 - 30 = -10
+    assert ev.forgetting([30.0, 20.0], False) == pytest.approx(-10.0)
+
+
+def test_forgetting_undefined():
+    assert ev.forgetting([4.2], True) is None
+    assert ev.forgetting([4.2, None], True) is None
+
+
+#### A tiny world: model, reward spec, reference images, runs ####
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    model = tiny_sd(root / "model")
+    (root / "spec").mkdir()
+    tiny_spec(root / "spec")
+    ref = root / "ref"
+    ref.mkdir()
+    g = np.random.default_rng(0)
+    for i in range(8):  # reference images larger than the 16 x 16 samples: eval crops/resizes them
+        Image.fromarray(g.integers(0, 256, (24, 20, 3), dtype=np.uint8)).save(ref / f"{i}.png")
+    return {"root": root, "model": model, "spec": str(root / "spec" / "rewards.json"), "ref": str(ref)}
+
+
+def make_run(dir, world, tasks=("aesthetic", "hps"), method="rid", seed=1):
+    """A run directory as train.py lays it out, with random non-zero adapters per stage."""
+    models = rid.load_models(world["model"])
+    group = rid.inject(models.unet, rank=2)
+    g = torch.Generator().manual_seed(seed)
+    stages = []
+    for k, task in enumerate(tasks, 1):
+        group.add_task(task)
+        with torch.no_grad():
+            group.flat.copy_(torch.randn(group.flat.shape, generator=g) * 0.3)
+        stages.append(f"stage{k}-{task}")
+        group.save(str(dir / stages[-1]))
+    (dir / "test_prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    run = {"tasks": list(tasks), "method": method, "model": world["model"], "reward_spec": world["spec"],
+           "stages": stages, "test_prompts": "test_prompts.txt", "seed": 0, "config": {"steps": 2, "guidance": 3.0}}
+    (dir / "run.json").write_text(json.dumps(run))
+    return dir
+
+
+@pytest.fixture(scope="module")
+def run_dir(world, tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("run"), world)
+
+
+@pytest.fixture(scope="module")
+def report(world, run_dir):
+    return ev.evaluate([str(run_dir)], s=ev.Settings(**SETTINGS, fid_ref=world["ref"]), log=lambda m: None)
+
+
+def _direct_metrics(world, adapters, n_per_prompt=2):
+    """The stage's images made and scored without eval.py's loop."""
+    models = rid.load_models(world["model"])
+    if adapters:
+        rid.load_group(models.unet, str(adapters))
+    prompts = [p for p in PROMPTS for _ in range(n_per_prompt)]
+    noise = torch.stack([ev.noise_for(0, p, i, models.latent_shape) for p in range(len(PROMPTS))
+                         for i in range(n_per_prompt)])
+    images = rid.sample(models, prompts, noise, steps=2, guidance=3.0)
+    spec = rewards.load_spec(world["spec"])
+    with torch.no_grad():
+        out = {name: rewards.get(name, spec)(images, prompts).mean().item() for name in ("aesthetic", "hps")}
+        out["clip"] = rewards.clip_score(images, prompts, spec).mean().item()
+        gen = rewards.clip_features(images, spec).double()
+        ref = torch.cat(list(ev.reference_batches(world["ref"], (16, 16), batch=3)))
+        real = rewards.clip_features(ref, spec).double()
+    for fmt, key, kw in (("PNG", "png_kb", {}), ("JPEG", "jpeg_kb", {"quality": 80})):
+        sizes = []
+        for a in (images * 255).round().byte().permute(0, 2, 3, 1).numpy():
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, format=fmt, **kw)
+            sizes.append(len(buf.getvalue()) / 1000)
+        out[key] = sum(sizes) / len(sizes)
+    out["fid"] = _frechet(real, gen)
+    return out
+
+
+def _frechet(x, y):
+    """||mu_x - mu_y||^2 + tr Sx + tr Sy - 2 tr (Sx^1/2 Sy Sx^1/2)^1/2, symmetric form via eigh."""
+    mx, my = x.mean(0), y.mean(0)
+    sx, sy = torch.cov(x.T), torch.cov(y.T)
+    ex, vx = torch.linalg.eigh(sx)
+    root = vx @ torch.diag(ex.clamp(min=0).sqrt()) @ vx.T
+    cross = torch.linalg.eigvalsh(root @ sy @ root).clamp(min=0).sqrt().sum()
+    return ((mx - my).square().sum() + sx.trace() + sy.trace() - 2 * cross).item()
+
+
+#### END TO END ####
+
+def test_report_rows_and_files(report, run_dir):
+    rows = report["rows"]
+    assert [(r["method"], r["stage"], r["name"]) for r in rows] == [
+        ("base", 0, "stage0-base"), ("rid", 1, "stage1-aesthetic"), ("rid", 2, "stage2-hps")]
+    assert rows[0]["forgetting"] is None and rows[1]["forgetting"] is None
+    assert set(rows[2]["forgetting"]) == set(ev.METRICS) and set(rows[2]["metrics"]) == set(ev.METRICS)
+    for m, (_, higher, _) in ev.METRICS.items():  # Eq. 3 over the three stages of the table
+        assert rows[2]["forgetting"][m] == pytest.approx(ev.forgetting([r["metrics"][m] for r in rows], higher))
+    md = (run_dir / "report.md").read_text().splitlines()
+    assert md[0].startswith("| Method | Stage | Aesthetic ↑ | HPS ↑ | CLIP ↑ | PNG kB ↓ | JPEG kB ↓ | FID ↓")
+    body = [l for l in md[2:] if l.startswith("| ")]
+    assert len(body) == 3 and "(" not in body[0] + body[1] and body[2].count("(") == len(ev.METRICS)
+    csv_rows = (run_dir / "report.csv").read_text().splitlines()
+    assert len(csv_rows) == 4 and csv_rows[0].startswith("method,stage,name,run,aesthetic")
+    assert json.loads((run_dir / "report.json").read_text())["rows"][2]["name"] == "stage2-hps"
+    grid = Image.open(run_dir / "grid.png")
+    assert grid.size == (160 + 3 * 64, 3 * 64)  # rows = stages, columns = prompts (16 px shown at 64)
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_metrics_match_direct_computation(report, run_dir, world, stage):
+    got = report["rows"][stage]["metrics"]
+    want = _direct_metrics(world, run_dir / "stage2-hps" if stage else None)
+    for m in ("aesthetic", "hps", "clip", "png_kb", "jpeg_kb"):
+        assert got[m] == pytest.approx(want[m], rel=1e-4, abs=1e-5), m
+    assert got["fid"] == pytest.approx(want["fid"], rel=1e-3, abs=1e-3)
+    assert report["rows"][0]["metrics"]["png_kb"] != report["rows"][2]["metrics"]["png_kb"]  # adapters matter
+
+
+def test_rerun_computes_nothing(report, run_dir, world, monkeypatch):
+    cache = sorted((run_dir / "eval").glob("*.json"))
+    assert len(cache) == 3
+    mtimes = [f.stat().st_mtime_ns for f in cache]
+    monkeypatch.setattr(rid, "sample", lambda *a, **k: pytest.fail("re-run sampled images"))
+    again = ev.evaluate([str(run_dir)], s=ev.Settings(**SETTINGS, fid_ref=world["ref"]), log=lambda m: None)
+    assert again["computed"] == 0
+    assert [f.stat().st_mtime_ns for f in cache] == mtimes
+    assert [r["metrics"] for r in again["rows"]] == [r["metrics"] for r in report["rows"]]
+
+
+def test_changed_setting_recomputes_only_what_it_changes(report, run_dir, world, tmp_path):
+    calls = []
+    orig = rid.sample
+    s = ev.Settings(**{**SETTINGS, "images_per_prompt": 1}, fid_ref=world["ref"])
+    import unittest.mock as um
+    with um.patch.object(rid, "sample", lambda *a, **k: calls.append(1) or orig(*a, **k)):
+        out = ev.evaluate([str(run_dir)], s=s, out=tmp_path, log=lambda m: None)
+    assert out["computed"] == 3 and len(calls) == 3  # one batch per stage
+    assert len(list((run_dir / "eval").glob("*.json"))) == 6  # both settings stay cached
+
+
+def test_soup_of_identical_runs_equals_the_run(report, run_dir, world, tmp_path):
+    out = ev.evaluate([], soup=[str(run_dir), str(run_dir)], s=ev.Settings(**SETTINGS, fid_ref=world["ref"]),
+                      out=tmp_path, log=lambda m: None)
+    soup = out["rows"][-1]
+    assert soup["method"] == "soup" and out["computed"] == 1  # the base model comes from the run's cache
+    for m in ev.METRICS:
+        assert soup["metrics"][m] == pytest.approx(report["rows"][2]["metrics"][m], rel=1e-3, abs=1e-4), m
+    assert (tmp_path / "report.md").is_file()
+
+
+def test_runs_side_by_side_share_the_base(world, tmp_path):
+    a = make_run(tmp_path / "rid", world, tasks=("aesthetic",), method="rid", seed=2)
+    b = make_run(tmp_path / "base", world, tasks=("aesthetic",), method="baseline", seed=3)
+    s = ev.Settings(**{**SETTINGS, "images_per_prompt": 1}, fid_ref=world["ref"])
+    out = ev.evaluate([str(a), str(b)], s=s, log=lambda m: None)
+    assert [(r["method"], r["stage"]) for r in out["rows"]] == [("base", 0), ("rid", 1), ("baseline", 1)]
+    assert out["computed"] == 3  # one base model for both runs
+    assert (tmp_path / "eval-rid+base" / "report.md").is_file()
+
+
+def test_missing_weights_skip_with_one_line(world, tmp_path):
+    run = make_run(tmp_path / "run", world, tasks=("aesthetic",))
+    spec = json.loads(open(world["spec"]).read())
+    spec = {k: (os.path.join(os.path.dirname(world["spec"]), v) if k != "hps_weights" else str(tmp_path / "gone.pt"))
+            for k, v in spec.items()}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    lines = []
+    s = ev.Settings(**{**SETTINGS, "images_per_prompt": 1}, reward_spec=str(tmp_path / "spec.json"))
+    out = ev.evaluate([str(run)], s=s, log=lines.append)
+    skips = [l for l in lines if l.startswith("skipping")]
+    assert len(skips) == 2 and "gone.pt" in skips[0] and "--reward-spec" in skips[0] and "--fid-ref" in skips[1]
+    assert "hps" not in out["rows"][1]["metrics"] and "fid" not in out["rows"][1]["metrics"]
+    assert "HPS" not in (run / "report.md").read_text().splitlines()[0]
+
+
+def test_mini_world_run_uses_clip_fid_on_its_reference_set(world, run_dir, tmp_path, monkeypatch):
+    """A run on the mini world's model: FID in CLIP space against mini/world/fid_ref.safetensors."""
+    from types import SimpleNamespace
+
+    from safetensors.torch import save_file
+
+    refs = torch.cat(list(ev.reference_batches(world["ref"], (16, 16))))
+    save_file({"images": (refs * 255).round().to(torch.uint8)}, str(tmp_path / "fid_ref.safetensors"))
+    monkeypatch.setattr(ev, "_mini", lambda: SimpleNamespace(MODEL=world["model"], WORLD=tmp_path))
+    s = ev.Settings(**{k: v for k, v in SETTINGS.items() if k != "fid_features"})
+    out = ev.evaluate([str(run_dir)], s=s, out=tmp_path / "report", log=lambda m: None)
+    assert out["computed"] == 3  # another reference file: another cache key
+    got, want = out["rows"][2]["metrics"], _direct_metrics(world, run_dir / "stage2-hps")
+    assert got["fid"] == pytest.approx(want["fid"], rel=1e-3, abs=1e-3)  # the same images, stored as uint8
+    assert got["aesthetic"] == pytest.approx(want["aesthetic"], rel=1e-4)
+
+
+def test_inception_unavailable_skips_fid(world, run_dir, tmp_path, monkeypatch):
+    import torchmetrics.image.fid as tm_fid
+
+    def offline(*a, **k):
+        raise OSError("no network")
+
+    monkeypatch.setattr(tm_fid, "NoTrainInceptionV3", offline)  # what torchmetrics builds for feature=2048
+    lines = []
+    s = ev.Settings(**{**SETTINGS, "fid_features": "inception", "max_prompts": 1}, fid_ref=world["ref"])
+    out = ev.evaluate([str(run_dir)], s=s, out=tmp_path, log=lines.append)
+    assert [l for l in lines if l.startswith("skipping")] == [
+        "skipping fid: Inception weights unavailable (OSError: no network); run once with network access so "
+        "torch-fidelity caches them, or pass --fid-features clip"]
+    assert all("fid" not in r["metrics"] for r in out["rows"]) and "aesthetic" in out["rows"][0]["metrics"]
+
+
+#### CLI ####
+
+@pytest.mark.parametrize("args,msg", [
+    (["--ckpt", "{tmp}/nope"], "is not a run directory (no run.json"),
+    (["--ckpt", "{tmp}"], "is not a run directory"),
+    ([], "nothing to evaluate"),
+    (["--ckpt", "{tmp}", "--images-per-prompt", "0"], "--images-per-prompt 0"),
+    (["--ckpt", "{tmp}", "--weights", "0.5"], "--weights applies to --soup"),
+    (["--soup", "{tmp}"], "is neither a run directory"),
+])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, args, msg):
+    assert ev.main([a.format(tmp=tmp_path) for a in args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eval.py: error:") and msg in err[0]
+
+
+def test_cli_bad_model_in_run_json(world, tmp_path, capsys):
+    run = make_run(tmp_path / "run", world, tasks=("aesthetic",))
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "model": str(tmp_path / "no-model")}))
+    capsys.readouterr()
+    assert ev.main(["--ckpt", str(run), "--fid-features", "clip", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no-model" in err[0]

@@ -1,0 +1,102 @@
+"""Tiny Stable-Diffusion-layout models for tests, built from configs (no downloads).
+
+    tiny_sd(path) -> str          a seeded, saved diffusers directory (model_index.json, unet/, vae/,
+                                  text_encoder/, tokenizer/, scheduler/) that rid.load_models and
+                                  StableDiffusionPipeline.from_pretrained both load
+    toy_reward(images, prompts)   (N,) differentiable reward: mean red-channel brightness
+
+Shapes: latents (B, 4, 8, 8) → images (B, 3, 16, 16) (one VAE down block pair → 2× per side);
+text embeddings (B, 16, 32). Other test files import these two names; keep them stable.
+"""
+import json
+import os
+import tempfile
+
+import torch
+
+TOKEN_LEN = 16  # tokenizer.model_max_length and the text encoder's positions
+_WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "car", "tree", "house", "the", "on")
+
+
+def _bytes_to_unicode() -> dict:
+    """GPT-2/CLIP's reversible byte → printable-unicode table (as in transformers' CLIP tokenizer)."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def _write_tokenizer(path: str) -> None:
+    """A byte-level CLIP BPE vocabulary: every byte, every byte + '</w>', merges for a few words."""
+    from transformers import CLIPTokenizer
+
+    chars = list(_bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars]
+    merges = []
+    for word in _WORDS:  # merge left to right: "p h", "ph o", ... then the "</w>" form
+        cur = word[0]
+        for i, ch in enumerate(word[1:], 1):
+            tail = ch + "</w>" if i == len(word) - 1 else ch
+            merges.append(f"{cur} {tail}")
+            cur += tail
+            if cur not in vocab:
+                vocab.append(cur)
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    with tempfile.TemporaryDirectory() as raw:  # the two files CLIP ships, then the saved form
+        with open(os.path.join(raw, "vocab.json"), "w") as f:
+            json.dump({tok: i for i, tok in enumerate(dict.fromkeys(vocab))}, f)
+        with open(os.path.join(raw, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+        tok = CLIPTokenizer.from_pretrained(raw, model_max_length=TOKEN_LEN)
+        tok.save_pretrained(path)
+
+
+def tiny_sd(path) -> str:
+    """Build, seed and save a tiny SD-1.5-shaped pipeline under `path`; returns the directory."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    path = str(path)
+    tok_dir = os.path.join(path, "tokenizer")
+    _write_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=32, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        norm_num_groups=8, sample_size=16, scaling_factor=0.18215,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=TOKEN_LEN,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    # SD-1.5's shipped scheduler_config.
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    )
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def toy_reward(images: torch.Tensor, prompts) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] → (N,): mean brightness of the red channel (higher is better)."""
+    return images[:, 0].mean(dim=(1, 2))
