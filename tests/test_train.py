@@ -1,0 +1,410 @@
+"""train.py: CLI and bad input, the paper's schedules, prompt handling, a full tiny run that eval.py
+reads, bit-exact resume after a hard crash, and 2-process DDP (gloo) against 1 process.
+
+Oracles: the paper's appendix numbers written out below; an uninterrupted run (for resume); a
+1-process run with the same global batch (for DDP); rid.sample on a fresh model loaded from the
+stage directory (for samples.png). The tiny model comes from tests/tiny.py; rewards are swapped for
+tiny.toy_reward through train.py's documented test hook (RID_TRAIN_REWARD), so no CLIP weights.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import tiny
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+HOOK = "test_train:recording_reward"
+
+# The paper's appendix (RIL, "Implementation details"), written out here as the oracle.
+PAPER_EPOCHS = {"aesthetic": 10, "hps": 120, "compress": 15}
+PAPER_RID_BATCH, PAPER_RID_LR = 8, 5e-5
+PAPER_BASELINE_BATCH, PAPER_BASELINE_LR = 128, 1e-3
+
+
+def recording_reward(images, prompts):
+    """tiny.toy_reward that also logs which prompts this process scored (to $RID_TEST_LOG.<rank>)."""
+    log = os.environ.get("RID_TEST_LOG")
+    if log:
+        with open(f"{log}.{os.environ.get('RANK', '0')}", "a") as f:
+            f.write(json.dumps(list(prompts)) + "\n")
+    return tiny.toy_reward(images, prompts)
+
+
+_calls = [0]
+
+
+def nan_from_second_step(images, prompts):
+    """NaN from the 3rd micro-batch on (batch 2, micro-batch 1: step 2)."""
+    _calls[0] += 1
+    r = tiny.toy_reward(images, prompts)
+    return r * float("nan") if _calls[0] > 2 else r
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny shapes on a shared machine: one intra-op thread is several times faster than contended
+    OpenMP threads, and subprocesses get the same count (bit-exact comparisons across processes)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("train")
+    prompts = d / "prompts.txt"
+    words = ["cat", "dog", "car", "tree", "house"]
+    prompts.write_text("\n".join(f"a {c} {w}" for c in ("red", "blue") for w in words) + "\n")  # 10 prompts
+    return SimpleNamespace(dir=d, sd=tiny.tiny_sd(d / "sd"), prompts=str(prompts))
+
+
+def tiny_args(world, out, *extra, tasks="aesthetic,compress"):
+    """2 tasks × 2 steps, DDIM 2, batch 2 as 2 micro-batches of 1, a checkpoint after every step."""
+    return ["--model", world.sd, "--prompts", world.prompts, *(["--tasks", tasks] if tasks else []),
+            "--steps", "2", "--batch", "2", "--micro-batch", "1", "--max-steps", "2", "--lr", "1e-2",
+            "--ckpt-every", "1", "--device", "cpu", "--out", str(out), *extra]
+
+
+def subprocess_env(**extra):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+               RID_TRAIN_REWARD=HOOK, OMP_NUM_THREADS=str(torch.get_num_threads()), **extra)
+    return env
+
+
+def run_main(monkeypatch, argv, hook=HOOK, **env):
+    monkeypatch.setenv("RID_TRAIN_REWARD", hook)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return train.main(argv)
+
+
+def adapters(stage_dir):
+    return load_file(str(Path(stage_dir) / "adapters.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def full_run(world):
+    """The uninterrupted 1-process reference run, recording the prompts each step scored."""
+    out = world.dir / "full"
+    with pytest.MonkeyPatch.context() as mp:
+        assert run_main(mp, tiny_args(world, out), RID_TEST_LOG=str(world.dir / "log-full")) == 0
+    return out
+
+
+#### SCHEDULES AND CONFIG ####
+
+def resolve(*argv):
+    return train.resolve(train.build_parser().parse_args(list(argv)))[0]
+
+
+def test_schedules_are_the_papers():
+    sd = ["--model", train.SD15, "--tasks", "aesthetic,hps,compress"]
+    cfg = resolve(*sd)
+    assert cfg.epochs == PAPER_EPOCHS
+    assert cfg.batch == dict.fromkeys(PAPER_EPOCHS, PAPER_RID_BATCH)
+    assert cfg.lr == dict.fromkeys(PAPER_EPOCHS, PAPER_RID_LR)
+    assert (cfg.rank, cfg.lam, cfg.steps, cfg.guidance) == (4, 0.1, 50, 7.5)
+    for method in ("baseline", "draft-k", "draft", "draft-lv", "refl"):
+        cfg = resolve(*sd, "--method", method)
+        assert cfg.epochs == PAPER_EPOCHS
+        assert cfg.batch == dict.fromkeys(PAPER_EPOCHS, PAPER_BASELINE_BATCH)
+        assert cfg.lr == dict.fromkeys(PAPER_EPOCHS, PAPER_BASELINE_LR)
+    # batch 128 by accumulation: micro-batches per step = batch / world / micro-batch
+    assert train.micro_plan(cfg, "hps", 1) == (8, 16)
+    assert train.micro_plan(cfg, "hps", 4) == (8, 4)
+    assert train.micro_plan(resolve(*sd, "--method", "baseline", "--grad-accum", "4"), "hps", 1) == (32, 4)
+
+
+def test_per_task_overrides_and_joint():
+    sd = ["--model", train.SD15]
+    cfg = resolve(*sd, "--epochs", "hps=3", "--lr", "aesthetic=1e-4,compress=2e-4", "--batch", "16")
+    assert cfg.epochs == {**PAPER_EPOCHS, "hps": 3}
+    assert cfg.lr == {"aesthetic": 1e-4, "hps": PAPER_RID_LR, "compress": 2e-4}
+    assert cfg.batch == dict.fromkeys(PAPER_EPOCHS, 16)
+    assert resolve(*sd, "--tasks", "compress,aesthetic", "--epochs", "5").epochs == {"compress": 5, "aesthetic": 5}
+    cfg = resolve(*sd, "--joint", "aesthetic:0.01,hps:2,compress:1")
+    assert cfg.tasks == ["joint"] and cfg.joint == {"aesthetic": 0.01, "hps": 2.0, "compress": 1.0}
+    assert cfg.epochs == {"joint": max(PAPER_EPOCHS.values())}  # the longest schedule among its rewards
+
+
+@pytest.fixture(scope="module")
+def mini_world(tmp_path_factory):
+    """The committed mini world, or, while it is not built, a seeded `python -m mini build --small`."""
+    mini = pytest.importorskip("mini")
+    if (Path(mini.WORLD) / "world.json").exists():
+        return Path(mini.WORLD)
+    d = tmp_path_factory.mktemp("mini") / "world"
+    subprocess.run([sys.executable, "-m", "mini", "build", "--out", str(d), "--small"], cwd=ROOT,
+                   env=subprocess_env(), check=True, capture_output=True, timeout=600)
+    return d
+
+
+def test_mini_world_is_the_default_with_its_real_rewards(mini_world, tmp_path, monkeypatch, capsys):
+    """The README's main job, `train.py --tasks aesthetic,hps,compress`, 1 step per task, real rewards."""
+    import mini
+
+    monkeypatch.setattr(mini, "WORLD", mini_world)
+    monkeypatch.setattr(mini, "MODEL", mini_world / "model")
+    monkeypatch.setattr(mini, "REWARD_SPEC", mini_world / "rewards.json")
+    monkeypatch.delenv("RID_TRAIN_REWARD", raising=False)
+    world = json.loads((mini_world / "world.json").read_text())
+    cfg = resolve("--tasks", "aesthetic")
+    assert Path(cfg.model) == mini_world / "model" and Path(cfg.reward_spec) == mini_world / "rewards.json"
+    assert Path(cfg.prompts).name == "train.txt" and Path(cfg.test_prompts).name == "test.txt"
+    assert (cfg.steps, cfg.guidance) == (world["steps"], world["guidance"])
+
+    out = tmp_path / "mini"
+    argv = ["--tasks", "aesthetic,hps,compress", "--steps", "2", "--batch", "2", "--max-steps", "1", "--out", str(out)]
+    assert train.main(argv) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "no --model given" in first and "mini world" in first and train.SD15 in first
+    run = json.loads((out / "run.json").read_text())
+    assert Path(run["model"]) == mini_world / "model" and len(run["stages"]) == 3
+    lines = lambda p: [l.strip() for l in Path(p).read_text().splitlines() if l.strip()]  # noqa: E731
+    assert lines(out / "test_prompts.txt") == lines(mini_world / "prompts" / "test.txt")
+    for stage in run["stages"]:
+        row = json.loads((out / stage / "metrics.jsonl").read_text())
+        assert math.isfinite(row["reward"]) and row["grad_norm"] > 0
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main(["--help"])
+    assert e.value.code == 0
+    parser = train.build_parser()
+    for action in parser._actions:
+        if action.help == "==SUPPRESS==" or action.dest in ("help", "resume"):
+            continue
+        assert "default" in action.help, f"{action.option_strings} does not state its default"
+    assert "--ema" in capsys.readouterr().out
+
+
+def test_joint_task_trains_on_the_weighted_sum(world, tmp_path, monkeypatch):
+    """--joint goes through rewards.joint (compress needs no weights, so the real reward runs here)."""
+    import rewards
+
+    monkeypatch.delenv("RID_TRAIN_REWARD", raising=False)
+    cfg = resolve("--model", world.sd, "--joint", "compress:2", "--device", "cpu")
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    expect = 2 * rewards.get("compress")(images, ["a", "b"])
+    torch.testing.assert_close(train.reward_fn("joint", cfg)(images, ["a", "b"]), expect)
+    out = tmp_path / "joint"
+    argv = tiny_args(world, out, "--joint", "compress:2", tasks=None)
+    assert train.main(argv) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["tasks"] == ["joint"] and run["stages"] == ["stage1-joint"]
+    assert run["config"]["joint"] == {"compress": 2.0}
+
+
+#### PROMPTS ####
+
+def test_prompt_files_and_split(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps(["p1", "p2", "p1"]))
+    (tmp_path / "b.json").write_text(json.dumps([{"prompt": "p1"}, {"caption": "p2", "id": 3}]))
+    assert train.read_prompts(str(tmp_path / "a.json")) == ["p1", "p2"]
+    assert train.read_prompts(str(tmp_path / "b.json")) == ["p1", "p2"]
+    prompts = [f"prompt {i}" for i in range(800)]  # HPD "photo" has 800: the paper splits 750/50
+    tr, te = train.split_prompts(prompts, 750, 50, seed=0)
+    assert len(tr) == 750 and len(te) == 50 and not set(tr) & set(te) and set(tr) | set(te) == set(prompts)
+    assert (tr, te) == train.split_prompts(prompts, 750, 50, seed=0)
+    assert te != train.split_prompts(prompts, 750, 50, seed=1)[1]
+    # the prompt stream: every epoch visits every training prompt once, in a seed-dependent order
+    small = [f"q{i}" for i in range(6)]
+    stream = [p for s in range(6) for p in train.batch_prompts(small, s, 4, seed=0)]  # 24 = 4 epochs
+    for e in range(4):
+        assert sorted(stream[6 * e:6 * e + 6]) == small
+    assert stream[:6] != stream[6:12]
+
+
+#### BAD INPUT: exit 2, one line, no traceback ####
+
+def test_cli_error_is_one_line_in_a_subprocess():
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), "--tasks", "aesthetic,beauty"],
+                       capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in p.stderr
+    assert "'beauty'" in lines[0] and "aesthetic, hps, compress" in lines[0]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--tasks", "aesthetic,beauty"], ["beauty", "aesthetic, hps, compress"]),
+    (["--method", "ddpo"], ["ddpo", "baseline, rid, draft-k"]),
+    (["--epochs", "aesthetic=abc"], ["--epochs", "abc"]),
+    (["--epochs", "hps=3"], ["--epochs", "'hps'", "not in --tasks"]),
+    (["--batch", "0"], ["--batch", "> 0"]),
+    (["--lr", "aesthetic=-1"], ["--lr", "> 0"]),
+    (["--joint", "aesthetic:0.01", "--tasks", "hps"], ["--joint", "--tasks"]),
+    (["--joint", "beauty:1"], ["--joint", "beauty"]),
+    (["--batch", "4", "--micro-batch", "3"], ["--micro-batch 3", "does not divide"]),
+    (["--truncate", "5"], ["truncate", "5"]),
+])
+def test_bad_flags(world, tmp_path, monkeypatch, capsys, argv, words):
+    own_tasks = "--tasks" in argv or "--joint" in argv
+    argv = tiny_args(world, tmp_path / "out", *argv, tasks=None if own_tasks else "aesthetic,compress")
+    assert run_main(monkeypatch, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train.py: error:"), err
+    for w in words:
+        assert w in err[0], (w, err[0])
+
+
+def test_bad_files(world, tmp_path, monkeypatch, capsys):
+    def error(argv, hook=HOOK):
+        assert run_main(monkeypatch, argv, hook) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1, err
+        return err[0]
+
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n")
+    assert "no prompts" in error(tiny_args(world, tmp_path / "o1", "--prompts", str(empty)))
+    assert "cannot read" in error(tiny_args(world, tmp_path / "o2", "--prompts", str(tmp_path / "nope.txt")))
+    missing = tmp_path / "no-model"
+    assert str(missing) in error(tiny_args(world, tmp_path / "o3", "--model", str(missing)))
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert "not writable" in error(tiny_args(world, a_file / "out"))
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in error(tiny_args(world, tmp_path / "o5", "--device", "cuda"))
+    # missing reward weights: the real rewards (no test hook), a spec naming a file that does not exist
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"hps_weights": "missing_hps.pt"}))
+    monkeypatch.delenv("RID_TRAIN_REWARD", raising=False)
+    argv = tiny_args(world, tmp_path / "o4", "--reward-spec", str(spec), tasks="hps")
+    assert train.main(argv) == 2
+    msg = capsys.readouterr().err.strip()
+    assert "missing_hps.pt" in msg and "--reward-spec" in msg and len(msg.splitlines()) == 1
+
+
+#### A FULL TINY RUN ####
+
+def test_full_run_layout_is_what_eval_reads(world, full_run):
+    out = full_run
+    run = json.loads((out / "run.json").read_text())
+    assert run["stages"] == ["stage1-aesthetic", "stage2-compress"]
+    assert run["tasks"] == ["aesthetic", "compress"] and run["method"] == "rid" and run["seed"] == 0
+    assert Path(run["model"]) == Path(world.sd) and run["config"]["lam"] == 0.1
+    tr = (out / "train_prompts.txt").read_text().split("\n")[:-1]
+    te = (out / "test_prompts.txt").read_text().split("\n")[:-1]
+    assert len(tr) == 8 and len(te) == 2 and not set(tr) & set(te)  # 10 prompts: ≥ 4/5 train
+
+    import eval as evaluate  # eval.py's own reader of the run directory
+
+    loaded = evaluate.load_run(out)
+    assert loaded.prompts == te and [s.name for s in evaluate.stages_of(loaded)][-2:] == run["stages"]
+
+    for k, name in enumerate(run["stages"], 1):
+        d = out / name
+        assert not (d / "ckpt").exists()
+        meta = json.loads((d / "adapters.json").read_text())
+        assert meta["tasks"] == ["aesthetic", "compress"][:k] and meta["rank"] == 4
+        cfg = json.loads((d / "config.json").read_text())
+        assert cfg["task"] == name.split("-")[1] and cfg["total_steps"] == 2
+        rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2]
+        assert {"loss", "reward", "distill", "grad_norm", "lr", "time"} <= set(rows[0])
+    s1, s2 = adapters(out / "stage1-aesthetic"), adapters(out / "stage2-compress")
+    for key, t in s1.items():  # stage 1's adapter is frozen in stage 2, untouched
+        if key.startswith("0/"):
+            assert torch.equal(s2[key], t)
+    assert any(t.abs().max() > 0 for k_, t in s2.items() if k_.startswith("1/") and k_.endswith("/B"))
+
+
+def test_samples_png_is_rid_sample_on_fixed_noise(world, full_run):
+    """Oracle: a fresh model + rid.load_group of stage 2, rid.sample on noise seeded by --seed."""
+    import rid
+
+    models = rid.load_models(world.sd)
+    group = rid.load_group(models.unet, str(full_run / "stage2-compress"))
+    test = (full_run / "test_prompts.txt").read_text().split("\n")[:-1]
+    noise = torch.randn((len(test), *models.latent_shape), generator=torch.Generator().manual_seed(0))
+    imgs = rid.sample(models, test, noise, steps=2, guidance=7.5, group=group)  # (2, 3, 16, 16)
+    expect = torch.cat(list(imgs), dim=2)  # one row: (3, 16, 32)
+    png = torch.from_numpy(np.array(Image.open(full_run / "stage2-compress" / "samples.png"))).permute(2, 0, 1)
+    assert png.shape == expect.shape
+    assert (png.float() - expect * 255).abs().max() <= 1.0
+
+
+#### CRASH SAFETY ####
+
+def test_resume_after_hard_crash_is_bit_exact(world, full_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "crashed"
+    # dies (os._exit) right after step 3 = stage 2, step 1, whose checkpoint is written
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_args(world, out, "--_die-after-step", "3")],
+                       capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert p.returncode == 17, p.stderr[-2000:]
+    assert json.loads((out / "run.json").read_text())["stages"] == ["stage1-aesthetic"]
+    assert (out / "stage2-compress" / "ckpt" / "trainer.pt").exists()
+    assert not (out / "stage2-compress" / "adapters.safetensors").exists()
+
+    assert run_main(monkeypatch, tiny_args(world, out)) == 2  # no --resume: refuses to overwrite
+    assert "--resume" in capsys.readouterr().err
+    assert run_main(monkeypatch, tiny_args(world, out, "--resume", "--lam", "0.2")) == 2
+    assert "lam: was 0.1, now 0.2" in capsys.readouterr().err
+
+    log = tmp_path / "log-resume"
+    assert run_main(monkeypatch, tiny_args(world, out, "--resume"), RID_TEST_LOG=str(log)) == 0
+    assert len(Path(f"{log}.0").read_text().splitlines()) == 2  # only step 2's two micro-batches ran
+    assert json.loads((out / "run.json").read_text())["stages"] == ["stage1-aesthetic", "stage2-compress"]
+    for stage in ("stage1-aesthetic", "stage2-compress"):
+        ref, got = adapters(full_run / stage), adapters(out / stage)
+        assert ref.keys() == got.keys()
+        for key in ref:
+            assert torch.equal(ref[key], got[key]), (stage, key)
+    rows = [json.loads(l) for l in (out / "stage2-compress" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_nan_loss_exits_3_and_keeps_the_checkpoint(world, tmp_path, monkeypatch, capsys):
+    _calls[0] = 0
+    out = tmp_path / "nan"
+    argv = tiny_args(world, out, tasks="aesthetic")
+    assert run_main(monkeypatch, argv, "test_train:nan_from_second_step") == 3
+    err = capsys.readouterr().err.strip()
+    assert "nan" in err and "step 2" in err and str(out / "stage1-aesthetic" / "ckpt") in err
+    state = torch.load(out / "stage1-aesthetic" / "ckpt" / "trainer.pt", weights_only=True)
+    assert state["step"] == 1
+    assert json.loads((out / "run.json").read_text())["stages"] == []
+
+
+def test_atomic_directory_swap(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    for step in (1, 2):
+        train.save_dir_atomic(ckpt, lambda d: (d / "trainer.pt").write_text(str(step)))
+    assert (ckpt / "trainer.pt").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    os.replace(ckpt, tmp_path / "ckpt.old")  # a crash between the two renames of the swap
+    assert train.find_ckpt(tmp_path) == tmp_path / "ckpt.old"
+
+
+#### MULTI-PROCESS ####
+
+def test_ddp_two_processes_match_one(world, full_run, tmp_path):
+    out = tmp_path / "ddp"
+    log = tmp_path / "log-ddp"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(ROOT / "train.py"), *tiny_args(world, out)],
+                       capture_output=True, text=True, env=subprocess_env(RID_TEST_LOG=str(log)), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    for stage in ("stage1-aesthetic", "stage2-compress"):
+        ref, got = adapters(full_run / stage), adapters(out / stage)
+        for key in ref:
+            torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-7)
+    # each process scored its own half of every global batch; together, exactly the 1-process batches
+    one = [json.loads(l) for l in Path(f"{world.dir / 'log-full'}.0").read_text().splitlines()]
+    r0, r1 = ([json.loads(l) for l in Path(f"{log}.{r}").read_text().splitlines()] for r in (0, 1))
+    assert len(r0) == len(r1) == 4 and len(one) == 8  # 4 steps: 1 micro-batch per rank, 2 in 1 process
+    for s in range(4):
+        assert r0[s] + r1[s] == one[2 * s] + one[2 * s + 1]

@@ -1,0 +1,701 @@
+"""The RIL runner: fine-tune a text-to-image model on a sequence of rewards, one adapter per task.
+
+    python train.py --tasks aesthetic,hps,compress           # the mini world (CPU-scale, committed)
+    python train.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --tasks aesthetic,hps,compress
+    torchrun --nproc_per_node=8 train.py --model ... --tasks ...    # data-parallel, same maths as 1 GPU
+
+Task k is *stage k*: a fresh LoRA pair joins the adapter group (older adapters frozen) and is trained on
+reward k with rid.train_step. The run directory (--out) is what eval.py reads:
+
+    out/run.json                     tasks, method, model, reward spec, finished stages, seed, config
+    out/train_prompts.txt, out/test_prompts.txt     the prompt split (eval.py scores the test prompts)
+    out/stageK-<task>/               adapters.safetensors + adapters.json (all K adapters), config.json,
+                                     metrics.jsonl (one line per step), samples.png (fixed prompts and noise)
+    out/stageK-<task>/ckpt/          resumable mid-task state while stage K runs (removed when it ends)
+
+A stage is finished when run.json lists it. Every --ckpt-every steps the adapter group (with its EMA
+teacher), the optimizer and the step are written atomically; --resume continues from there and ends
+with bit-identical adapters: every random draw comes from a generator seeded by (seed, stage, step,
+process), see seed_of, so the RNG state is a function of the step; the prompt order of epoch e is a
+permutation seeded by (seed, e).
+Exit codes: 0 done, 2 bad input (one line on stderr), 3 non-finite loss (the last good checkpoint stays).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+import rewards
+import rid
+
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+# The paper's appendix. An epoch is one pass over the training prompts.
+PAPER_EPOCHS = {"aesthetic": 10, "hps": 120, "compress": 15}
+PAPER_RID = {"batch": 8, "lr": 5e-5}
+PAPER_BASELINE = {"batch": 128, "lr": 1e-3}  # the baseline; the DRaFT family (draft-k/draft/draft-lv/refl) too
+
+# Simple animal prompts in DDPO's style ("a photo of a <animal>"): the fallback for SD without --prompts.
+ANIMALS = ("cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox "
+           "wolf lizard beetle ant butterfly fish shark whale dolphin squirrel mouse rat snake turtle frog "
+           "chicken duck goose bee pig turkey fly llama camel bat gorilla hedgehog kangaroo").split()
+
+# Test hook, never set in normal use: "module:function" replaces every task's reward with that function
+# (tests/test_train.py uses tiny.toy_reward to train the tiny model without CLIP weights). A run made
+# with it says so in its log and in run.json ("test_reward").
+TEST_REWARD_ENV = "RID_TRAIN_REWARD"
+
+
+class UsageError(Exception):
+    """Bad input: main() prints it as one line and exits 2."""
+
+
+class NonFiniteLoss(Exception):
+    """The loss went nan/inf: main() exits 3 and the last good checkpoint stays."""
+
+
+#### CONFIG ####
+
+@dataclass
+class Config:
+    # -- the task sequence --
+    tasks: list = field(default_factory=lambda: list(rewards.REWARDS))  # stage order; ["joint"] with --joint
+    joint: dict | None = None  # {reward: weight}: ONE task "joint" rewarded by Σ w·R (paper: 0.01/2/1)
+    method: str = "rid"        # one of rid.METHODS
+    # -- what is trained, on what --
+    model: str = SD15          # diffusers directory or hub id (the mini-world preset points at mini/)
+    reward_spec: str | None = None  # rewards.load_spec JSON saying where reward weights live; None: SD's
+    prompts: str | None = None      # prompt file (txt one a line, or HPD json); None: ANIMALS
+    test_prompts: str | None = None  # fixed held-out prompt file (mini world); None: split off `prompts`
+    n_train: int = 750         # training prompts kept after the split (paper: 750 HPD "photo")
+    n_test: int = 50           # held-out prompts eval.py scores (paper: 50)
+    # -- the method (rid.StepConfig) --
+    rank: int = 4              # LoRA rank of each task's adapter
+    lam: float = 0.1           # λ: weight of RID's last-step distillation term
+    ema: float = rid.DEFAULT_EMA  # α: teacher ← α·teacher + (1−α)·student after each step
+    steps: int = 50            # DDIM steps per sample
+    guidance: float = 7.5      # classifier-free guidance scale
+    truncate: int = 1          # draft-k: backpropagate through the last K denoising steps
+    lv_n: int = 2              # draft-lv: inner loops of the low-variance estimate
+    refl_m: int = 20           # refl: the reward step is drawn from the last m steps
+    distill_space: str = "pixel"  # rid: where student and teacher x0 are compared (see rid.StepConfig)
+    # -- schedule, per task (paper() fills them; --epochs/--lr/--batch override) --
+    epochs: dict = field(default_factory=dict)  # {task: passes over the training prompts}
+    lr: dict = field(default_factory=dict)      # {task: AdamW learning rate, constant}
+    batch: dict = field(default_factory=dict)   # {task: global batch = prompts per optimizer step}
+    max_steps: int | None = None  # cap on optimizer steps per task (smoke runs); None: the epochs decide
+    # -- optimizer: AdamW over group.flat only --
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.1  # DRaFT's value; decoupled, so at lr 5e-5 a weight shrinks 5e-6 per step
+    clip_grad: float = 1.0     # max global grad norm (DRaFT clips throughout)
+    seed: int = 0              # split, prompt order, LoRA init, noise: everything random derives from it
+    # -- runtime: memory/IO knobs that do not change what is computed; --resume may change them --
+    micro_batch: int | None = 8  # prompts per forward/backward on one process
+    grad_accum: int | None = None  # alternatively: micro-batches per step per process (sets micro_batch)
+    dtype: str = "fp32"        # fp32, or bf16 (bf16 frozen base, fp32 LoRA: DRaFT's recipe)
+    gradient_checkpointing: bool = False  # recompute UNet activations in backward (useful for K > 1)
+    ckpt_every: int = 100      # optimizer steps between mid-task checkpoints
+    n_samples: int = 8         # test prompts in each stage's samples.png
+    out: str = "out"
+    device: str = ""           # "" = cuda if available (cuda:LOCAL_RANK under torchrun), else cpu
+
+
+RUNTIME = ("micro_batch", "grad_accum", "gradient_checkpointing", "ckpt_every", "out", "device")
+
+
+def paper(cfg: Config) -> Config:
+    """Preset: the paper's schedules. A joint task runs the longest schedule among its rewards."""
+    opt = PAPER_RID if cfg.method == "rid" else PAPER_BASELINE
+    for task in cfg.tasks:
+        parts = cfg.joint if task == "joint" else [task]
+        cfg.epochs[task] = max(PAPER_EPOCHS[p] for p in parts)
+        cfg.batch[task], cfg.lr[task] = opt["batch"], opt["lr"]
+    return cfg
+
+
+def mini_world(cfg: Config) -> Config:
+    """Preset: the committed CPU-scale world (mini/): its model, reward spec, prompt split and sampler."""
+    mini = _mini()
+    if not (Path(mini.WORLD) / "world.json").is_file():
+        raise UsageError(f"the mini world is not built ({Path(mini.WORLD) / 'world.json'} is missing): run "
+                         f"`python -m mini build`, or pass --model, e.g. --model {SD15}")
+    world = json.loads((Path(mini.WORLD) / "world.json").read_text())
+    cfg.model, cfg.reward_spec = str(mini.MODEL), str(mini.REWARD_SPEC)
+    cfg.prompts = str(Path(mini.WORLD) / "prompts" / "train.txt")
+    cfg.test_prompts = str(Path(mini.WORLD) / "prompts" / "test.txt")
+    cfg.steps = int(world.get("steps", cfg.steps))
+    cfg.guidance = float(world.get("guidance", cfg.guidance))
+    return cfg
+
+
+#### CLI ####
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (main), instead of usage + message
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = Config()
+    head, examples = __doc__.split("\n\n")[:2]
+    p = _Parser(prog="train.py", description=head, formatter_class=argparse.RawDescriptionHelpFormatter,
+                epilog=f"examples:\n{examples}\n\nexit codes: 0 done, 2 bad input, 3 non-finite loss (the last "
+                "good checkpoint stays). Run directory layout: see the top of train.py.")
+    a = p.add_argument
+    a("--tasks", help=f"comma list of rewards, trained in this order (valid: {', '.join(rewards.REWARDS)}; "
+                      f"default: {','.join(d.tasks)})")
+    a("--joint", help="train ONE task rewarded by a weighted sum instead of a sequence, e.g. "
+                      "aesthetic:0.01,hps:2,compress:1 (the paper's joint tuning); excludes --tasks (default: none)")
+    a("--method", help=f"one of {', '.join(rid.METHODS)} (default: {d.method})")
+    a("--model", help="diffusers directory or hub id (default: the mini world, mini/world/model; "
+                      f"the paper's SD-1.5 is {SD15})")
+    a("--reward-spec", help="JSON saying where reward weights live (rewards.RewardSpec keys; default: the "
+                            "mini world's spec for the mini model, the public checkpoints otherwise)")
+    a("--prompts", help="prompt file: text, one prompt a line, or the HPD json (a list of strings or of "
+                        "{'prompt'|'caption': ...}); split deterministically from --seed into "
+                        f"{d.n_train} train / {d.n_test} test (default: mini world's train/test files; "
+                        "for SD a built-in list of simple animal prompts)")
+    a("--out", help=f"run directory (default: {d.out})")
+    a("--seed", type=int, help=f"seed of the split, prompt order, LoRA init and noise (default: {d.seed})")
+    a("--rank", type=int, help=f"LoRA rank per task (default: {d.rank})")
+    a("--lam", type=float, help=f"λ, weight of RID's distillation term (default: {d.lam})")
+    a("--ema", type=float, help="RID teacher momentum α: after each step teacher ← α·teacher + (1−α)·student, "
+                                "so the teacher is the student averaged over its last ~1/(1−α) steps "
+                                f"(default: rid.DEFAULT_EMA = {d.ema}, ~{round(1 / (1 - d.ema))} steps ≈ one epoch "
+                                "of 750 prompts at batch 8: the teacher lags the student by about an epoch, "
+                                "see rid.DEFAULT_EMA)")
+    a("--steps", type=int, help=f"DDIM steps (default: {d.steps}; the mini world sets its own)")
+    a("--guidance", type=float, help=f"classifier-free guidance scale (default: {d.guidance})")
+    a("--truncate", type=int, metavar="K", help=f"draft-k: backprop through the last K steps (default: {d.truncate})")
+    a("--lv-n", type=int, help=f"draft-lv inner loops n (default: {d.lv_n})")
+    a("--refl-m", type=int, help=f"refl: reward step drawn from the last m steps (default: {d.refl_m})")
+    a("--distill-space", help=f"rid: where student and teacher are compared, one of "
+                              f"{', '.join(rid.DISTILL_SPACES)} (default: {d.distill_space}, as the paper)")
+    a("--epochs", help="passes over the training prompts: N for every task or task=N[,task=N] "
+                       f"(default, the paper: {', '.join(f'{k} {v}' for k, v in PAPER_EPOCHS.items())})")
+    a("--lr", help=f"AdamW learning rate, N or task=N[,...] (default: rid {PAPER_RID['lr']}, "
+                   f"other methods {PAPER_BASELINE['lr']})")
+    a("--batch", help=f"global batch per optimizer step, N or task=N[,...] (default: rid {PAPER_RID['batch']}, "
+                      f"other methods {PAPER_BASELINE['batch']} by gradient accumulation)")
+    a("--micro-batch", type=int, help=f"prompts per forward/backward on one process; micro-batches per step "
+                                      f"= batch / world size / micro-batch (default: {d.micro_batch})")
+    a("--grad-accum", type=int, help="micro-batches per step per process; sets the micro-batch size "
+                                     "instead of --micro-batch (default: from --micro-batch)")
+    a("--max-steps", type=int, help="cap on optimizer steps per task, for smoke runs (default: none)")
+    a("--dtype", choices=("fp32", "bf16"), help="fp32, or a bf16 frozen base with fp32 LoRA as DRaFT did "
+                                                f"(default: {d.dtype})")
+    a("--gradient-checkpointing", action="store_true", default=None,
+      help="recompute UNet activations in backward; saves memory when K > 1 (default: off)")
+    a("--ckpt-every", type=int, help=f"optimizer steps between mid-task checkpoints (default: {d.ckpt_every})")
+    a("--resume", action="store_true", help="continue the run in --out from its last checkpoint (same "
+                                            "settings required); starts fresh if --out holds no run")
+    a("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    a("--_die-after-step", type=int, help=argparse.SUPPRESS)  # tests: os._exit after this many steps
+    return p
+
+
+def _positive(flag, value, cast=int):
+    if value is None:
+        return None
+    if not value > 0:
+        raise UsageError(f"{flag} {value}: must be > 0")
+    return cast(value)
+
+
+def parse_per_task(flag: str, text: str, tasks: list, cast) -> dict:
+    """'--epochs 10' (every task) or '--epochs hps=120,compress=5' -> {task: value}."""
+    out = {}
+    for item in text.split(","):
+        key, sep, val = item.strip().rpartition("=")
+        if sep and key not in tasks:
+            raise UsageError(f"{flag} {text!r}: task {key!r} is not in --tasks ({','.join(tasks)})")
+        try:
+            value = cast(val)
+        except ValueError:
+            kind = "a whole number" if cast is int else "a number"
+            raise UsageError(f"{flag} {text!r}: {val!r} is not {kind}; use N or task=N[,task=N]") from None
+        if not value > 0:
+            raise UsageError(f"{flag} {text!r}: {val!r} must be > 0")
+        out.update({t: value for t in ([key] if sep else tasks)})
+    return out
+
+
+def resolve(args) -> tuple[Config, bool]:
+    """CLI -> the resolved Config: the base, then presets (paper; mini world), then explicit flags."""
+    method = args.method or Config.method
+    if method not in rid.METHODS:
+        raise UsageError(f"--method {method!r} is unknown; valid: {', '.join(rid.METHODS)}")
+    joint = None
+    if args.joint is not None:
+        if args.tasks is not None:
+            raise UsageError("--joint trains one task with the summed reward; drop --tasks")
+        try:
+            joint = rewards.parse_joint(args.joint)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        tasks = ["joint"]
+    else:
+        tasks = [t.strip() for t in (args.tasks or ",".join(rewards.REWARDS)).split(",")]
+        bad = [t for t in tasks if t not in rewards.REWARDS]
+        if bad or len(set(tasks)) != len(tasks):
+            what = f"unknown task {bad[0]!r}" if bad else "a task repeats"
+            raise UsageError(f"--tasks {args.tasks!r}: {what}; valid: {', '.join(rewards.REWARDS)}")
+    cfg = paper(Config(tasks=tasks, joint=joint, method=method))
+
+    is_mini = args.model is None or _is_mini_model(args.model)
+    if is_mini:
+        cfg = mini_world(cfg)
+    else:
+        cfg.model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
+    if args.prompts is not None:
+        cfg.prompts, cfg.test_prompts = str(Path(args.prompts).resolve()), None
+    if args.reward_spec is not None:
+        cfg.reward_spec = str(Path(args.reward_spec).resolve())
+    for name in ("out", "seed", "lam", "ema", "guidance", "distill_space", "dtype", "device",
+                 "gradient_checkpointing"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    for name in ("rank", "steps", "truncate", "lv_n", "refl_m", "max_steps", "ckpt_every", "micro_batch"):
+        value = _positive("--" + name.replace("_", "-"), getattr(args, name))
+        if value is not None:
+            setattr(cfg, name, value)
+    if args.grad_accum is not None:
+        cfg.grad_accum, cfg.micro_batch = _positive("--grad-accum", args.grad_accum), None
+    for flag, cast in (("epochs", int), ("lr", float), ("batch", int)):
+        if getattr(args, flag) is not None:
+            getattr(cfg, flag).update(parse_per_task("--" + flag, getattr(args, flag), cfg.tasks, cast))
+    if cfg.seed < 0:
+        raise UsageError(f"--seed {cfg.seed}: must be ≥ 0")
+    if not 0.0 <= cfg.ema < 1.0:
+        raise UsageError(f"--ema {cfg.ema}: the momentum α must be in [0, 1)")
+    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(cfg.device)
+    except RuntimeError:
+        raise UsageError(f"--device {cfg.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu")
+    return cfg, is_mini
+
+
+def _mini():
+    try:
+        import mini
+    except ImportError as e:
+        raise UsageError(f"the mini world (mini/) is not importable ({e}); pass --model, e.g. --model {SD15}") from None
+    return mini
+
+
+def _is_mini_model(model: str) -> bool:
+    try:
+        import mini
+    except ImportError:
+        return False
+    return Path(model).exists() and Path(model).resolve() == Path(mini.MODEL).resolve()
+
+
+def micro_plan(cfg: Config, task: str, world: int) -> tuple[int, int]:
+    """-> (micro-batch size, micro-batches per step) of one process for this task's global batch."""
+    batch = cfg.batch[task]
+    if batch % world:
+        raise UsageError(f"--batch {task}={batch} does not split over {world} processes")
+    per_rank = batch // world
+    if cfg.grad_accum is not None:
+        if per_rank % cfg.grad_accum:
+            raise UsageError(f"--grad-accum {cfg.grad_accum} does not divide {task}'s batch per process {per_rank}")
+        return per_rank // cfg.grad_accum, cfg.grad_accum
+    micro = min(cfg.micro_batch, per_rank)
+    if per_rank % micro:
+        raise UsageError(f"--micro-batch {micro} does not divide {task}'s batch per process {per_rank} "
+                         f"(batch {batch} over {world} process(es))")
+    return micro, per_rank // micro
+
+
+#### PROMPTS ####
+
+def read_prompts(path: str, flag: str = "--prompts") -> list[str]:
+    """A text file (one prompt a line) or a json list of strings or {'prompt'|'caption': ...} objects."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{flag} {path}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+    if path.endswith(".json"):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"{flag} {path}: not valid JSON ({e})") from None
+        items = items if isinstance(items, list) else []
+        prompts = [x if isinstance(x, str) else x.get("prompt") or x.get("caption") if isinstance(x, dict)
+                   else None for x in items]
+        if any(not isinstance(x, str) for x in prompts):
+            raise UsageError(f"{flag} {path}: expected a JSON list of strings or of objects with a "
+                             "'prompt' or 'caption' string")
+    else:
+        prompts = text.splitlines()
+    prompts = list(dict.fromkeys(p.strip() for p in prompts if p.strip()))  # no duplicates across the split
+    if not prompts:
+        raise UsageError(f"{flag} {path}: no prompts in it (one prompt a line, or a JSON list)")
+    return prompts
+
+
+def split_prompts(prompts: list, n_train: int, n_test: int, seed: int) -> tuple[list, list]:
+    """Deterministic from the seed: one shuffle, the first n_test held out, the next n_train trained on.
+    Short lists keep ≥ 4/5 for training; a 1-prompt list trains on its test prompt."""
+    order = list(prompts)
+    random.Random(seed).shuffle(order)
+    n_test = max(1, min(n_test, len(order) // 5))
+    return order[n_test:n_test + n_train] or order, order[:n_test]
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_prompts(train: list, step: int, batch: int, seed: int) -> list:
+    """Global batch of optimizer step `step` (0-based): positions step·B … step·B+B−1 of the stream of
+    epochs, epoch e visiting the prompts in a permutation seeded by (seed, e)."""
+    n = len(train)
+    return [train[_epoch_order(n, seed, i // n)[i % n]] for i in range(step * batch, (step + 1) * batch)]
+
+
+#### RUN DIRECTORY ####
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj) -> None:
+    write_atomic(path, json.dumps(obj, indent=1) + "\n")
+
+
+def config_dict(cfg: Config) -> dict:
+    return json.loads(json.dumps(asdict(cfg)))  # JSON-normalised (tuples -> lists), as stored
+
+
+def config_diff(old: dict, new: dict) -> list[str]:
+    return [f"{k}: was {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
+            if k not in RUNTIME and old.get(k) != new.get(k)]
+
+
+def open_run(cfg: Config, resume: bool) -> tuple[dict, list, list]:
+    """Read-only: the run in --out (--resume; settings must match) or a new one. -> (run.json, train, test).
+    Nothing is written until the model and the rewards have loaded (create_run)."""
+    out = Path(cfg.out)
+    run_path = out / "run.json"
+    if run_path.exists():
+        if not resume:
+            raise UsageError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
+        run = json.loads(run_path.read_text())
+        diff = config_diff(run["config"], config_dict(cfg))
+        if diff:
+            raise UsageError(f"--resume: {out} was trained with other settings ({'; '.join(diff)})")
+        return run, read_prompts(str(out / run["train_prompts"])), read_prompts(str(out / run["test_prompts"]))
+    try:  # a cheap probe now rather than a failure after loading the model
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe{os.getpid()}"
+        write_atomic(probe, "")
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"--out {out}: not writable ({e.strerror or e})") from None
+    prompts = read_prompts(cfg.prompts) if cfg.prompts else [f"a photo of a {a}" for a in ANIMALS]
+    if cfg.test_prompts:
+        train, test = prompts[:cfg.n_train], read_prompts(cfg.test_prompts, "test prompts")[:cfg.n_test]
+    else:
+        train, test = split_prompts(prompts, cfg.n_train, cfg.n_test, cfg.seed)
+    run = {"tasks": cfg.tasks, "method": cfg.method, "model": cfg.model, "reward_spec": cfg.reward_spec,
+           "stages": [], "test_prompts": "test_prompts.txt", "train_prompts": "train_prompts.txt",
+           "seed": cfg.seed, "config": config_dict(cfg)}
+    if os.environ.get(TEST_REWARD_ENV):
+        run["test_reward"] = os.environ[TEST_REWARD_ENV]
+    return run, train, test
+
+
+def create_run(cfg: Config, run: dict, train: list, test: list) -> None:
+    """Rank 0 writes the prompt split and run.json of a new run."""
+    out = Path(cfg.out)
+    if _rank() == 0 and not (out / "run.json").exists():
+        write_atomic(out / "train_prompts.txt", "\n".join(train) + "\n")
+        write_atomic(out / "test_prompts.txt", "\n".join(test) + "\n")
+        write_json(out / "run.json", run)
+
+
+def save_dir_atomic(path: Path, write) -> None:
+    """write(tmp_dir) then swap it in: a reader finds `path` (or, mid-swap, `path.old`) complete."""
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_ckpt(stage_dir: Path) -> Path | None:
+    for p in (stage_dir / "ckpt", stage_dir / "ckpt.old"):
+        if (p / "trainer.pt").exists():
+            return p
+    return None
+
+
+def seed_of(seed: int, stage: int, purpose: int, step: int = 0, rank: int = 0) -> int:
+    """A 32-bit seed for one purpose at one step of one stage on one process. Every random draw of
+    training comes from a generator seeded this way, so the RNG state is a function of the step and a
+    checkpoint needs no generator states: resume is bit-exact for any world size."""
+    return int(np.random.SeedSequence([seed, stage, purpose, step, rank]).generate_state(1)[0])
+
+
+INIT, NOISE, METHOD, GLOBAL = range(4)  # seed_of purposes
+
+
+def save_grid(images: torch.Tensor, path: Path, ncol: int = 4) -> None:
+    """images (B, 3, H, W) in [0, 1] -> one PNG, ncol per row."""
+    imgs = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # (B, 3, H, W)
+    b, _, h, w = imgs.shape
+    ncol = min(ncol, b)
+    grid = torch.zeros(3, math.ceil(b / ncol) * h, ncol * w, dtype=torch.uint8)
+    for i, img in enumerate(imgs):
+        r, c = divmod(i, ncol)
+        grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+#### TRAINING ####
+
+def log(msg: str) -> None:
+    if _rank() == 0:
+        tqdm.write(msg, file=sys.stdout)
+        sys.stdout.flush()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _mean_across_ranks(logs: dict, device) -> dict:
+    """Average the step's logged floats over processes (each saw its shard); grad_norm is already global."""
+    if not dist.is_initialized():
+        return logs
+    keys = sorted(logs)
+    t = torch.tensor([float(logs[k]) for k in keys], dtype=torch.float64, device=device)  # NCCL: on the GPU
+    dist.all_reduce(t)
+    return dict(zip(keys, (t / dist.get_world_size()).tolist()))
+
+
+def reward_fn(task: str, cfg: Config):
+    """The task's reward; loaded now so missing weights fail before hours of training, not after."""
+    hook = os.environ.get(TEST_REWARD_ENV)
+    if hook:
+        log(f"{TEST_REWARD_ENV}={hook}: the {task} reward is replaced by this test function")
+        module, _, name = hook.partition(":")
+        return getattr(importlib.import_module(module), name)
+    spec = rewards.load_spec(cfg.reward_spec)
+    return rewards.joint(cfg.joint, spec, cfg.device) if task == "joint" else rewards.get(task, spec, cfg.device)
+
+
+def train_stage(k: int, task: str, models, group, reward, train: list, test: list, cfg: Config,
+                step_cfg, world: int, die_after: list):
+    """Stage k: add the task's adapter to the group and train it; returns the group."""
+    out = Path(cfg.out)
+    sdir = out / f"stage{k}-{task}"
+    rank = _rank()
+    batch, lr = cfg.batch[task], cfg.lr[task]
+    micro, accum = micro_plan(cfg, task, world)
+    total = math.ceil(cfg.epochs[task] * len(train) / batch)
+    total = min(total, cfg.max_steps or total)
+    stage_cfg = {**config_dict(cfg), "stage": k, "task": task, "total_steps": total, "world_size": world,
+                 "micro_batch_resolved": micro, "grad_accum_resolved": accum}
+    ckpt = find_ckpt(sdir)
+    if ckpt is not None:  # resume: the group with this task's adapter, its EMA and the optimizer
+        with bad_input():
+            group = rid.load_group(models.unet, str(ckpt))
+    else:
+        if group is None:
+            group = rid.inject(models.unet, rank=cfg.rank)
+        init = torch.Generator(models.device).manual_seed(seed_of(cfg.seed, k, INIT))
+        group.add_task(task, generator=init)  # the new adapter's LoRA init
+    optimizer = torch.optim.AdamW([group.flat], lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+    start = 0
+    if ckpt is not None:
+        state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        start = state["step"]
+        log(f"stage {k} {task}: resuming at step {start}/{total} from {ckpt}")
+
+    metrics, elapsed = sdir / "metrics.jsonl", 0.0  # elapsed: stage time before a resume
+    if rank == 0:
+        sdir.mkdir(parents=True, exist_ok=True)
+        write_json(sdir / "config.json", stage_cfg)
+        rows = [json.loads(l) for l in metrics.read_text().splitlines()] if start and metrics.exists() else []
+        rows = [r for r in rows if r["step"] <= start]  # drop steps logged after the checkpoint
+        write_atomic(metrics, "".join(json.dumps(r) + "\n" for r in rows))
+        elapsed = rows[-1]["time"] if rows else 0.0
+
+    def checkpoint(step):
+        def write(tmp):
+            group.save(str(tmp), extra={"task": task, "stage": k, "step": step})
+            torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "trainer.pt")
+            write_json(tmp / "config.json", stage_cfg)
+        if rank == 0:
+            save_dir_atomic(sdir / "ckpt", write)
+
+    t0 = time.time()
+    bar = tqdm(total=total, initial=start, desc=f"stage {k}/{len(cfg.tasks)} {task}", disable=rank != 0,
+               dynamic_ncols=True)
+    lo, hi = rank * (batch // world), (rank + 1) * (batch // world)  # this process's shard of the batch
+    for step in range(start, total):
+        #### ONE OPTIMIZER STEP ####
+        # Seeds from (seed, stage, step): noise for the whole global batch (any world size gives each
+        # prompt the same noise), the method's own draws (refl's step, draft-lv's re-noising) and the
+        # global RNGs per process (whatever else draws from them).
+        g = seed_of(cfg.seed, k, GLOBAL, step, rank)
+        torch.manual_seed(g), random.seed(g), np.random.seed(g)
+        prompts = batch_prompts(train, step, batch, cfg.seed)[lo:hi]
+        noise = torch.randn((batch, *models.latent_shape),
+                            generator=torch.Generator().manual_seed(seed_of(cfg.seed, k, NOISE, step)))
+        noise = noise[lo:hi].to(models.device)  # (B / world, C, h, w)
+        micro_batches = [(prompts[i:i + micro], noise[i:i + micro]) for i in range(0, len(prompts), micro)]
+        method_gen = torch.Generator(models.device).manual_seed(seed_of(cfg.seed, k, METHOD, step, rank))
+        logs = rid.train_step(models, group, reward, micro_batches, optimizer, step_cfg,
+                              clip_grad=cfg.clip_grad, generator=method_gen)
+        logs = _mean_across_ranks({k_: float(v) for k_, v in logs.items()}, models.device)
+        if not math.isfinite(logs["loss"]):
+            last = find_ckpt(sdir)
+            raise NonFiniteLoss(f"loss is {logs['loss']} at stage {k} ({task}) step {step + 1}; adapters not "
+                                f"saved. Last good checkpoint: {last or 'none, the stage starts over'}. "
+                                f"Try a lower --lr {task}=... in a new --out")
+        if rank == 0:
+            row = {"step": step + 1, "epoch": step * batch // len(train), **logs, "lr": lr,
+                   "time": round(elapsed + time.time() - t0, 3)}
+            with open(metrics, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        bar.update(1)
+        bar.set_postfix(reward=f"{logs['reward']:.4g}", loss=f"{logs['loss']:.4g}")
+        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < total:
+            checkpoint(step + 1)
+        die_after[0] -= 1
+        if die_after[0] == 0:  # test hook: a hard crash, nothing flushed, no cleanup
+            os._exit(17)
+    bar.close()
+
+    #### STAGE END: samples, adapters, run.json (the stage counts as finished from here) ####
+    if rank == 0:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        shown = test[:cfg.n_samples]
+        noise = torch.randn((len(shown), *models.latent_shape), generator=gen).to(models.device)
+        save_grid(rid.sample(models, shown, noise, steps=cfg.steps, guidance=cfg.guidance, group=group),
+                  sdir / "samples.png")
+        group.save(str(sdir), extra={"task": task, "stage": k, "step": total, "config": stage_cfg})
+        run_path = out / "run.json"
+        run = json.loads(run_path.read_text())
+        run["stages"] = [s for s in run["stages"] if s != sdir.name] + [sdir.name]
+        write_json(run_path, run)
+        shutil.rmtree(sdir / "ckpt", ignore_errors=True)
+        rows = [json.loads(l) for l in metrics.read_text().splitlines()]
+        if rows:
+            n = max(1, min(10, len(rows) // 10))
+            r0, r1 = (sum(r["reward"] for r in part) / len(part) for part in (rows[:n], rows[-n:]))
+            log(f"stage {k}/{len(cfg.tasks)} {task}: reward {r0:.4g} -> {r1:.4g} ({r1 - r0:+.3g}) over "
+                f"{total} steps in {elapsed + time.time() - t0:.0f} s")
+    if dist.is_initialized():
+        dist.barrier()
+    return group
+
+
+@contextmanager
+def bad_input():
+    """Library errors at the CLI boundary (rid/rewards ValueError, unreadable files) -> UsageError."""
+    try:
+        yield
+    except (ValueError, OSError) as e:
+        raise UsageError(str(e)) from None
+
+
+def run(cfg: Config, is_mini: bool, model_given: bool, resume: bool, die_after: int | None, world: int) -> None:
+    if is_mini:
+        log(f"{'no --model given: ' * (not model_given)}training in the mini world ({cfg.model}, CPU-scale); "
+            f"for the paper's setting pass --model {SD15}")
+    #### SET-UP: everything that can fail on bad input fails here, before hours of training ####
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # transformers' per-load "Loading weights" bar ...
+    enable_progress_bars()  # ... but keep the hub's download bars (SD-1.5's first download takes minutes)
+    with bad_input():
+        run_info, train, test = open_run(cfg, resume)
+        step_cfg = rid.StepConfig(method=cfg.method, steps=cfg.steps, guidance=cfg.guidance, lam=cfg.lam,
+                                  ema=cfg.ema, truncate=cfg.truncate, lv_n=cfg.lv_n, refl_m=cfg.refl_m,
+                                  distill_space=cfg.distill_space, grad_checkpoint=cfg.gradient_checkpointing)
+        for task in cfg.tasks:
+            micro_plan(cfg, task, world)
+        models = rid.load_models(cfg.model, device=cfg.device,
+                                 dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
+        reward_fns = {task: reward_fn(task, cfg) for task in cfg.tasks}  # all weights, up front
+    if dist.is_initialized():  # every rank has looked at --out before rank 0 writes to it
+        dist.barrier()
+    create_run(cfg, run_info, train, test)
+    log(f"{cfg.method} on {','.join(cfg.tasks)}: {len(train)} train / {len(test)} test prompts, "
+        f"world size {world}, device {cfg.device}, out {cfg.out}")
+
+    #### STAGES ####
+    group, done, counter = None, run_info["stages"], [die_after or -1]
+    for k, task in enumerate(cfg.tasks, 1):
+        if f"stage{k}-{task}" in done:
+            if _rank() == 0:  # a crash between run.json and the clean-up leaves it
+                shutil.rmtree(Path(cfg.out) / f"stage{k}-{task}" / "ckpt", ignore_errors=True)
+            continue
+        if group is None and k > 1 and find_ckpt(Path(cfg.out) / f"stage{k}-{task}") is None:
+            with bad_input():  # resuming at a stage boundary: the finished stages' adapters
+                group = rid.load_group(models.unet, str(Path(cfg.out) / f"stage{k - 1}-{cfg.tasks[k - 2]}"))
+        group = train_stage(k, task, models, group, reward_fns[task], train, test, cfg, step_cfg, world, counter)
+    log(f"done: {cfg.out} holds {len(cfg.tasks)} stage(s); evaluate with: python eval.py --ckpt {cfg.out}")
+
+
+def main(argv=None) -> int:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        args = build_parser().parse_args(argv)
+        cfg, is_mini = resolve(args)
+        if world > 1:
+            if cfg.device.startswith("cuda"):
+                cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+                torch.cuda.set_device(cfg.device)
+            dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+        run(cfg, is_mini, args.model is not None, args.resume, args._die_after_step, world)
+    except UsageError as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
