@@ -6,7 +6,11 @@ set per test with monkeypatch, since kernels.kernel_mode() re-reads it on every 
 """
 import os
 
-import torch
+# MKL's GEMMs may round differently depending on buffer alignment (no Conditional Numerical
+# Reproducibility by default); the bit-exact resume tests need run-to-run identical matmuls.
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -61,9 +61,12 @@ def noise(models, seed=0, n=2):
 def test_injection_leaves_output_unchanged(models):
     ref = unet_out(models)
     group = rid.inject(models.unet, rank=4, targets=rid.ATTN_TARGETS + rid.FF_TARGETS)
-    assert torch.equal(unet_out(models), ref)  # zero tasks
+    # Same F.linear calls as before injection; the tolerance only absorbs BLAS rounding that can
+    # depend on buffer alignment (seen once in CI at 1e-7), far below any adapter's effect.
+    same = dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(unet_out(models), ref, **same)  # zero tasks
     group.add_task("a")
-    assert torch.equal(unet_out(models), ref)  # B = 0 at creation
+    torch.testing.assert_close(unet_out(models), ref, **same)  # B = 0 at creation
     randomize(group)
     group.add_task("b")
     assert not torch.allclose(unet_out(models), ref)
