@@ -51,6 +51,11 @@ SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PAPER_EPOCHS = {"aesthetic": 10, "hps": 120, "compress": 15}
 PAPER_RID = {"batch": 8, "lr": 5e-5}
 PAPER_BASELINE = {"batch": 128, "lr": 1e-3}  # the baseline; the DRaFT family (draft-k/draft/draft-lv/refl) too
+# The mini world's schedule (CPU scale): the paper's task order and its "hps is the long task" shape,
+# sized so RID + baseline over all three tasks plus eval.py fit in ~20 min on 2 CPU cores. Every
+# method gets the same batch and lr here, so a mini-world comparison isolates RID's distillation term.
+MINI_EPOCHS = {"aesthetic": 1, "hps": 2, "compress": 1}
+MINI_OPT = {"batch": 8, "lr": 1e-3}
 
 # Simple animal prompts in DDPO's style ("a photo of a <animal>"): the fallback for SD without --prompts.
 ANIMALS = ("cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox "
@@ -142,6 +147,10 @@ def mini_world(cfg: Config) -> Config:
     cfg.test_prompts = str(Path(mini.WORLD) / "prompts" / "test.txt")
     cfg.steps = int(world.get("steps", cfg.steps))
     cfg.guidance = float(world.get("guidance", cfg.guidance))
+    for task in cfg.tasks:
+        parts = cfg.joint if task == "joint" else [task]
+        cfg.epochs[task] = max(MINI_EPOCHS[p] for p in parts)
+        cfg.batch[task], cfg.lr[task] = MINI_OPT["batch"], MINI_OPT["lr"]
     return cfg
 
 
@@ -189,11 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--distill-space", help=f"rid: where student and teacher are compared, one of "
                               f"{', '.join(rid.DISTILL_SPACES)} (default: {d.distill_space}, as the paper)")
     a("--epochs", help="passes over the training prompts: N for every task or task=N[,task=N] "
-                       f"(default, the paper: {', '.join(f'{k} {v}' for k, v in PAPER_EPOCHS.items())})")
+                       f"(default, the paper: {', '.join(f'{k} {v}' for k, v in PAPER_EPOCHS.items())}; "
+                       f"mini world: {', '.join(f'{k} {v}' for k, v in MINI_EPOCHS.items())})")
     a("--lr", help=f"AdamW learning rate, N or task=N[,...] (default: rid {PAPER_RID['lr']}, "
-                   f"other methods {PAPER_BASELINE['lr']})")
+                   f"other methods {PAPER_BASELINE['lr']}; mini world: {MINI_OPT['lr']} for every method)")
     a("--batch", help=f"global batch per optimizer step, N or task=N[,...] (default: rid {PAPER_RID['batch']}, "
-                      f"other methods {PAPER_BASELINE['batch']} by gradient accumulation)")
+                      f"other methods {PAPER_BASELINE['batch']} by gradient accumulation; mini world: "
+                      f"{MINI_OPT['batch']} for every method)")
     a("--micro-batch", type=int, help=f"prompts per forward/backward on one process; micro-batches per step "
                                       f"= batch / world size / micro-batch (default: {d.micro_batch})")
     a("--grad-accum", type=int, help="micro-batches per step per process; sets the micro-batch size "

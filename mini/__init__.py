@@ -1,0 +1,16 @@
+"""The mini world: a CPU-scale text-to-image world in which the RIL experiment runs for real.
+
+Committed artifacts live in mini/world/ (rebuilt, seeded, by `python -m mini build`):
+    model/        diffusers layout (unet, vae, text_encoder, tokenizer, scheduler) -> rid.load_models(str(MODEL))
+    rewards.json  RewardSpec for rewards.load_spec(REWARD_SPEC): the domain CLIP (hps, clip score,
+                  FID features) and the LAION-layout aesthetic MLP on it
+    prompts/      train.txt (750) and test.txt (50) captions, disjoint combinations
+    fid_ref.safetensors, world.json (sizes, default DDIM steps / guidance, measured quality)
+"""
+from pathlib import Path
+
+WORLD = Path(__file__).resolve().parent / "world"
+MODEL = WORLD / "model"
+REWARD_SPEC = WORLD / "rewards.json"
+
+__all__ = ["WORLD", "MODEL", "REWARD_SPEC"]

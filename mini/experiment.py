@@ -1,0 +1,152 @@
+"""The RIL experiment of the paper, at CPU scale: methods × seeds on the mini world, one report.
+
+    python -m mini experiment                      rid and baseline, seeds 0,1,2 → docs/mini_results.md
+
+For every (method, seed) it runs `train.py --tasks aesthetic,hps,compress --method M --seed S`
+(resumed when a run directory already holds finished stages), then ONE `eval.py` over all runs
+(same test prompts, same initial noise for every stage and method, the base model evaluated once),
+and writes the table of mean ± std over seeds of every metric per (method, stage) and of the
+forgetting (paper Eq. 3) on the last stage, with the sample grid, wall time and peak RSS.
+
+The mini world's schedule (train.py's mini_world preset) gives both methods the same batch and
+learning rate, so the only difference between them is RID's distillation term.
+"""
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = "aesthetic,hps,compress"
+
+
+def _run(cmd: list, log) -> None:
+    log("$ " + " ".join(cmd))
+    r = subprocess.run(cmd, cwd=ROOT)
+    if r.returncode != 0:
+        raise SystemExit(f"python -m mini experiment: `{' '.join(cmd)}` exited {r.returncode}")
+
+
+def _finished(run_dir: Path, n_tasks: int) -> bool:
+    try:
+        return len(json.loads((run_dir / "run.json").read_text()).get("stages", [])) == n_tasks
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _mean_std(xs: list) -> str:
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "–"
+    m = statistics.fmean(xs)
+    s = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    digits = 3 if max(abs(m), s) < 10 else 1
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def aggregate(report: dict, run_of: dict) -> dict:
+    """report.json rows → {(method, stage, name): {"metrics": {m: [values over seeds]}, "forgetting": …}}."""
+    groups: dict = {}
+    for row in report["rows"]:
+        method = "base" if row["stage"] == 0 else run_of.get(str(Path(row["run"]).resolve()), row["method"])
+        g = groups.setdefault((method, row["stage"], row["name"]), {"metrics": {}, "forgetting": {}})
+        for m, v in row["metrics"].items():
+            g["metrics"].setdefault(m, []).append(v)
+        for m, v in (row["forgetting"] or {}).items():
+            g["forgetting"].setdefault(m, []).append(v)
+    return groups
+
+
+def write_markdown(groups: dict, metrics: dict, seeds: list, facts: list, path: Path) -> None:
+    cols = [m for m in metrics if any(m in g["metrics"] for g in groups.values())]
+    head = ["Method", "Stage"] + [f"{metrics[m][0]} {'↑' if metrics[m][1] else '↓'}" for m in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (method, stage, name), g in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0] != "rid", kv[0][0])):
+        lines.append(f"| {method} | {stage}: {name} | " + " | ".join(_mean_std(g["metrics"].get(m, [])) for m in cols) + " |")
+    last = max(stage for _, stage, _ in groups)
+    lines += ["", f"**Forgetting** after the last stage (paper Eq. 3: largest drop from any earlier stage; "
+              f"lower is better for every metric), mean ± std over seeds {', '.join(map(str, seeds))}:", "",
+              "| Method | " + " | ".join(metrics[m][0] for m in cols) + " |", "|" + "---|" * (len(cols) + 1)]
+    for (method, stage, _), g in sorted(groups.items()):
+        if stage == last and g["forgetting"]:
+            lines.append(f"| {method} | " + " | ".join(_mean_std(g["forgetting"].get(m, [])) for m in cols) + " |")
+    path.write_text("\n".join(["# The mini world's RIL experiment", "", *facts, "", *lines, ""]))
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m mini experiment", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", default="rid,baseline", help="comma list of train.py methods (default: rid,baseline)")
+    p.add_argument("--seeds", default="0,1,2", help="comma list of training seeds (default: 0,1,2)")
+    p.add_argument("--tasks", default=TASKS, help=f"task sequence (default: {TASKS})")
+    p.add_argument("--out", default="out/mini-experiment", help="directory of the runs and the eval (default: out/mini-experiment)")
+    p.add_argument("--doc", default="docs/mini_results.md", help="report to write (default: docs/mini_results.md)")
+    p.add_argument("--train-args", default="", help="extra train.py flags, quoted (default: none)")
+    p.add_argument("--eval-args", default="", help="extra eval.py flags, quoted (default: none)")
+    args = p.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: expected a comma list of integers, e.g. 0,1,2")
+    out, n_tasks = ROOT / args.out, len(args.tasks.split(","))
+    log = lambda msg: print(f"[mini experiment {time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
+    t0 = time.time()
+
+    #### TRAIN every (method, seed) ####
+    run_of, dirs = {}, []
+    for seed in seeds:
+        for method in methods:
+            d = out / f"{method}-seed{seed}"
+            run_of[str(d.resolve())] = method
+            dirs.append(d)
+            if _finished(d, n_tasks):
+                log(f"{d.name}: finished earlier, kept")
+                continue
+            resume = ["--resume"] if (d / "run.json").exists() else []
+            _run([sys.executable, "train.py", "--tasks", args.tasks, "--method", method, "--seed", str(seed),
+                  "--out", str(d), *resume, *args.train_args.split()], log)
+    t_train = time.time() - t0
+
+    #### EVALUATE all runs side by side ####
+    ev = out / "eval"
+    _run([sys.executable, "eval.py", "--ckpt", *map(str, dirs), "--out", str(ev), *args.eval_args.split()], log)
+    t_all = time.time() - t0
+    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # Linux: kB → GB
+
+    #### REPORT: mean ± std over seeds ####
+    sys.path.insert(0, str(ROOT))
+    import eval as evaluation  # noqa: E402  (the repo's eval.py)
+
+    report = json.loads((ev / "report.json").read_text())
+    doc = ROOT / args.doc
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    grid = doc.with_name(doc.stem + "_grid.png")
+    shutil.copyfile(ev / "grid.png", grid)
+    facts = [f"`python -m mini experiment --methods {args.methods} --seeds {args.seeds}` "
+             f"({time.strftime('%Y-%m-%d')}; tasks {args.tasks}). Wall time {t_train / 60:.1f} min training, "
+             f"{t_all / 60:.1f} min with evaluation, on {_cpu_note()}; peak RSS of any one process {rss:.2f} GB.",
+             f"Sample grid (rows: eval.py's table rows, every run's stages; columns: the first test prompts, same noise): "
+             f"[{grid.name}]({grid.name})."]
+    write_markdown(aggregate(report, run_of), evaluation.METRICS, seeds, facts, doc)
+    log(f"wrote {doc.relative_to(ROOT)} and {grid.relative_to(ROOT)} in {t_all / 60:.1f} min")
+    return 0
+
+
+def _cpu_note() -> str:
+    import os
+
+    import torch
+    return f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
