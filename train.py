@@ -54,7 +54,7 @@ PAPER_BASELINE = {"batch": 128, "lr": 1e-3}  # the baseline; the DRaFT family (d
 # The mini world's schedule (CPU scale): the paper's task order and its "hps is the long task" shape,
 # sized so RID + baseline over all three tasks plus eval.py fit in ~20 min on 2 CPU cores. Every
 # method gets the same batch and lr here, so a mini-world comparison isolates RID's distillation term.
-MINI_EPOCHS = {"aesthetic": 1, "hps": 2, "compress": 1}
+MINI_EPOCHS = {"aesthetic": 1, "hps": 1, "compress": 1}
 MINI_OPT = {"batch": 8, "lr": 1e-3}
 
 # Simple animal prompts in DDPO's style ("a photo of a <animal>"): the fallback for SD without --prompts.

@@ -14,6 +14,7 @@ learning rate, so the only difference between them is RID's distillation term.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import statistics
@@ -31,6 +32,29 @@ def _run(cmd: list, log) -> None:
     r = subprocess.run(cmd, cwd=ROOT)
     if r.returncode != 0:
         raise SystemExit(f"python -m mini experiment: `{' '.join(cmd)}` exited {r.returncode}")
+
+
+def _run_parallel(cmds: list, jobs: int, out: Path, log) -> None:
+    """Up to `jobs` training runs at once, one CPU thread each; each run's output goes to its log file."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out.mkdir(parents=True, exist_ok=True)
+    running, queue = [], list(cmds)
+    while queue or running:
+        while queue and len(running) < jobs:
+            cmd = queue.pop(0)
+            name = Path(cmd[cmd.index("--out") + 1]).name
+            log(f"start {name} (log: {out / (name + '.log')})")
+            running.append((cmd, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(out / f"{name}.log", "a"),
+                                                  stderr=subprocess.STDOUT)))
+        time.sleep(2)
+        for item in list(running):
+            cmd, proc = item
+            if proc.poll() is not None:
+                running.remove(item)
+                if proc.returncode != 0:
+                    for _, other in running:
+                        other.terminate()
+                    raise SystemExit(f"python -m mini experiment: `{' '.join(cmd)}` exited {proc.returncode}")
 
 
 def _finished(run_dir: Path, n_tasks: int) -> bool:
@@ -89,6 +113,9 @@ def main(argv=None) -> int:
     p.add_argument("--tasks", default=TASKS, help=f"task sequence (default: {TASKS})")
     p.add_argument("--out", default="out/mini-experiment", help="directory of the runs and the eval (default: out/mini-experiment)")
     p.add_argument("--doc", default="docs/mini_results.md", help="report to write (default: docs/mini_results.md)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="training runs at once, each on 1 CPU thread (default: 1, all threads); "
+                        "the mini model is too small to use many threads well, so --jobs 2 on 2 cores is faster")
     p.add_argument("--train-args", default="", help="extra train.py flags, quoted (default: none)")
     p.add_argument("--eval-args", default="", help="extra eval.py flags, quoted (default: none)")
     args = p.parse_args(argv)
@@ -101,8 +128,11 @@ def main(argv=None) -> int:
     log = lambda msg: print(f"[mini experiment {time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
     t0 = time.time()
 
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: must be ≥ 1")
+
     #### TRAIN every (method, seed) ####
-    run_of, dirs = {}, []
+    run_of, dirs, todo = {}, [], []
     for seed in seeds:
         for method in methods:
             d = out / f"{method}-seed{seed}"
@@ -112,8 +142,13 @@ def main(argv=None) -> int:
                 log(f"{d.name}: finished earlier, kept")
                 continue
             resume = ["--resume"] if (d / "run.json").exists() else []
-            _run([sys.executable, "train.py", "--tasks", args.tasks, "--method", method, "--seed", str(seed),
-                  "--out", str(d), *resume, *args.train_args.split()], log)
+            todo.append([sys.executable, "train.py", "--tasks", args.tasks, "--method", method, "--seed", str(seed),
+                         "--out", str(d), *resume, *args.train_args.split()])
+    if args.jobs == 1:
+        for cmd in todo:
+            _run(cmd, log)
+    else:
+        _run_parallel(todo, args.jobs, out, log)
     t_train = time.time() - t0
 
     #### EVALUATE all runs side by side ####
@@ -131,7 +166,7 @@ def main(argv=None) -> int:
     doc.parent.mkdir(parents=True, exist_ok=True)
     grid = doc.with_name(doc.stem + "_grid.png")
     shutil.copyfile(ev / "grid.png", grid)
-    facts = [f"`python -m mini experiment --methods {args.methods} --seeds {args.seeds}` "
+    facts = [f"`python -m mini experiment --methods {args.methods} --seeds {args.seeds} --jobs {args.jobs}` "
              f"({time.strftime('%Y-%m-%d')}; tasks {args.tasks}). Wall time {t_train / 60:.1f} min training, "
              f"{t_all / 60:.1f} min with evaluation, on {_cpu_note()}; peak RSS of any one process {rss:.2f} GB.",
              f"Sample grid (rows: eval.py's table rows, every run's stages; columns: the first test prompts, same noise): "
@@ -142,10 +177,7 @@ def main(argv=None) -> int:
 
 
 def _cpu_note() -> str:
-    import os
-
-    import torch
-    return f"{os.cpu_count()} CPU cores, {torch.get_num_threads()} torch threads"
+    return f"{os.cpu_count()} CPU cores"
 
 
 if __name__ == "__main__":
