@@ -109,6 +109,21 @@ def test_rating_is_deterministic_ranks_designed_images_and_conflicts_with_jpeg()
         domain.rating(np.zeros((4, 4)))
 
 
+def test_domain_tokenizer_tokenises_like_clip(tmp_path):
+    """The small CLIPTokenizer (derived BPE subset) gives CLIP's own BPE tokens for domain text."""
+    import open_clip
+    from mini import models
+    tok = models.write_tokenizer(tmp_path)
+    clip_bpe = open_clip.tokenizer.SimpleTokenizer()
+    rng = np.random.default_rng(2)
+    for _ in range(100):
+        text = domain.sample_scene(rng).caption
+        ours = tok.convert_ids_to_tokens(tok(text).input_ids)
+        assert ours == ["<|startoftext|>"] + [clip_bpe.decoder[i] for i in clip_bpe.encode(text)] + ["<|endoftext|>"]
+        assert len(ours) <= tok.model_max_length
+    assert len(tok) < 1000 and tok.convert_ids_to_tokens(tok("zebra!").input_ids)[-1] == "<|endoftext|>"
+
+
 # ---------------------------------------------------------------------------- the reduced build
 
 @pytest.fixture(scope="module")
