@@ -11,6 +11,7 @@ batch size. Metrics per stage (direction in brackets):
 
     aesthetic (up)  LAION aesthetic predictor v2, 1-10          hps (up)   HPSv2 cosine
     clip (up)       100 * cos(image, prompt), rewards.clip_score
+    compress (up)   the compress reward, -mean (x - JPEG(x))^2 through the differentiable JPEG (q80)
     png_kb (down)   lossless PNG size, PIL, kB                  jpeg_kb (down)  JPEG size at quality 80, kB
     fid (down)      Frechet distance to --fid-ref images: Inception features (torchmetrics), or CLIP
                     features (rewards.clip_features) in the mini world / with --fid-features clip
@@ -48,12 +49,13 @@ METRICS = {
     "aesthetic": ("Aesthetic", True, 3),
     "hps": ("HPS", True, 4),
     "clip": ("CLIP", True, 2),
-    "png_kb": ("PNG kB", False, 1),
-    "jpeg_kb": ("JPEG kB", False, 1),
+    "compress": ("Compress", True, 5),
+    "png_kb": ("PNG kB", False, 2),
+    "jpeg_kb": ("JPEG kB", False, 2),
     "fid": ("FID", False, 2),
 }
 JPEG_QUALITY = 80  # the JPEG size metric's quality (rewards.DEFAULT_JPEG_QUALITY trains towards the same)
-CACHE_VERSION = 1  # bump when a metric's definition changes: old caches then miss
+CACHE_VERSION = 2  # bump when a metric's definition changes: old caches then miss
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -303,7 +305,7 @@ class Scorer:
     def __init__(self, config: dict, spec_path: str | None, device: str, log):
         self.spec, self.device, self.config = rewards.load_spec(spec_path), device, config
         self.fns, self.skipped, self.fid, self.fid_ready = {}, {}, None, False
-        for name in ("aesthetic", "hps"):
+        for name in ("aesthetic", "hps", "compress"):
             try:
                 self.fns[name] = rewards.get(name, self.spec, device)
             except ValueError as e:

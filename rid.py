@@ -607,6 +607,16 @@ class StepConfig:
         return self
 
 
+def sq_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """‖a − b‖² per sample (summed over every element of an image), averaged over the batch: (B, ...) -> ().
+
+    The paper's λ‖x_s − x_t‖² read literally. A per-element mean (MSE) would divide the term by
+    C·H·W (3·512² at SD scale, 3·32² in the mini world): measured in the mini world, λ = 0.1 times
+    the MSE stayed below 3e-5 next to an aesthetic reward of ≈ 7 and RID equalled the baseline to
+    three digits. With the sum, λ·‖·‖² is of the order of the reward changes a task makes."""
+    return (a - b).pow(2).flatten(1).sum(1).mean()
+
+
 def rid_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig):
     """RID (the paper's Algorithm 1): reward on the student's image minus λ × the distance to the
     EMA teacher's image, both generated from the same z_1. The EMA update follows the optimizer
@@ -630,13 +640,13 @@ def rid_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig):
     img_s = decode(models, x0_s)  # (B, 3, H, W) in [0, 1]
     reward = reward_fn(img_s, prompts)  # (B,)
 
-    #### DISTILLATION: ‖student − teacher‖², as a per-element mean so λ is resolution-free ####
+    #### DISTILLATION: ‖student − teacher‖², the squared L2 norm per image, mean over the batch ####
     if cfg.distill_space == "pixel":
         with torch.no_grad():
             img_t = decode(models, x0_t)
-        distill = F.mse_loss(img_s, img_t)
+        distill = sq_norm(img_s, img_t)
     else:
-        distill = F.mse_loss(x0_s.float(), x0_t.float())
+        distill = sq_norm(x0_s.float(), x0_t.float())
 
     loss = -reward.mean() + cfg.lam * distill
     return loss, {"loss": loss.item(), "reward": reward.mean().item(), "distill": distill.item()}

@@ -1,6 +1,7 @@
 """The RIL experiment of the paper, at CPU scale: methods × seeds on the mini world, one report.
 
     python -m mini experiment                      rid and baseline, seeds 0,1,2 → docs/mini_results.md
+    python -m mini experiment --lams 0.1,1,10      the same with one rid run per λ (a sweep of RID's weight)
 
 For every (method, seed) it runs `train.py --tasks aesthetic,hps,compress --method M --seed S`
 (resumed when a run directory already holds finished stages), then ONE `eval.py` over all runs
@@ -57,6 +58,24 @@ def _run_parallel(cmds: list, jobs: int, out: Path, log) -> None:
                     raise SystemExit(f"python -m mini experiment: `{' '.join(cmd)}` exited {proc.returncode}")
 
 
+PAPER_LAM = 0.1
+
+
+def variants(methods: list, lams: list) -> list:
+    """(method, λ) pairs: one per λ for rid, λ = None (not used) for every other method."""
+    return [(m, lam) for m in methods for lam in (lams if m == "rid" else [None])]
+
+
+def run_name(method: str, lam, seed: int) -> str:
+    """rid-seed0 at the paper's λ (as before λ sweeps existed), rid-lam10-seed0 otherwise."""
+    tag = "" if lam is None or lam == PAPER_LAM else f"-lam{lam:g}"
+    return f"{method}{tag}-seed{seed}"
+
+
+def label(method: str, lam, lams: list) -> str:
+    return f"{method} λ={lam:g}" if lam is not None and len(lams) > 1 else method
+
+
 def _finished(run_dir: Path, n_tasks: int) -> bool:
     try:
         return len(json.loads((run_dir / "run.json").read_text()).get("stages", [])) == n_tasks
@@ -91,7 +110,7 @@ def write_markdown(groups: dict, metrics: dict, seeds: list, facts: list, path: 
     cols = [m for m in metrics if any(m in g["metrics"] for g in groups.values())]
     head = ["Method", "Stage"] + [f"{metrics[m][0]} {'↑' if metrics[m][1] else '↓'}" for m in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (method, stage, name), g in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0] != "rid", kv[0][0])):
+    for (method, stage, name), g in sorted(groups.items(), key=lambda kv: (kv[0][1], not kv[0][0].startswith("rid"), kv[0][0])):
         lines.append(f"| {method} | {stage}: {name} | " + " | ".join(_mean_std(g["metrics"].get(m, [])) for m in cols) + " |")
     last = max(stage for _, stage, _ in groups)
     lines += ["", f"**Forgetting** after the last stage (paper Eq. 3: largest drop from any earlier stage; "
@@ -110,6 +129,8 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="rid,baseline", help="comma list of train.py methods (default: rid,baseline)")
     p.add_argument("--seeds", default="0,1,2", help="comma list of training seeds (default: 0,1,2)")
+    p.add_argument("--lams", default="0.1",
+                   help="comma list of RID's λ; one rid run per λ and seed (default: 0.1, the paper's)")
     p.add_argument("--tasks", default=TASKS, help=f"task sequence (default: {TASKS})")
     p.add_argument("--out", default="out/mini-experiment", help="directory of the runs and the eval (default: out/mini-experiment)")
     p.add_argument("--doc", default="docs/mini_results.md", help="report to write (default: docs/mini_results.md)")
@@ -124,6 +145,12 @@ def main(argv=None) -> int:
         seeds = [int(s) for s in args.seeds.split(",") if s]
     except ValueError:
         p.error(f"--seeds {args.seeds!r}: expected a comma list of integers, e.g. 0,1,2")
+    try:
+        lams = [float(x) for x in args.lams.split(",") if x]
+    except ValueError:
+        p.error(f"--lams {args.lams!r}: expected a comma list of numbers, e.g. 0.1,1,10")
+    if not lams or min(lams) < 0:
+        p.error(f"--lams {args.lams!r}: expected one or more numbers ≥ 0")
     out, n_tasks = ROOT / args.out, len(args.tasks.split(","))
     log = lambda msg: print(f"[mini experiment {time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
     t0 = time.time()
@@ -134,15 +161,16 @@ def main(argv=None) -> int:
     #### TRAIN every (method, seed) ####
     run_of, dirs, todo = {}, [], []
     for seed in seeds:
-        for method in methods:
-            d = out / f"{method}-seed{seed}"
-            run_of[str(d.resolve())] = method
+        for method, lam in variants(methods, lams):
+            d = out / run_name(method, lam, seed)
+            run_of[str(d.resolve())] = label(method, lam, lams)
             dirs.append(d)
             if _finished(d, n_tasks):
                 log(f"{d.name}: finished earlier, kept")
                 continue
             resume = ["--resume"] if (d / "run.json").exists() else []
             todo.append([sys.executable, "train.py", "--tasks", args.tasks, "--method", method, "--seed", str(seed),
+                         *(["--lam", f"{lam:g}"] if lam is not None else []),
                          "--out", str(d), *resume, *args.train_args.split()])
     if args.jobs == 1:
         for cmd in todo:
@@ -166,13 +194,15 @@ def main(argv=None) -> int:
     doc.parent.mkdir(parents=True, exist_ok=True)
     grid = doc.with_name(doc.stem + "_grid.png")
     shutil.copyfile(ev / "grid.png", grid)
-    facts = [f"`python -m mini experiment --methods {args.methods} --seeds {args.seeds} --jobs {args.jobs}` "
+    lam_flag = f" --lams {args.lams}" if args.lams != "0.1" else ""
+    facts = [f"`python -m mini experiment --methods {args.methods}{lam_flag} --seeds {args.seeds} --jobs {args.jobs}` "
              f"({time.strftime('%Y-%m-%d')}; tasks {args.tasks}). Wall time {t_train / 60:.1f} min training, "
              f"{t_all / 60:.1f} min with evaluation, on {_cpu_note()}; peak RSS of any one process {rss:.2f} GB.",
              f"Sample grid (rows: eval.py's table rows, every run's stages; columns: the first test prompts, same noise): "
              f"[{grid.name}]({grid.name})."]
     write_markdown(aggregate(report, run_of), evaluation.METRICS, seeds, facts, doc)
-    log(f"wrote {doc.relative_to(ROOT)} and {grid.relative_to(ROOT)} in {t_all / 60:.1f} min")
+    show = lambda f: f.relative_to(ROOT) if f.is_relative_to(ROOT) else f  # noqa: E731
+    log(f"wrote {show(doc)} and {show(grid)} in {t_all / 60:.1f} min")
     return 0
 
 

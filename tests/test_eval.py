@@ -99,6 +99,13 @@ def _direct_metrics(world, adapters, n_per_prompt=2):
     spec = rewards.load_spec(world["spec"])
     with torch.no_grad():
         out = {name: rewards.get(name, spec)(images, prompts).mean().item() for name in ("aesthetic", "hps")}
+        # compress oracle: PIL's real JPEG at q80 (4:2:0), not the differentiable one eval.py uses
+        pil = []
+        for a in (images * 255).round().byte().permute(0, 2, 3, 1).numpy():
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, format="JPEG", quality=80)
+            pil.append(torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1) / 255)
+        out["compress"] = -(images - torch.stack(pil)).square().mean().item()
         out["clip"] = rewards.clip_score(images, prompts, spec).mean().item()
         gen = rewards.clip_features(images, spec).double()
         ref = torch.cat(list(ev.reference_batches(world["ref"], (16, 16), batch=3)))
@@ -135,7 +142,7 @@ def test_report_rows_and_files(report, run_dir):
     for m, (_, higher, _) in ev.METRICS.items():  # Eq. 3 over the three stages of the table
         assert rows[2]["forgetting"][m] == pytest.approx(ev.forgetting([r["metrics"][m] for r in rows], higher))
     md = (run_dir / "report.md").read_text().splitlines()
-    assert md[0].startswith("| Method | Stage | Aesthetic ↑ | HPS ↑ | CLIP ↑ | PNG kB ↓ | JPEG kB ↓ | FID ↓")
+    assert md[0].startswith("| Method | Stage | Aesthetic ↑ | HPS ↑ | CLIP ↑ | Compress ↑ | PNG kB ↓ | JPEG kB ↓ | FID ↓")
     body = [l for l in md[2:] if l.startswith("| ")]
     assert len(body) == 3 and "(" not in body[0] + body[1] and body[2].count("(") == len(ev.METRICS)
     csv_rows = (run_dir / "report.csv").read_text().splitlines()
@@ -151,6 +158,7 @@ def test_metrics_match_direct_computation(report, run_dir, world, stage):
     want = _direct_metrics(world, run_dir / "stage2-hps" if stage else None)
     for m in ("aesthetic", "hps", "clip", "png_kb", "jpeg_kb"):
         assert got[m] == pytest.approx(want[m], rel=1e-4, abs=1e-5), m
+    assert got["compress"] < 0 and got["compress"] == pytest.approx(want["compress"], rel=0.25), "compress"
     assert got["fid"] == pytest.approx(want["fid"], rel=1e-3, abs=1e-3)
     assert report["rows"][0]["metrics"]["png_kb"] != report["rows"][2]["metrics"]["png_kb"]  # adapters matter
 

@@ -230,6 +230,48 @@ def test_rid_teacher_decodes_same_z1(models, monkeypatch):
     assert calls == {"unet": 3, "decode": 1}
 
 
+def test_rid_distill_is_squared_norm_against_pipeline_oracle(models, sd_path):
+    """distill = ‖x_s − x_t‖² summed over each image, mean over the batch, where x_t is diffusers'
+    pipeline with the EMA weights swapped in for the last step only (same z_1); loss = −R̄ + λ·distill."""
+    from diffusers import StableDiffusionPipeline
+
+    group = rid.inject(models.unet, rank=2)
+    group.add_task("a")
+    randomize(group, seed=1, std=0.5)  # large: the last step (t = 1) moves x₀ by √(1−ᾱ₁)·ε only
+    student = group.flat.detach().clone()
+    randomize(group, seed=2, std=0.5)
+    group.ema_update(0.0)  # teacher := a different random adapter
+    with torch.no_grad():
+        group.flat.copy_(student)
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_path, unet=models.unet)
+    pipe.set_progress_bar_config(disable=True)
+    steps, z = 3, noise(models)
+
+    def swap_before_last(p, i, t, kw):  # runs after step i; step `steps - 1` is the last one
+        if i == steps - 2:
+            with torch.no_grad():
+                group.flat.copy_(group.ema)
+        return kw
+
+    run = lambda **k: pipe(PROMPTS, latents=z.clone(), num_inference_steps=steps, guidance_scale=7.5,  # noqa: E731
+                           output_type="pt", **k).images
+    img_s = run()
+    img_t = run(callback_on_step_end=swap_before_last)
+    with torch.no_grad():
+        group.flat.copy_(student)
+    expected = (img_s - img_t).pow(2).sum(dim=(1, 2, 3)).mean().item()
+    assert expected > 1e-4  # the teacher really differs
+
+    cfg = rid.StepConfig(method="rid", steps=steps, lam=0.5)
+    with torch.no_grad():
+        loss, logs = rid.method_loss(models, group, toy_reward, PROMPTS, z, cfg)
+    assert logs["distill"] == pytest.approx(expected, rel=1e-4)
+    reward = toy_reward(img_s, PROMPTS).mean().item()
+    assert logs["reward"] == pytest.approx(reward, rel=1e-4, abs=1e-6)
+    assert loss.item() == pytest.approx(-reward + 0.5 * expected, rel=1e-4, abs=1e-6)
+
+
 def test_bf16_base_fp32_adapters(sd_path):
     """DRaFT's precision split: bf16 base weights, fp32 adapter buffer and fp32 gradients."""
     m = rid.load_models(sd_path, dtype=torch.bfloat16)

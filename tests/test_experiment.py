@@ -1,0 +1,63 @@
+"""`python -m mini experiment` end to end on the committed mini world at toy size: methods × λ × seeds
+→ train.py runs → one eval.py → docs-style report whose mean ± std match eval's own report.json."""
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+experiment = pytest.importorskip("mini.experiment")
+
+
+def test_variants_and_run_names():
+    assert experiment.variants(["rid", "baseline"], [0.1, 1.0]) == [("rid", 0.1), ("rid", 1.0), ("baseline", None)]
+    assert experiment.run_name("rid", 0.1, 2) == "rid-seed2"  # the paper's λ keeps the pre-sweep name
+    assert experiment.run_name("rid", 10.0, 0) == "rid-lam10-seed0"
+    assert experiment.run_name("baseline", None, 1) == "baseline-seed1"
+    assert experiment.label("rid", 1.0, [0.1, 1.0]) == "rid λ=1" and experiment.label("rid", 0.1, [0.1]) == "rid"
+
+
+@pytest.mark.parametrize("flag,value", [("--lams", "0.1,x"), ("--lams", "-1"), ("--seeds", "0,a"), ("--jobs", "0")])
+def test_bad_flags_name_the_flag(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        experiment.main([flag, value])
+    assert e.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_experiment_end_to_end(tmp_path):
+    if not (Path(experiment.ROOT) / "mini" / "world" / "world.json").exists():
+        pytest.skip("the committed mini world is missing")
+    out, doc = tmp_path / "exp", tmp_path / "docs" / "results.md"
+    argv = ["--methods", "rid,baseline", "--lams", "0.1,1", "--seeds", "0,1", "--tasks", "aesthetic,compress",
+            "--jobs", "2", "--out", str(out), "--doc", str(doc),
+            "--train-args", "--steps 2 --batch 2 --max-steps 1",
+            "--eval-args", "--steps 2 --max-prompts 2 --images-per-prompt 1"]
+    assert experiment.main(argv) == 0
+
+    names = {p.name for p in out.iterdir() if p.is_dir()}
+    assert {"rid-seed0", "rid-seed1", "rid-lam1-seed0", "rid-lam1-seed1", "baseline-seed0", "baseline-seed1"} <= names
+    for seed in (0, 1):
+        assert json.loads((out / f"rid-seed{seed}" / "run.json").read_text())["config"]["lam"] == 0.1
+        assert json.loads((out / f"rid-lam1-seed{seed}" / "run.json").read_text())["config"]["lam"] == 1.0
+    assert doc.exists() and (doc.parent / "results_grid.png").exists()
+
+    # Mean ± std of the last stage's aesthetic per variant, recomputed from eval's own report.json.
+    report = json.loads((out / "eval" / "report.json").read_text())
+    text = doc.read_text()
+    for label, prefix in (("rid λ=0.1", "rid-seed"), ("rid λ=1", "rid-lam1-seed"), ("baseline", "baseline-seed")):
+        vals = [r["metrics"]["aesthetic"] for r in report["rows"]
+                if r["stage"] == 2 and Path(r["run"]).name.startswith(prefix)]
+        assert len(vals) == 2
+        cell = f"{statistics.fmean(vals):.3f} ± {statistics.stdev(vals):.3f}"
+        row = next(line for line in text.splitlines() if line.startswith(f"| {label} | 2: "))
+        assert cell in row, (label, cell, row)
+        assert any(line.startswith(f"| {label} | ") and "2:" not in line and "1:" not in line
+                   for line in text.splitlines()), f"no forgetting row for {label}"
+    # A second call trains nothing (every run finished) and reads every stage from eval's cache.
+    mtimes = {p: p.stat().st_mtime for p in out.glob("*/stage*/adapters.safetensors")}
+    assert experiment.main(argv) == 0
+    assert mtimes == {p: p.stat().st_mtime for p in out.glob("*/stage*/adapters.safetensors")}
