@@ -11,7 +11,7 @@ batch size. Metrics per stage (direction in brackets):
 
     aesthetic (up)  LAION aesthetic predictor v2, 1-10          hps (up)   HPSv2 cosine
     clip (up)       100 * cos(image, prompt), rewards.clip_score
-    compress (up)   the compress reward, -mean (x - JPEG(x))^2 through the differentiable JPEG (q80)
+    compress (up)   the compress reward, -||x - JPEG(x)||^2 per image through the differentiable JPEG (q80)
     png_kb (down)   lossless PNG size, PIL, kB                  jpeg_kb (down)  JPEG size at quality 80, kB
     fid (down)      Frechet distance to --fid-ref images: Inception features (torchmetrics), or CLIP
                     features (rewards.clip_features) in the mini world / with --fid-features clip
@@ -49,7 +49,7 @@ METRICS = {
     "aesthetic": ("Aesthetic", True, 3),
     "hps": ("HPS", True, 4),
     "clip": ("CLIP", True, 2),
-    "compress": ("Compress", True, 5),
+    "compress": ("Compress", True, 3),
     "png_kb": ("PNG kB", False, 2),
     "jpeg_kb": ("JPEG kB", False, 2),
     "fid": ("FID", False, 2),

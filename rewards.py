@@ -12,7 +12,8 @@ Higher is better for every reward. Gradients flow to the images only: reward wei
                embedding, L2-normalised, into a 5-layer linear MLP; 1-10 scale.
     hps        HPSv2: open_clip ViT-H-14 with the HPS_v2_compressed.pt weights; cosine similarity of the
                normalised image and prompt embeddings (about 0.26 for SD-1.5 on HPSv2's benchmark).
-    compress   -mean((img - JPEG(img))^2) per image with rid's differentiable JPEG (kernels.jpeg).
+    compress   -||img - JPEG(img)||^2 per image (summed over pixels and channels, as the paper's norm and
+               RID's distillation term) with rid's differentiable JPEG (kernels.jpeg).
 
 Where the weights come from is a RewardSpec (a JSON file, `--reward-spec` on the CLIs). The SD-scale
 defaults point at the public checkpoints; the mini world ships a spec with tiny custom-architecture
@@ -40,8 +41,9 @@ import torch.nn.functional as F
 
 REWARDS = ("aesthetic", "hps", "compress")
 
-# The paper's joint-tuning weights (Eq. 10): the rewards live on very different scales
-# (aesthetic 1-10, HPS ~0.27, compress ~-1e-3), so the weights mostly equalise them.
+# The paper's joint-tuning weights (Eq. 10) for rewards on very different scales: aesthetic 1-10,
+# HPS ~0.27, compress = a squared norm over the whole image, which grows with resolution (≈ -3 in the
+# mini world at 32², some -100 at 512²), so at SD scale compress dominates the sum at weight 1.
 JOINT_EXAMPLE = {"aesthetic": 0.01, "hps": 2.0, "compress": 1.0}
 
 # JPEG quality of the compress reward. DRaFT trains towards a fixed compression target; we use the
@@ -352,7 +354,7 @@ def _compress(spec: RewardSpec, device: str) -> Callable:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (N, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
         x = images.float()
-        return -(x - kernels.jpeg(x, quality=q)).square().mean(dim=(1, 2, 3))  # (N,)
+        return -(x - kernels.jpeg(x, quality=q)).square().sum(dim=(1, 2, 3))  # (N,)
 
     return compress
 

@@ -15,9 +15,9 @@ learning rate, so the only difference between them is RID's distillation term.
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -83,13 +83,15 @@ def _finished(run_dir: Path, n_tasks: int) -> bool:
         return False
 
 
-def _mean_std(xs: list) -> str:
+def _mean_std(xs: list, sig: int = 3) -> str:
+    """mean ± sample std; `sig` significant digits for the larger of the two (min 1 decimal)."""
     xs = [x for x in xs if x is not None]
     if not xs:
         return "–"
     m = statistics.fmean(xs)
     s = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    digits = 3 if max(abs(m), s) < 10 else 1
+    top = max(abs(m), s)
+    digits = max(1, sig - 1 - math.floor(math.log10(top))) if top > 0 else 1
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
@@ -106,7 +108,7 @@ def aggregate(report: dict, run_of: dict) -> dict:
     return groups
 
 
-def write_markdown(groups: dict, metrics: dict, seeds: list, facts: list, path: Path) -> None:
+def write_markdown(groups: dict, metrics: dict, seeds: list, facts: list, path: Path, train: dict | None = None) -> None:
     cols = [m for m in metrics if any(m in g["metrics"] for g in groups.values())]
     head = ["Method", "Stage"] + [f"{metrics[m][0]} {'↑' if metrics[m][1] else '↓'}" for m in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -119,6 +121,12 @@ def write_markdown(groups: dict, metrics: dict, seeds: list, facts: list, path: 
     for (method, stage, _), g in sorted(groups.items()):
         if stage == last and g["forgetting"]:
             lines.append(f"| {method} | " + " | ".join(_mean_std(g["forgetting"].get(m, [])) for m in cols) + " |")
+    if train:
+        lines += ["", "**Training reward** of each task (train.py's metrics.jsonl, mean of the first and of the last "
+                  "10 optimizer steps of the task), mean ± std over seeds:", "",
+                  "| Method | Task | start | end |", "|---|---|---|---|"]
+        for (method, task), (first, last) in sorted(train.items(), key=lambda kv: (not kv[0][0].startswith("rid"), kv[0])):
+            lines.append(f"| {method} | {task} | {_mean_std(first, 4)} | {_mean_std(last, 4)} |")
     path.write_text("\n".join(["# The mini world's RIL experiment", "", *facts, "", *lines, ""]))
 
 
@@ -139,6 +147,9 @@ def main(argv=None) -> int:
                         "the mini model is too small to use many threads well, so --jobs 2 on 2 cores is faster")
     p.add_argument("--train-args", default="", help="extra train.py flags, quoted (default: none)")
     p.add_argument("--eval-args", default="", help="extra eval.py flags, quoted (default: none)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train and evaluate nothing: rewrite --doc from --out's eval/report.json and the timings "
+                        "the run that did the work stored in --out/experiment.json")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     try:
@@ -172,18 +183,29 @@ def main(argv=None) -> int:
             todo.append([sys.executable, "train.py", "--tasks", args.tasks, "--method", method, "--seed", str(seed),
                          *(["--lam", f"{lam:g}"] if lam is not None else []),
                          "--out", str(d), *resume, *args.train_args.split()])
-    if args.jobs == 1:
-        for cmd in todo:
-            _run(cmd, log)
+    ev, timing_file = out / "eval", out / "experiment.json"
+    if args.report_only:
+        if not (ev / "report.json").exists() or not timing_file.exists():
+            p.error(f"--report-only: {ev / 'report.json'} or {timing_file} is missing; run without --report-only first")
+        timing = json.loads(timing_file.read_text())
     else:
-        _run_parallel(todo, args.jobs, out, log)
-    t_train = time.time() - t0
+        if args.jobs == 1:
+            for cmd in todo:
+                _run(cmd, log)
+        else:
+            _run_parallel(todo, args.jobs, out, log)
+        t_train = time.time() - t0
 
-    #### EVALUATE all runs side by side ####
-    ev = out / "eval"
-    _run([sys.executable, "eval.py", "--ckpt", *map(str, dirs), "--out", str(ev), *args.eval_args.split()], log)
-    t_all = time.time() - t0
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # Linux: kB → GB
+        #### EVALUATE all runs side by side ####
+        _run([sys.executable, "eval.py", "--ckpt", *map(str, dirs), "--out", str(ev), *args.eval_args.split()], log)
+        if not todo and timing_file.exists():  # nothing trained now: the stored timings describe the real work
+            timing = json.loads(timing_file.read_text())
+        else:
+            timing = {"train_min": round(t_train / 60, 1), "trained_runs": len(todo),
+                      "total_min": round((time.time() - t0) / 60, 1), "jobs": args.jobs, "cpu": _cpu_note(),
+                      "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2),  # kB→GB
+                      "date": time.strftime("%Y-%m-%d")}
+            timing_file.write_text(json.dumps(timing, indent=1) + "\n")
 
     #### REPORT: mean ± std over seeds ####
     sys.path.insert(0, str(ROOT))
@@ -193,17 +215,37 @@ def main(argv=None) -> int:
     doc = ROOT / args.doc
     doc.parent.mkdir(parents=True, exist_ok=True)
     grid = doc.with_name(doc.stem + "_grid.png")
-    shutil.copyfile(ev / "grid.png", grid)
+    first_seed = [r for r in report["rows"] if r["stage"] == 0
+                  or str(Path(r["run"]).resolve()) in {str(d.resolve()) for d in dirs if d.name.endswith(f"-seed{seeds[0]}")}]
+    evaluation._write_grid([{**r, "method": "base" if r["stage"] == 0 else run_of.get(str(Path(r["run"]).resolve()), r["method"])}
+                            for r in first_seed], grid)
     lam_flag = f" --lams {args.lams}" if args.lams != "0.1" else ""
     facts = [f"`python -m mini experiment --methods {args.methods}{lam_flag} --seeds {args.seeds} --jobs {args.jobs}` "
-             f"({time.strftime('%Y-%m-%d')}; tasks {args.tasks}). Wall time {t_train / 60:.1f} min training, "
-             f"{t_all / 60:.1f} min with evaluation, on {_cpu_note()}; peak RSS of any one process {rss:.2f} GB.",
-             f"Sample grid (rows: eval.py's table rows, every run's stages; columns: the first test prompts, same noise): "
-             f"[{grid.name}]({grid.name})."]
-    write_markdown(aggregate(report, run_of), evaluation.METRICS, seeds, facts, doc)
+             f"({timing['date']}; tasks {args.tasks}). Wall time {timing['train_min']:.1f} min training "
+             f"({timing['trained_runs']} runs, {timing['jobs']} at a time), {timing['total_min']:.1f} min with "
+             f"evaluation, on {timing['cpu']}; peak RSS of any one process {timing['peak_rss_gb']:.2f} GB.",
+             f"Sample grid (rows: the base model, then every stage of seed {seeds[0]}'s run of each method; columns: "
+             f"the first test prompts, the same noise everywhere): [{grid.name}]({grid.name})."]
+    write_markdown(aggregate(report, run_of), evaluation.METRICS, seeds, facts, doc,
+                   training_rewards(dirs, run_of, args.tasks.split(",")))
     show = lambda f: f.relative_to(ROOT) if f.is_relative_to(ROOT) else f  # noqa: E731
-    log(f"wrote {show(doc)} and {show(grid)} in {t_all / 60:.1f} min")
+    log(f"wrote {show(doc)} and {show(grid)} in {(time.time() - t0) / 60:.1f} min")
     return 0
+
+
+def training_rewards(dirs: list, run_of: dict, tasks: list, n: int = 10) -> dict:
+    """{(label, task): ([first-n-steps mean per seed], [last-n-steps mean per seed])} from metrics.jsonl:
+    the reward each task trains on, at its start and its end."""
+    out: dict = {}
+    for d in dirs:
+        info = json.loads((d / "run.json").read_text())
+        for task, stage in zip(tasks, info.get("stages", [])):
+            rows = [json.loads(line) for line in (d / stage / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            r = [row["reward"] for row in rows]
+            first, last = out.setdefault((run_of[str(d.resolve())], task), ([], []))
+            first.append(statistics.fmean(r[:n]))
+            last.append(statistics.fmean(r[-n:]))
+    return out
 
 
 def _cpu_note() -> str:

@@ -105,7 +105,7 @@ def _direct_metrics(world, adapters, n_per_prompt=2):
             buf = io.BytesIO()
             Image.fromarray(a).save(buf, format="JPEG", quality=80)
             pil.append(torch.from_numpy(np.array(Image.open(buf).convert("RGB"))).permute(2, 0, 1) / 255)
-        out["compress"] = -(images - torch.stack(pil)).square().mean().item()
+        out["compress"] = -(images - torch.stack(pil)).square().sum(dim=(1, 2, 3)).mean().item()
         out["clip"] = rewards.clip_score(images, prompts, spec).mean().item()
         gen = rewards.clip_features(images, spec).double()
         ref = torch.cat(list(ev.reference_batches(world["ref"], (16, 16), batch=3)))

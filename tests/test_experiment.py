@@ -52,11 +52,23 @@ def test_experiment_end_to_end(tmp_path):
         vals = [r["metrics"]["aesthetic"] for r in report["rows"]
                 if r["stage"] == 2 and Path(r["run"]).name.startswith(prefix)]
         assert len(vals) == 2
-        cell = f"{statistics.fmean(vals):.3f} ± {statistics.stdev(vals):.3f}"
         row = next(line for line in text.splitlines() if line.startswith(f"| {label} | 2: "))
-        assert cell in row, (label, cell, row)
+        mean, std = (float(x) for x in row.split(" | ")[2].split(" ± "))  # the Aesthetic column
+        assert mean == pytest.approx(statistics.fmean(vals), abs=0.006), (label, row)
+        assert std == pytest.approx(statistics.stdev(vals), abs=0.006), (label, row)
         assert any(line.startswith(f"| {label} | ") and "2:" not in line and "1:" not in line
                    for line in text.splitlines()), f"no forgetting row for {label}"
+    # Training rewards: start/end of every task for every variant, from the runs' own metrics.jsonl.
+    for label in ("rid λ=0.1", "rid λ=1", "baseline"):
+        for task in ("aesthetic", "compress"):
+            assert any(line.startswith(f"| {label} | {task} | ") for line in text.splitlines()), (label, task)
+    timing = json.loads((out / "experiment.json").read_text())
+    assert timing["trained_runs"] == 6 and timing["peak_rss_gb"] > 0
+    assert (doc.parent / "results_grid.png").stat().st_size > 0
+    # --report-only rewrites the doc from the stored report and timings, computing nothing.
+    doc.unlink()
+    assert experiment.main([*argv, "--report-only"]) == 0
+    assert doc.read_text() == text
     # A second call trains nothing (every run finished) and reads every stage from eval's cache.
     mtimes = {p: p.stat().st_mtime for p in out.glob("*/stage*/adapters.safetensors")}
     assert experiment.main(argv) == 0

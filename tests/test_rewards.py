@@ -203,13 +203,14 @@ def test_compress_zero_for_constant_and_drops_with_noise(spec):
     g = torch.Generator().manual_seed(0)
     noise = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
     scores = [fn((flat + a * noise).clamp(0, 1), ["x"]).item() for a in (0.0, 0.05, 0.2)]
-    assert abs(scores[0]) < 1e-4  # a flat block is all DC: JPEG keeps it up to rounding
+    n = flat[0].numel()  # the reward sums over the image's 3·32·32 values
+    assert abs(scores[0]) < 1e-4 * n  # a flat block is all DC: JPEG keeps it up to rounding
     assert scores[0] > scores[1] > scores[2]
-    assert scores[2] < -1e-3
+    assert scores[2] < -1e-3 * n
 
 
 def test_compress_measures_pils_jpeg_error(spec):
-    """-MSE to PIL's own JPEG at the spec's quality (libjpeg, integer DCT and rounding, which the
+    """-‖img − JPEG(img)‖² with PIL's own JPEG at the spec's quality (libjpeg, integer DCT and rounding, which the
     differentiable JPEG relaxes: 1 % apart on noise, ~15 % on smooth images whose error is tiny)."""
     if not _jpeg_ready():
         pytest.skip("kernels.jpeg is not implemented yet (raises NotImplementedError)")
@@ -225,7 +226,7 @@ def test_compress_measures_pils_jpeg_error(spec):
         buf = io.BytesIO()
         Image.fromarray(a).save(buf, format="JPEG", quality=spec.jpeg_quality)
         back = torch.from_numpy(np.array(Image.open(buf))).float() / 255
-        ref.append(-(torch.from_numpy(a).float() / 255 - back).square().mean())
+        ref.append(-(torch.from_numpy(a).float() / 255 - back).square().sum())  # ‖img − JPEG(img)‖²
     torch.testing.assert_close(ours, torch.stack(ref), rtol=0.2, atol=0)
 
 
