@@ -59,6 +59,7 @@ def _run_parallel(cmds: list, jobs: int, out: Path, log) -> None:
 
 
 PAPER_LAM = 0.1
+NOTES = "\n## Notes"  # the doc's hand-written part starts here; regenerating keeps it
 
 
 def variants(methods: list, lams: list) -> list:
@@ -127,7 +128,11 @@ def write_markdown(groups: dict, metrics: dict, seeds: list, facts: list, path: 
                   "| Method | Task | start | end |", "|---|---|---|---|"]
         for (method, task), (first, last) in sorted(train.items(), key=lambda kv: (not kv[0][0].startswith("rid"), kv[0])):
             lines.append(f"| {method} | {task} | {_mean_std(first, 4)} | {_mean_std(last, 4)} |")
-    path.write_text("\n".join(["# The mini world's RIL experiment", "", *facts, "", *lines, ""]))
+    text = "\n".join(["# The mini world's RIL experiment", "", *facts, "", *lines, ""])
+    old = path.read_text() if path.exists() else ""
+    if NOTES in old:  # a hand-written "## Notes" section of an earlier report survives a re-run
+        text += "\n" + old[old.index(NOTES):].lstrip("\n")
+    path.write_text(text)
 
 
 def main(argv=None) -> int:

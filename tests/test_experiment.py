@@ -69,7 +69,12 @@ def test_experiment_end_to_end(tmp_path):
     doc.unlink()
     assert experiment.main([*argv, "--report-only"]) == 0
     assert doc.read_text() == text
+    # ... and keeps a hand-written "## Notes" section.
+    doc.write_text(text + "\n## Notes\n\nRID forgot less here.\n")
+    assert experiment.main([*argv, "--report-only"]) == 0
+    assert doc.read_text().startswith(text) and doc.read_text().endswith("## Notes\n\nRID forgot less here.\n")
     # A second call trains nothing (every run finished) and reads every stage from eval's cache.
     mtimes = {p: p.stat().st_mtime for p in out.glob("*/stage*/adapters.safetensors")}
     assert experiment.main(argv) == 0
+    assert "RID forgot less here." in doc.read_text()
     assert mtimes == {p: p.stat().st_mtime for p in out.glob("*/stage*/adapters.safetensors")}
