@@ -589,7 +589,8 @@ def _write_grid(rows: list, path: Path, label_w: int = 160):
     draw = ImageDraw.Draw(grid)
     for j, (r, strip) in enumerate(zip(rows, strips)):
         grid.paste(strip, (label_w, j * h))
-        draw.text((4, j * h + 4), f"{r['method']}\n{r['name']}", fill="black")
+        label = f"{r['method']}\n{r['name']}".replace("λ", "lam")   # PIL's built-in font has no Greek glyphs
+        draw.text((4, j * h + 4), label, fill="black")
     grid.save(path)
 
 

@@ -21,7 +21,7 @@ def main(argv=None) -> int:
     b = sub.add_parser("build", help="train and write every mini-world artifact (seeded)",
                        description="Render the domain, train the VAE, the domain CLIP, the aesthetic MLP and "
                                    "the UNet + text encoder, check them, and write the artifacts "
-                                   "(see mini/build.py). The full build took 45 min wall on 2 CPU cores shared with other jobs; world.json records the times.")
+                                   "(see mini/build.py). The full build takes 29 min wall on 2 CPU cores; world.json records the times.")
     b.add_argument("--out", type=Path, default=WORLD,
                    help=f"output directory, replaced if it holds a previous build (default: {WORLD})")
     b.add_argument("--small", action="store_true",
