@@ -466,6 +466,13 @@ def evaluate(ckpts: list, soup: list | None = None, weights: list | None = None,
     "computed": the number of stages generated and scored in this call."""
     s = s or Settings()
     chains, configs, out, runs = plan(ckpts, soup, weights, s, out)
+    n_mini = sum(map(is_mini, runs))
+    if n_mini:
+        log(f"{n_mini} of {len(runs)} run(s) trained in the mini world ({_mini().MODEL}, CPU-scale; train.py without "
+            f"--model): evaluated there. eval.py follows each run's model; for the paper's setting train with "
+            f"--model stable-diffusion-v1-5/stable-diffusion-v1-5")
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()  # transformers' per-load "Loading weights" bar, as in train.py
     stages = [st for chain in chains for st in chain]
     cache_dirs = sorted({str(st.cache_dir) for st in stages})
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[s.dtype]

@@ -218,6 +218,7 @@ def test_missing_weights_skip_with_one_line(world, tmp_path):
     assert len(skips) == 2 and "gone.pt" in skips[0] and "--reward-spec" in skips[0] and "--fid-ref" in skips[1]
     assert "hps" not in out["rows"][1]["metrics"] and "fid" not in out["rows"][1]["metrics"]
     assert "HPS" not in (run / "report.md").read_text().splitlines()[0]
+    assert not any("mini world" in line for line in lines)  # a run on another model is not called mini
 
 
 def test_mini_world_run_uses_clip_fid_on_its_reference_set(world, run_dir, tmp_path, monkeypatch):
@@ -230,8 +231,11 @@ def test_mini_world_run_uses_clip_fid_on_its_reference_set(world, run_dir, tmp_p
     save_file({"images": (refs * 255).round().to(torch.uint8)}, str(tmp_path / "fid_ref.safetensors"))
     monkeypatch.setattr(ev, "_mini", lambda: SimpleNamespace(MODEL=world["model"], WORLD=tmp_path))
     s = ev.Settings(**{k: v for k, v in SETTINGS.items() if k != "fid_features"})
-    out = ev.evaluate([str(run_dir)], s=s, out=tmp_path / "report", log=lambda m: None)
+    lines = []
+    out = ev.evaluate([str(run_dir)], s=s, out=tmp_path / "report", log=lines.append)
     assert out["computed"] == 3  # another reference file: another cache key
+    # The first log line says where it is evaluating and how to get the paper's setting.
+    assert "mini world" in lines[0] and "--model stable-diffusion-v1-5/stable-diffusion-v1-5" in lines[0], lines
     got, want = out["rows"][2]["metrics"], _direct_metrics(world, run_dir / "stage2-hps")
     assert got["fid"] == pytest.approx(want["fid"], rel=1e-3, abs=1e-3)  # the same images, stored as uint8
     assert got["aesthetic"] == pytest.approx(want["aesthetic"], rel=1e-4)
