@@ -2,8 +2,9 @@
 
 Committed artifacts live in mini/world/ (rebuilt, seeded, by `python -m mini build`):
     model/        diffusers layout (unet, vae, text_encoder, tokenizer, scheduler) -> rid.load_models(str(MODEL))
-    rewards.json  RewardSpec for rewards.load_spec(REWARD_SPEC): the domain CLIP (hps, clip score,
-                  FID features) and the LAION-layout aesthetic MLP on it
+    rewards.json  RewardSpec for rewards.load_spec(REWARD_SPEC): the domain CLIP (clip score, FID
+                  features), the LAION-layout aesthetic MLP on it, and the hps model (that CLIP with
+                  its image tower fine-tuned on preference pairs, as HPSv2; mini.domain.preference)
     prompts/      train.txt (750) and test.txt (50) captions, disjoint combinations
     fid_ref.safetensors, world.json (sizes, default DDIM steps / guidance, measured quality)
 """

@@ -1,11 +1,14 @@
-"""Build the mini world: data -> VAE -> CLIP -> aesthetic MLP -> UNet + text encoder -> checks.
+"""Build the mini world: data -> VAE -> CLIP -> aesthetic MLP -> hps CLIP -> UNet + text encoder -> checks.
 
 Every artifact goes where SD-1.5's would, in the format its loaders read:
     OUT/model/                 StableDiffusionPipeline.save_pretrained layout (unet, vae, text_encoder,
                                tokenizer, scheduler = SD-1.5's DDIM config, model_index.json)
     OUT/clip_config.json       open_clip model config;  OUT/clip.safetensors   its weights (fp16)
     OUT/aesthetic.safetensors  LAION-layout MLP (keys layers.{0,2,4,6,7}.*)
-    OUT/rewards.json           RewardSpec: aesthetic + hps (cosine) + clip score all on that CLIP
+    OUT/hps.safetensors        the hps model: that CLIP with its image tower fine-tuned on preference
+                               pairs, as HPSv2 fine-tunes CLIP-H (mini.domain.preference), same config
+    OUT/rewards.json           RewardSpec: aesthetic on the CLIP, hps (cosine) on the hps model, CLIP score
+                               and FID features on the CLIP
     OUT/prompts/{train,test}.txt, OUT/fid_ref.safetensors, OUT/world.json (facts + measured quality)
 
 Training follows SD where SD has a recipe: VAE on L1 + L2 reconstruction + KL at SD's weight (1e-6
@@ -43,6 +46,9 @@ class BuildConfig:
     vae_batch: int = 32
     clip_steps: int = 700         # ~7 epochs; caption top-1 on real test images 0.99 (1200 steps: 1.00)
     clip_batch: int = 256
+    hps_steps: int = 120          # preference fine-tune of the CLIP's image tower (pairwise accuracy ~0.9)
+    hps_batch: int = 128          # scenes per step, each rendered at two vignette depths
+    hps_lr: float = 3e-4
     mlp_steps: int = 3000         # batch 256 on cached CLIP features
     unet_steps: int = 3000        # batch 128 is the CPU's best per-sample cost (64: 1.3x, 256: 1.2x worse)
     unet_batch: int = 128
@@ -56,7 +62,7 @@ class BuildConfig:
 
 def small_config(seed: int = 0) -> BuildConfig:
     """Same architectures, a few steps each: the reduced build the tests run (seconds)."""
-    return BuildConfig(seed=seed, n_train_images=256, n_heldout=64, vae_steps=3, clip_steps=3, mlp_steps=10,
+    return BuildConfig(seed=seed, n_train_images=256, n_heldout=64, vae_steps=3, clip_steps=3, mlp_steps=10, hps_steps=3,
                        unet_steps=3, fid_per_caption=2, eval_per_caption=1, steps=4)
 
 
@@ -157,6 +163,82 @@ def retrieval_top1(clip, x01: torch.Tensor, labels: torch.Tensor, captions: list
                            normalize=True)                          # (K, D)
     pred = (clip_image_features(clip, x01) @ txt.T).argmax(1)       # (N,)
     return float((pred == labels).float().mean())
+
+
+#### hps model: the CLIP fine-tuned on preferences ####
+
+def vignette(x01: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+    """mini.domain.vignette on float images (N, 3, H, W) in [0, 1], one depth per image (N,)."""
+    rho2 = torch.from_numpy(domain.falloff(x01.shape[-1])).to(x01.dtype)           # (H, W)
+    return x01 * (1 - domain.VIGNETTE * depth.view(-1, 1, 1, 1) * rho2).clamp(min=0)
+
+
+def train_hps(clip, x01: torch.Tensor, captions: list[str], cfg: BuildConfig):
+    """HPSv2's recipe at mini scale: fine-tune CLIP on choices between two images of one caption.
+
+    Each step takes hps_batch scenes and renders each at two vignette depths drawn from U[0, 2]. The
+    loss is HPSv2's — cross-entropy over the pair's logits scale·cos(image, caption), the depth with the
+    higher mini.domain.preference winning (pairs within 0.1 of each other are skipped) — plus the CLIP
+    image-to-caption contrastive loss over the batch, so the score stays a caption-fidelity score too.
+    Only the image tower trains (the captions' text embeddings are the CLIP's own, fixed).
+"""
+    import copy
+    import open_clip
+    torch.manual_seed(cfg.seed + 5)
+    hps = copy.deepcopy(clip).requires_grad_(False)
+    hps.visual.requires_grad_(True)
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=models.TOKENS)
+    unique = sorted(set(captions))
+    with torch.no_grad():
+        text = torch.cat([clip.encode_text(tokenizer(unique[i:i + 1024]), normalize=True)
+                          for i in range(0, len(unique), 1024)])                   # (K, D)
+    row = {c: i for i, c in enumerate(unique)}
+    label = torch.tensor([row[c] for c in captions])                               # (N,)
+    scale = float(clip.logit_scale.exp())
+    opt = torch.optim.AdamW(hps.visual.parameters(), lr=cfg.hps_lr, weight_decay=0.0)
+    hps.train()
+    for step in range(cfg.hps_steps):
+        for g in opt.param_groups:
+            g["lr"] = _lr(step, cfg.hps_steps, cfg.hps_lr, warmup=20)
+        b = min(cfg.hps_batch, len(x01))
+        idx = torch.randint(len(x01), (b,))
+        depth = torch.rand(2, b) * 2                                                # (2, B) in [0, 2)
+        img = hps.encode_image(clip_preprocess(torch.cat([vignette(x01[idx], d) for d in depth])),
+                               normalize=True)                                      # (2B, D)
+        txt = text[label[idx]]                                                      # (B, D)
+        contrastive = F.cross_entropy(scale * img @ txt.T, torch.arange(b).repeat(2))
+        pref = torch.from_numpy(domain.preference(depth.numpy())).float()          # (2, B)
+        keep = (pref[0] - pref[1]).abs() > 0.1
+        cos = (img.view(2, b, -1) * txt).sum(-1)                                    # (2, B)
+        choice = F.cross_entropy(scale * cos.T[keep], (pref[1] > pref[0]).long()[keep])
+        loss = contrastive + choice
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 50 == 0 or step == cfg.hps_steps - 1:
+            _log(f"hps step {step}/{cfg.hps_steps} contrastive {contrastive.item():.3f} choice {choice.item():.3f}")
+    return hps.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def hps_check(hps, x01: torch.Tensor, labels: torch.Tensor, captions: list[str]) -> dict:
+    """On held-out renderings: mean score (cosine with the caption) at depths 0, 1, 2, the accuracy of
+    choosing the preferred image of random depth pairs, and caption top-1 at depth 0."""
+    import open_clip
+    txt = hps.encode_text(open_clip.tokenizer.SimpleTokenizer(context_length=models.TOKENS)(captions),
+                          normalize=True)[labels]                                   # (N, D)
+    score = lambda d: (clip_image_features(hps, vignette(x01, d)) * txt).sum(-1)    # (N,)
+    full = lambda v: torch.full((len(x01),), float(v))
+    g = torch.Generator().manual_seed(0)
+    da, db = torch.rand(len(x01), generator=g) * 2, torch.rand(len(x01), generator=g) * 2
+    pa, pb = domain.preference(da.numpy()), domain.preference(db.numpy())
+    keep = torch.from_numpy(np.abs(pa - pb) > 0.1)
+    right = ((score(db) > score(da)) == torch.from_numpy(pb > pa))[keep]
+    return {"hps_real_test_depth0": round(float(score(full(0)).mean()), 4),
+            "hps_real_test_depth1": round(float(score(full(1)).mean()), 4),
+            "hps_real_test_depth2": round(float(score(full(2)).mean()), 4),
+            "hps_pair_accuracy_test": round(float(right.float().mean()), 4),
+            "hps_top1_real_test": round(retrieval_top1(hps, x01, labels, captions), 4)}
 
 
 #### aesthetic MLP ####
@@ -289,10 +371,20 @@ def build(out: Path, cfg: BuildConfig, threads: int | None = None) -> dict:
     aesthetic_r = float(np.corrcoef(pred, domain.rating(held))[0, 1])
     real_top1 = retrieval_top1(clip, _to_unit(fid), fid_labels, test_prompts)
     _log(f"aesthetic MLP Pearson r on held-out {aesthetic_r:.3f}; CLIP top-1 on real test images {real_top1:.3f}")
+
+    #### the hps model, fine-tuned from the CLIP as saved (fp16 weights) ####
+    t = time.time()
+    saved = models.clip()
+    saved.load_state_dict({k: v.half().float() for k, v in clip.state_dict().items()})
+    hps = train_hps(saved.eval().requires_grad_(False), x01, captions, cfg)
+    timings["hps"] = time.time() - t
+    _save_file({k: v.half() for k, v in hps.state_dict().items()}, tmp / "hps.safetensors")
+    hps_quality = hps_check(hps, _to_unit(fid), fid_labels, test_prompts)
+    _log("hps model: " + ", ".join(f"{k} {v}" for k, v in hps_quality.items()))
     (tmp / "rewards.json").write_text(json.dumps({
         "clip_arch": "clip_config.json", "clip_weights": "clip.safetensors",
         "aesthetic_head": "aesthetic.safetensors",
-        "hps_arch": "clip_config.json", "hps_weights": "clip.safetensors"}, indent=2) + "\n")
+        "hps_arch": "clip_config.json", "hps_weights": "hps.safetensors"}, indent=2) + "\n")
 
     #### UNet + text encoder, saved as an SD pipeline ####
     t = time.time()
@@ -319,8 +411,15 @@ def build(out: Path, cfg: BuildConfig, threads: int | None = None) -> dict:
     labels = torch.arange(len(test_prompts)).repeat_interleave(cfg.eval_per_caption)
     gen_top1 = retrieval_top1(clip, samples, labels, test_prompts)
     gen_u8 = (samples * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    with torch.no_grad():
+        import open_clip
+        txt = hps.encode_text(open_clip.tokenizer.SimpleTokenizer(context_length=models.TOKENS)(test_prompts),
+                              normalize=True)
+        gen_hps = float((clip_image_features(hps, samples) * txt[labels]).sum(-1).mean())
     timings["check"] = time.time() - t
-    _log(f"CLIP top-1 of generated test samples {gen_top1:.3f} (chance {1 / len(test_prompts):.3f})")
+    _log(f"CLIP top-1 of generated test samples {gen_top1:.3f} (chance {1 / len(test_prompts):.3f}); "
+         f"their hps {gen_hps:.3f} (real renderings: {hps_quality['hps_real_test_depth0']} without a vignette, "
+         f"{hps_quality['hps_real_test_depth1']} with the preferred one)")
 
     world = {
         "image_size": domain.SIZE, "latent_shape": list(models.LATENT), "scaling_factor": scaling,
@@ -334,6 +433,9 @@ def build(out: Path, cfg: BuildConfig, threads: int | None = None) -> dict:
                  "preprocess": "images in [0, 1] at 32x32 (no resize), normalised with mean/std"},
         "aesthetic": {"rating": "mini.domain.rating (1-10)", "head": "LAION layout, dims " +
                       "->".join(map(str, (models.CLIP_CONFIG["embed_dim"], *models.AESTHETIC_DIMS, 1)))},
+        "hps": {"preference": "mini.domain.preference: a vignette of depth 1 (mini.domain.vignette) is preferred",
+                "model": "clip.safetensors with the image tower fine-tuned on preference pairs (HPSv2's loss) "
+                         "plus the image-to-caption contrastive loss; score = cosine(image, caption)"},
         "quality": {
             "vae_psnr_db": round(vae_psnr, 2),
             "clip_top1_real_test": round(real_top1, 4),
@@ -342,6 +444,8 @@ def build(out: Path, cfg: BuildConfig, threads: int | None = None) -> dict:
             "aesthetic_pearson_r_heldout": round(aesthetic_r, 4),
             "rating_mean_real_test": round(float(domain.rating(fid).mean()), 3),
             "rating_mean_generated_test": round(float(domain.rating(gen_u8).mean()), 3),
+            **hps_quality,
+            "hps_generated_test": round(gen_hps, 4),
         },
         "build": {"config": asdict(cfg), "threads": torch.get_num_threads(), "torch": torch.__version__,
                   "seconds": {k: round(v, 1) for k, v in timings.items()},

@@ -1,8 +1,8 @@
 """The mini world: domain, rating, the reduced build's artifacts, and the committed world.
 
 Oracles: a hue classifier and caption regex written here (not the domain's parser), PIL's JPEG
-encoder, diffusers/transformers/open_clip loaders, SD-1.5's schedule formula, and a LAION MLP built
-here from its published layout.
+encoder, diffusers/transformers/open_clip loaders, SD-1.5's schedule formula, a LAION MLP built
+here from its published layout, and the vignette's gain worked out by hand at chosen pixels.
 """
 import colorsys
 import io
@@ -109,6 +109,29 @@ def test_rating_is_deterministic_ranks_designed_images_and_conflicts_with_jpeg()
         domain.rating(np.zeros((4, 4)))
 
 
+def test_vignette_darkens_corners_by_the_documented_gain_and_preference_peaks_at_depth_1():
+    img = np.full((2, 32, 32, 3), 200, np.uint8)
+    out = domain.vignette(img, [0.0, 1.0])
+    assert np.array_equal(out[0], img[0])                              # depth 0: unchanged
+    # by hand: corner pixel (0, 0) is the farthest, rho^2 = 1, gain 1 - 0.5 = 0.5; the pixel nearest the
+    # centre, (15, 15), has rho^2 = 2 * 0.5^2 / (2 * 15.5^2); the middle of the top edge (0, 15) 0.5 + tiny
+    assert out[1, 0, 0, 0] == 100 and out[1, 31, 31, 2] == 100
+    assert out[1, 15, 15, 1] == round(200 * (1 - 0.5 * 0.25 / 15.5 ** 2))
+    assert out[1, 0, 15, 0] == round(200 * (1 - 0.5 * (15.5 ** 2 + 0.25) / (2 * 15.5 ** 2)))
+    assert (domain.vignette(img[:1], 2.0)[0, 0, 0] == 0).all()          # depth 2: black corners
+    p = domain.preference(np.array([0.0, 0.5, 1.0, 1.5, 2.0]))
+    assert p.tolist() == [0.0, 0.5, 1.0, 0.5, 0.0]
+    with pytest.raises(ValueError, match="shape"):
+        domain.vignette(np.zeros((4, 4)), 1.0)
+    # the build's torch version is the same function
+    from mini import build
+    real, _ = domain.sample(np.random.default_rng(5), 6, None)
+    depth = np.linspace(0, 2, 6)
+    x01 = torch.from_numpy(real).permute(0, 3, 1, 2).double() / 255
+    ours = (build.vignette(x01, torch.from_numpy(depth)) * 255).round().byte().permute(0, 2, 3, 1).numpy()
+    assert np.abs(ours.astype(int) - domain.vignette(real, depth).astype(int)).max() <= 1
+
+
 def test_domain_tokenizer_tokenises_like_clip(tmp_path):
     """The small CLIPTokenizer (derived BPE subset) gives CLIP's own BPE tokens for domain text."""
     import open_clip
@@ -184,7 +207,16 @@ def test_small_build_artifacts_load_with_the_sd_loaders(small_world):
     mlp.load_state_dict({k.removeprefix("layers."): v for k, v in state.items()})  # LAION keys: layers.N.*
     with torch.no_grad():
         f = clip.encode_image(torch.rand(2, 3, 32, 32), normalize=True)
-    assert mlp(f).shape == (2, 1) and spec["hps_weights"] == spec["clip_weights"]
+    assert mlp(f).shape == (2, 1)
+    # the hps model: same architecture, its own weights; only the image tower differs from the CLIP's
+    hps = open_clip.model.CLIP(**json.loads((small_world / spec["hps_arch"]).read_text()))
+    open_clip.load_checkpoint(hps, str(small_world / spec["hps_weights"]))
+    assert spec["hps_weights"] != spec["clip_weights"]
+    a, b = clip.state_dict(), hps.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("visual."))
+    assert any(not torch.equal(a[k], b[k]) for k in a if k.startswith("visual."))
+    assert {"hps_pair_accuracy_test", "hps_real_test_depth0", "hps_generated_test"} <= world["quality"].keys()
     fid = load_file(str(small_world / "fid_ref.safetensors"))["images"]
     assert fid.dtype == torch.uint8 and fid.shape[1:] == (3, 32, 32)
     test = (small_world / "prompts" / "test.txt").read_text().splitlines()
@@ -271,3 +303,24 @@ def test_committed_rewards_load_through_rewards_py():
     aesthetic = rewards.get("aesthetic", spec)(images, prompts)
     truth = torch.from_numpy(domain.rating((images * 255).round().byte().permute(0, 2, 3, 1).numpy()))
     assert aesthetic.shape == (n,) and np.corrcoef(aesthetic.numpy(), truth.numpy())[0, 1] > 0.5
+
+
+@committed
+def test_committed_hps_model_prefers_the_preferred_vignette_and_the_clip_does_not():
+    """The hps reward has headroom over real (vignette-free) images, and only the hps model has it: the
+    CLIP that scores CLIP score / FID was not trained on preferences."""
+    import rewards
+    from safetensors.torch import load_file
+    spec = rewards.load_spec(str(mini.REWARD_SPEC))
+    per = json.loads((mini.WORLD / "world.json").read_text())["fid_ref"]["n"] // 50
+    real = load_file(str(mini.WORLD / "fid_ref.safetensors"))["images"][::per]            # one per caption
+    prompts = (mini.WORLD / "prompts" / "test.txt").read_text().splitlines()
+    u8 = real.permute(0, 2, 3, 1).numpy()
+    at = lambda d: torch.from_numpy(domain.vignette(u8, d)).permute(0, 3, 1, 2).float() / 255
+    hps = rewards.get("hps", spec)
+    s0, s1, s2 = (hps(at(d), prompts) for d in (0.0, 1.0, 2.0))
+    assert (s1 > s0).float().mean() >= 0.9 and (s1 > s2).float().mean() >= 0.9
+    assert float((s1 - s0).mean()) > 0.02
+    clip = lambda x: rewards.clip_score(x, prompts, spec) / 100
+    assert float((clip(at(1.0)) - clip(at(0.0))).mean()) < 0.01               # the plain CLIP: no such taste
+    assert float(s0.mean()) > float(hps(at(0.0), prompts[1:] + prompts[:1]).mean()) + 0.2  # still caption fidelity
