@@ -19,8 +19,9 @@ def main(argv=None) -> int:
     p = _Parser(prog="python -m mini", description="The mini world: a CPU-scale text-to-image world for rid.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     b = sub.add_parser("build", help="train and write every mini-world artifact (seeded)",
-                       description="Render the domain, train the VAE, the domain CLIP, the aesthetic MLP and "
-                                   "the UNet + text encoder, check them, and write the artifacts "
+                       description="Render the domain, train the VAE, the domain CLIP, the aesthetic MLP, the hps "
+                                   "model (the CLIP fine-tuned on preference pairs) and the UNet + text encoder, "
+                                   "check them, and write the artifacts "
                                    "(see mini/build.py). The full build takes 29 min wall on 2 CPU cores; world.json records the times.")
     b.add_argument("--out", type=Path, default=WORLD,
                    help=f"output directory, replaced if it holds a previous build (default: {WORLD})")
