@@ -156,11 +156,24 @@ def clip_image_features(clip, x01: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def caption_features(clip, captions: list[str]) -> torch.Tensor:
+    """captions -> (K, D) normalised text embeddings, with open_clip's tokenizer at the world's length."""
+    import open_clip
+    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=models.TOKENS)
+    return torch.cat([clip.encode_text(tokenizer(captions[i:i + 1024]), normalize=True)
+                      for i in range(0, len(captions), 1024)])
+
+
+@torch.no_grad()
+def caption_scores(clip, x01: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+    """cos(image n, its caption's embedding txt[n]): (N, 3, 32, 32) in [0, 1], (N, D) -> (N,)."""
+    return (clip_image_features(clip, x01) * txt).sum(-1)
+
+
+@torch.no_grad()
 def retrieval_top1(clip, x01: torch.Tensor, labels: torch.Tensor, captions: list[str]) -> float:
     """Top-1 accuracy of retrieving each image's caption (index `labels`) among `captions`."""
-    import open_clip
-    txt = clip.encode_text(open_clip.tokenizer.SimpleTokenizer(context_length=models.TOKENS)(captions),
-                           normalize=True)                          # (K, D)
+    txt = caption_features(clip, captions)                          # (K, D)
     pred = (clip_image_features(clip, x01) @ txt.T).argmax(1)       # (N,)
     return float((pred == labels).float().mean())
 
@@ -180,18 +193,13 @@ def train_hps(clip, x01: torch.Tensor, captions: list[str], cfg: BuildConfig):
     loss is HPSv2's — cross-entropy over the pair's logits scale·cos(image, caption), the depth with the
     higher mini.domain.preference winning (pairs within 0.1 of each other are skipped) — plus the CLIP
     image-to-caption contrastive loss over the batch, so the score stays a caption-fidelity score too.
-    Only the image tower trains (the captions' text embeddings are the CLIP's own, fixed).
-"""
+    Only the image tower trains (the captions' text embeddings are the CLIP's own, fixed)."""
     import copy
-    import open_clip
     torch.manual_seed(cfg.seed + 5)
     hps = copy.deepcopy(clip).requires_grad_(False)
     hps.visual.requires_grad_(True)
-    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=models.TOKENS)
     unique = sorted(set(captions))
-    with torch.no_grad():
-        text = torch.cat([clip.encode_text(tokenizer(unique[i:i + 1024]), normalize=True)
-                          for i in range(0, len(unique), 1024)])                   # (K, D)
+    text = caption_features(clip, unique)                                           # (K, D)
     row = {c: i for i, c in enumerate(unique)}
     label = torch.tensor([row[c] for c in captions])                               # (N,)
     scale = float(clip.logit_scale.exp())
@@ -224,10 +232,8 @@ def train_hps(clip, x01: torch.Tensor, captions: list[str], cfg: BuildConfig):
 def hps_check(hps, x01: torch.Tensor, labels: torch.Tensor, captions: list[str]) -> dict:
     """On held-out renderings: mean score (cosine with the caption) at depths 0, 1, 2, the accuracy of
     choosing the preferred image of random depth pairs, and caption top-1 at depth 0."""
-    import open_clip
-    txt = hps.encode_text(open_clip.tokenizer.SimpleTokenizer(context_length=models.TOKENS)(captions),
-                          normalize=True)[labels]                                   # (N, D)
-    score = lambda d: (clip_image_features(hps, vignette(x01, d)) * txt).sum(-1)    # (N,)
+    txt = caption_features(hps, captions)[labels]                                  # (N, D)
+    score = lambda d: caption_scores(hps, vignette(x01, d), txt)                    # (N,)
     full = lambda v: torch.full((len(x01),), float(v))
     g = torch.Generator().manual_seed(0)
     da, db = torch.rand(len(x01), generator=g) * 2, torch.rand(len(x01), generator=g) * 2
@@ -411,11 +417,7 @@ def build(out: Path, cfg: BuildConfig, threads: int | None = None) -> dict:
     labels = torch.arange(len(test_prompts)).repeat_interleave(cfg.eval_per_caption)
     gen_top1 = retrieval_top1(clip, samples, labels, test_prompts)
     gen_u8 = (samples * 255).round().byte().permute(0, 2, 3, 1).numpy()
-    with torch.no_grad():
-        import open_clip
-        txt = hps.encode_text(open_clip.tokenizer.SimpleTokenizer(context_length=models.TOKENS)(test_prompts),
-                              normalize=True)
-        gen_hps = float((clip_image_features(hps, samples) * txt[labels]).sum(-1).mean())
+    gen_hps = float(caption_scores(hps, samples, caption_features(hps, test_prompts)[labels]).mean())
     timings["check"] = time.time() - t
     _log(f"CLIP top-1 of generated test samples {gen_top1:.3f} (chance {1 / len(test_prompts):.3f}); "
          f"their hps {gen_hps:.3f} (real renderings: {hps_quality['hps_real_test_depth0']} without a vignette, "
