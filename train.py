@@ -51,11 +51,17 @@ SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PAPER_EPOCHS = {"aesthetic": 10, "hps": 120, "compress": 15}
 PAPER_RID = {"batch": 8, "lr": 5e-5}
 PAPER_BASELINE = {"batch": 128, "lr": 1e-3}  # the baseline; the DRaFT family (draft-k/draft/draft-lv/refl) too
-# The mini world's schedule (CPU scale): the paper's task order, one epoch per task, sized so RID +
-# baseline over all three tasks plus eval.py fit in 20 min on 2 CPU cores (measured: 11.3). Every
-# method gets the same batch and lr here, so a mini-world comparison isolates RID's distillation term.
-MINI_EPOCHS = {"aesthetic": 1, "hps": 1, "compress": 1}
-MINI_OPT = {"batch": 8, "lr": 1e-3}
+# The mini world's schedule (CPU scale): the paper's task order, sized so RID + baseline over all three
+# tasks plus eval.py fit in 20 min on 2 CPU cores. As in the paper, hps gets the longest schedule: one
+# epoch of it mostly repairs the caption fidelity the aesthetic task cost and ends near the base model's
+# HPS. Over three epochs at a constant lr the baseline's HPS peaks and then falls (2 of 3 seeds at 5e-4),
+# so hps decays its lr along half a cosine (docs/mini_results.md has the runs). Every method gets the
+# same batch and lr here, so a mini-world comparison isolates RID's distillation term.
+MINI_EPOCHS = {"aesthetic": 1, "hps": 3, "compress": 1}
+MINI_LR = {"aesthetic": 1e-3, "hps": 7e-4, "compress": 1e-3}
+MINI_LR_SCHEDULE = {"aesthetic": "constant", "hps": "cosine", "compress": "constant"}
+MINI_BATCH = 8
+LR_SCHEDULES = ("constant", "cosine")
 
 # Simple animal prompts in DDPO's style ("a photo of a <animal>"): the fallback for SD without --prompts.
 ANIMALS = ("cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox "
@@ -101,9 +107,10 @@ class Config:
     lv_n: int = 2              # draft-lv: inner loops of the low-variance estimate
     refl_m: int = 20           # refl: the reward step is drawn from the last m steps
     distill_space: str = "pixel"  # rid: where student and teacher x0 are compared (see rid.StepConfig)
-    # -- schedule, per task (paper() fills them; --epochs/--lr/--batch override) --
+    # -- schedule, per task (paper() fills them; --epochs/--lr/--lr-schedule/--batch override) --
     epochs: dict = field(default_factory=dict)  # {task: passes over the training prompts}
-    lr: dict = field(default_factory=dict)      # {task: AdamW learning rate, constant}
+    lr: dict = field(default_factory=dict)      # {task: AdamW learning rate (the peak, under cosine)}
+    lr_schedule: dict = field(default_factory=dict)  # {task: "constant" | "cosine" (decay to 0 over the task)}
     batch: dict = field(default_factory=dict)   # {task: global batch = prompts per optimizer step}
     max_steps: int | None = None  # cap on optimizer steps per task (smoke runs); None: the epochs decide
     # -- optimizer: AdamW over group.flat only --
@@ -131,7 +138,7 @@ def paper(cfg: Config) -> Config:
     for task in cfg.tasks:
         parts = cfg.joint if task == "joint" else [task]
         cfg.epochs[task] = max(PAPER_EPOCHS[p] for p in parts)
-        cfg.batch[task], cfg.lr[task] = opt["batch"], opt["lr"]
+        cfg.batch[task], cfg.lr[task], cfg.lr_schedule[task] = opt["batch"], opt["lr"], "constant"
     return cfg
 
 
@@ -150,7 +157,8 @@ def mini_world(cfg: Config) -> Config:
     for task in cfg.tasks:
         parts = cfg.joint if task == "joint" else [task]
         cfg.epochs[task] = max(MINI_EPOCHS[p] for p in parts)
-        cfg.batch[task], cfg.lr[task] = MINI_OPT["batch"], MINI_OPT["lr"]
+        cfg.batch[task], cfg.lr[task] = MINI_BATCH, min(MINI_LR[p] for p in parts)
+        cfg.lr_schedule[task] = "cosine" if any(MINI_LR_SCHEDULE[p] == "cosine" for p in parts) else "constant"
     return cfg
 
 
@@ -201,10 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
                        f"(default, the paper: {', '.join(f'{k} {v}' for k, v in PAPER_EPOCHS.items())}; "
                        f"mini world: {', '.join(f'{k} {v}' for k, v in MINI_EPOCHS.items())})")
     a("--lr", help=f"AdamW learning rate, N or task=N[,...] (default: rid {PAPER_RID['lr']}, "
-                   f"other methods {PAPER_BASELINE['lr']}; mini world: {MINI_OPT['lr']} for every method)")
+                   f"other methods {PAPER_BASELINE['lr']}; mini world, every method: "
+                   f"{', '.join(f'{k} {v:g}' for k, v in MINI_LR.items())})")
+    a("--lr-schedule", help=f"learning rate over a task: {' or '.join(LR_SCHEDULES)} (half a cosine from "
+                            "--lr towards 0 over the task's steps), for every task or task=S[,...] (default: "
+                            "constant, as the paper; mini world: "
+                            f"{', '.join(f'{k} {v}' for k, v in MINI_LR_SCHEDULE.items())})")
     a("--batch", help=f"global batch per optimizer step, N or task=N[,...] (default: rid {PAPER_RID['batch']}, "
                       f"other methods {PAPER_BASELINE['batch']} by gradient accumulation; mini world: "
-                      f"{MINI_OPT['batch']} for every method)")
+                      f"{MINI_BATCH} for every method)")
     a("--micro-batch", type=int, help=f"prompts per forward/backward on one process; micro-batches per step "
                                       f"= batch / world size / micro-batch (default: {d.micro_batch})")
     a("--grad-accum", type=int, help="micro-batches per step per process; sets the micro-batch size "
@@ -230,13 +243,20 @@ def _positive(flag, value, cast=int):
     return cast(value)
 
 
-def parse_per_task(flag: str, text: str, tasks: list, cast) -> dict:
-    """'--epochs 10' (every task) or '--epochs hps=120,compress=5' -> {task: value}."""
+def parse_per_task(flag: str, text: str, tasks: list, cast, choices: tuple = ()) -> dict:
+    """'--epochs 10' (every task) or '--epochs hps=120,compress=5' -> {task: value}. Numbers must be > 0;
+    with choices, values are names from it instead."""
     out = {}
     for item in text.split(","):
         key, sep, val = item.strip().rpartition("=")
         if sep and key not in tasks:
             raise UsageError(f"{flag} {text!r}: task {key!r} is not in --tasks ({','.join(tasks)})")
+        if choices:
+            if val not in choices:
+                raise UsageError(f"{flag} {text!r}: {val!r} is not one of {', '.join(choices)}; "
+                                 f"use S or task=S[,task=S]")
+            out.update({t: val for t in ([key] if sep else tasks)})
+            continue
         try:
             value = cast(val)
         except ValueError:
@@ -292,6 +312,8 @@ def resolve(args) -> tuple[Config, bool]:
     for flag, cast in (("epochs", int), ("lr", float), ("batch", int)):
         if getattr(args, flag) is not None:
             getattr(cfg, flag).update(parse_per_task("--" + flag, getattr(args, flag), cfg.tasks, cast))
+    if args.lr_schedule is not None:
+        cfg.lr_schedule.update(parse_per_task("--lr-schedule", args.lr_schedule, cfg.tasks, str, LR_SCHEDULES))
     if cfg.seed < 0:
         raise UsageError(f"--seed {cfg.seed}: must be ≥ 0")
     if not 0.0 <= cfg.ema < 1.0:
@@ -417,6 +439,8 @@ def open_run(cfg: Config, resume: bool) -> tuple[dict, list, list]:
         if not resume:
             raise UsageError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
         run = json.loads(run_path.read_text())
+        # runs from before --lr-schedule existed trained at a constant lr
+        run["config"].setdefault("lr_schedule", dict.fromkeys(run["config"].get("tasks", []), "constant"))
         diff = config_diff(run["config"], config_dict(cfg))
         if diff:
             raise UsageError(f"--resume: {out} was trained with other settings ({'; '.join(diff)})")
@@ -527,6 +551,15 @@ def reward_fn(task: str, cfg: Config):
     return rewards.joint(cfg.joint, spec, cfg.device) if task == "joint" else rewards.get(task, spec, cfg.device)
 
 
+def lr_at(peak: float, step: int, total: int, schedule: str) -> float:
+    """The learning rate of optimizer step `step` (0-based) of `total`: constant, or half a cosine from
+    the peak at step 0 towards 0 (step total−1 still moves a little). Set before every step, so a resumed
+    task continues on the same curve."""
+    if schedule == "constant":
+        return peak
+    return peak * 0.5 * (1.0 + math.cos(math.pi * step / total))
+
+
 def train_stage(k: int, task: str, models, group, reward, train: list, test: list, cfg: Config,
                 step_cfg, world: int, die_after: list):
     """Stage k: add the task's adapter to the group and train it; returns the group."""
@@ -590,6 +623,9 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
         noise = noise[lo:hi].to(models.device)  # (B / world, C, h, w)
         micro_batches = [(prompts[i:i + micro], noise[i:i + micro]) for i in range(0, len(prompts), micro)]
         method_gen = torch.Generator(models.device).manual_seed(seed_of(cfg.seed, k, METHOD, step, rank))
+        lr_now = lr_at(lr, step, total, cfg.lr_schedule.get(task, "constant"))
+        for pg in optimizer.param_groups:
+            pg["lr"] = lr_now
         logs = rid.train_step(models, group, reward, micro_batches, optimizer, step_cfg,
                               clip_grad=cfg.clip_grad, generator=method_gen)
         logs = _mean_across_ranks({k_: float(v) for k_, v in logs.items()}, models.device)
@@ -599,7 +635,7 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
                                 f"saved. Last good checkpoint: {last or 'none, the stage starts over'}. "
                                 f"Try a lower --lr {task}=... in a new --out")
         if rank == 0:
-            row = {"step": step + 1, "epoch": step * batch // len(train), **logs, "lr": lr,
+            row = {"step": step + 1, "epoch": step * batch // len(train), **logs, "lr": lr_now,
                    "time": round(elapsed + time.time() - t0, 3)}
             with open(metrics, "a") as f:
                 f.write(json.dumps(row) + "\n")

@@ -90,6 +90,9 @@ def run_main(monkeypatch, argv, hook=HOOK, **env):
     return train.main(argv)
 
 
+COSINE = ("--lr-schedule", "compress=cosine")  # the full tiny run's second task decays its lr
+
+
 def adapters(stage_dir):
     return load_file(str(Path(stage_dir) / "adapters.safetensors"))
 
@@ -99,7 +102,7 @@ def full_run(world):
     """The uninterrupted 1-process reference run, recording the prompts each step scored."""
     out = world.dir / "full"
     with pytest.MonkeyPatch.context() as mp:
-        assert run_main(mp, tiny_args(world, out), RID_TEST_LOG=str(world.dir / "log-full")) == 0
+        assert run_main(mp, tiny_args(world, out, *COSINE), RID_TEST_LOG=str(world.dir / "log-full")) == 0
     return out
 
 
@@ -139,6 +142,18 @@ def test_per_task_overrides_and_joint():
     assert cfg.epochs == {"joint": max(PAPER_EPOCHS.values())}  # the longest schedule among its rewards
 
 
+def test_cosine_lr_is_torchs_cosine_annealing():
+    for peak, total in ((1e-3, 94), (5e-4, 282), (0.1, 1)):
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=peak)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)  # eta_min 0
+        for step in range(total):
+            assert train.lr_at(peak, step, total, "cosine") == pytest.approx(opt.param_groups[0]["lr"], rel=1e-9)
+            assert train.lr_at(peak, step, total, "constant") == peak
+            opt.step(), sched.step()
+        assert train.lr_at(peak, total - 1, total, "cosine") > 0  # the last step still moves
+    assert resolve("--model", train.SD15).lr_schedule == dict.fromkeys(PAPER_EPOCHS, "constant")  # the paper's
+
+
 @pytest.fixture(scope="module")
 def mini_world(tmp_path_factory):
     """The committed mini world, or, while it is not built, a seeded `python -m mini build --small`."""
@@ -164,6 +179,17 @@ def test_mini_world_is_the_default_with_its_real_rewards(mini_world, tmp_path, m
     assert Path(cfg.model) == mini_world / "model" and Path(cfg.reward_spec) == mini_world / "rewards.json"
     assert Path(cfg.prompts).name == "train.txt" and Path(cfg.test_prompts).name == "test.txt"
     assert (cfg.steps, cfg.guidance) == (world["steps"], world["guidance"])
+    # the mini schedule: one shared batch/lr per task for every method; hps longest, its lr decaying
+    seq = ["--tasks", "aesthetic,hps,compress"]
+    rid_cfg, base_cfg = resolve(*seq), resolve(*seq, "--method", "baseline")
+    assert (rid_cfg.epochs, rid_cfg.lr, rid_cfg.batch) == (base_cfg.epochs, base_cfg.lr, base_cfg.batch)
+    assert rid_cfg.epochs == {"aesthetic": 1, "hps": 3, "compress": 1}
+    assert rid_cfg.lr == {"aesthetic": 1e-3, "hps": 7e-4, "compress": 1e-3}
+    assert rid_cfg.lr_schedule == {"aesthetic": "constant", "hps": "cosine", "compress": "constant"}
+    assert rid_cfg.batch == dict.fromkeys(rid_cfg.tasks, 8)
+    assert resolve(*seq, "--lr", "hps=1e-3", "--epochs", "hps=1").lr["hps"] == 1e-3  # flags still win
+    joint = resolve("--joint", "aesthetic:1,hps:1")
+    assert (joint.epochs, joint.lr, joint.lr_schedule) == ({"joint": 3}, {"joint": 7e-4}, {"joint": "cosine"})
 
     out = tmp_path / "mini"
     argv = ["--tasks", "aesthetic,hps,compress", "--steps", "2", "--batch", "2", "--max-steps", "1", "--out", str(out)]
@@ -246,6 +272,7 @@ def test_cli_error_is_one_line_in_a_subprocess():
     (["--epochs", "hps=3"], ["--epochs", "'hps'", "not in --tasks"]),
     (["--batch", "0"], ["--batch", "> 0"]),
     (["--lr", "aesthetic=-1"], ["--lr", "> 0"]),
+    (["--lr-schedule", "compress=linear"], ["--lr-schedule", "'linear'", "constant, cosine"]),
     (["--joint", "aesthetic:0.01", "--tasks", "hps"], ["--joint", "--tasks"]),
     (["--joint", "beauty:1"], ["--joint", "beauty"]),
     (["--batch", "4", "--micro-batch", "3"], ["--micro-batch 3", "does not divide"]),
@@ -316,6 +343,15 @@ def test_full_run_layout_is_what_eval_reads(world, full_run):
         rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == [1, 2]
         assert {"loss", "reward", "distill", "grad_norm", "lr", "time"} <= set(rows[0])
+        assert cfg["lr_schedule"] == {"aesthetic": "constant", "compress": "cosine"}
+        # oracle: torch's own CosineAnnealingLR over the task's 2 steps (constant: the lr itself)
+        opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-2)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=2) if k == 2 else None
+        want = []
+        for _ in rows:
+            want.append(opt.param_groups[0]["lr"])
+            opt.step(), sched and sched.step()
+        assert [r["lr"] for r in rows] == pytest.approx(want, rel=1e-12) and len(set(want)) == k
     s1, s2 = adapters(out / "stage1-aesthetic"), adapters(out / "stage2-compress")
     for key, t in s1.items():  # stage 1's adapter is frozen in stage 2, untouched
         if key.startswith("0/"):
@@ -343,20 +379,21 @@ def test_samples_png_is_rid_sample_on_fixed_noise(world, full_run):
 def test_resume_after_hard_crash_is_bit_exact(world, full_run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "crashed"
     # dies (os._exit) right after step 3 = stage 2, step 1, whose checkpoint is written
-    p = subprocess.run([sys.executable, str(ROOT / "train.py"), *tiny_args(world, out, "--_die-after-step", "3")],
+    p = subprocess.run([sys.executable, str(ROOT / "train.py"),
+                        *tiny_args(world, out, *COSINE, "--_die-after-step", "3")],
                        capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert p.returncode == 17, p.stderr[-2000:]
     assert json.loads((out / "run.json").read_text())["stages"] == ["stage1-aesthetic"]
     assert (out / "stage2-compress" / "ckpt" / "trainer.pt").exists()
     assert not (out / "stage2-compress" / "adapters.safetensors").exists()
 
-    assert run_main(monkeypatch, tiny_args(world, out)) == 2  # no --resume: refuses to overwrite
+    assert run_main(monkeypatch, tiny_args(world, out, *COSINE)) == 2  # no --resume: refuses to overwrite
     assert "--resume" in capsys.readouterr().err
-    assert run_main(monkeypatch, tiny_args(world, out, "--resume", "--lam", "0.2")) == 2
+    assert run_main(monkeypatch, tiny_args(world, out, *COSINE, "--resume", "--lam", "0.2")) == 2
     assert "lam: was 0.1, now 0.2" in capsys.readouterr().err
 
     log = tmp_path / "log-resume"
-    assert run_main(monkeypatch, tiny_args(world, out, "--resume"), RID_TEST_LOG=str(log)) == 0
+    assert run_main(monkeypatch, tiny_args(world, out, *COSINE, "--resume"), RID_TEST_LOG=str(log)) == 0
     assert len(Path(f"{log}.0").read_text().splitlines()) == 2  # only step 2's two micro-batches ran
     assert json.loads((out / "run.json").read_text())["stages"] == ["stage1-aesthetic", "stage2-compress"]
     for stage in ("stage1-aesthetic", "stage2-compress"):
@@ -395,7 +432,7 @@ def test_ddp_two_processes_match_one(world, full_run, tmp_path):
     out = tmp_path / "ddp"
     log = tmp_path / "log-ddp"
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(ROOT / "train.py"), *tiny_args(world, out)],
+                        str(ROOT / "train.py"), *tiny_args(world, out, *COSINE)],
                        capture_output=True, text=True, env=subprocess_env(RID_TEST_LOG=str(log)), timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     for stage in ("stage1-aesthetic", "stage2-compress"):
