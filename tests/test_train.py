@@ -9,6 +9,7 @@ tiny.toy_reward through train.py's documented test hook (RID_TRAIN_REWARD), so n
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -375,6 +376,20 @@ def test_samples_png_is_rid_sample_on_fixed_noise(world, full_run):
 
 
 #### CRASH SAFETY ####
+
+def test_resume_of_a_run_from_before_lr_schedules_means_constant(world, full_run, tmp_path):
+    """run.json written before --lr-schedule existed has no lr_schedule: it trained at a constant lr."""
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("train_prompts.txt", "test_prompts.txt"):
+        shutil.copy(full_run / name, old / name)
+    run = json.loads((full_run / "run.json").read_text())
+    del run["config"]["lr_schedule"]
+    (old / "run.json").write_text(json.dumps(run))
+    train.open_run(resolve(*tiny_args(world, old, "--resume")), resume=True)  # constant: accepted
+    with pytest.raises(train.UsageError, match="lr_schedule: was .*'constant'.*now .*'cosine'"):
+        train.open_run(resolve(*tiny_args(world, old, *COSINE, "--resume")), resume=True)
+
 
 def test_resume_after_hard_crash_is_bit_exact(world, full_run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "crashed"
