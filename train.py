@@ -255,15 +255,15 @@ def parse_per_task(flag: str, text: str, tasks: list, cast, choices: tuple = ())
             if val not in choices:
                 raise UsageError(f"{flag} {text!r}: {val!r} is not one of {', '.join(choices)}; "
                                  f"use S or task=S[,task=S]")
-            out.update({t: val for t in ([key] if sep else tasks)})
-            continue
-        try:
-            value = cast(val)
-        except ValueError:
-            kind = "a whole number" if cast is int else "a number"
-            raise UsageError(f"{flag} {text!r}: {val!r} is not {kind}; use N or task=N[,task=N]") from None
-        if not value > 0:
-            raise UsageError(f"{flag} {text!r}: {val!r} must be > 0")
+            value = val
+        else:
+            try:
+                value = cast(val)
+            except ValueError:
+                kind = "a whole number" if cast is int else "a number"
+                raise UsageError(f"{flag} {text!r}: {val!r} is not {kind}; use N or task=N[,task=N]") from None
+            if not value > 0:
+                raise UsageError(f"{flag} {text!r}: {val!r} must be > 0")
         out.update({t: value for t in ([key] if sep else tasks)})
     return out
 
