@@ -9,8 +9,9 @@ For every (method, seed) it runs `train.py --tasks aesthetic,hps,compress --meth
 and writes the table of mean ± std over seeds of every metric per (method, stage) and of the
 forgetting (paper Eq. 3) on the last stage, with the sample grid, wall time and peak RSS.
 
-The mini world's schedule (train.py's mini_world preset) gives both methods the same batch and
-learning rate, so the only difference between them is RID's distillation term.
+The mini world's schedule (train.py's mini_world preset) gives both methods the same batch, epochs
+and learning rates except on hps, where each has its own lr schedule, as in the paper (RID constant
+5e-4, the baseline half a cosine from 7e-4; docs/mini_results.md's notes say why).
 """
 from __future__ import annotations
 

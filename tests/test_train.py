@@ -180,17 +180,23 @@ def test_mini_world_is_the_default_with_its_real_rewards(mini_world, tmp_path, m
     assert Path(cfg.model) == mini_world / "model" and Path(cfg.reward_spec) == mini_world / "rewards.json"
     assert Path(cfg.prompts).name == "train.txt" and Path(cfg.test_prompts).name == "test.txt"
     assert (cfg.steps, cfg.guidance) == (world["steps"], world["guidance"])
-    # the mini schedule: one shared batch/lr per task for every method; hps longest, its lr decaying
+    # the mini schedule: batch 8 and the same epochs for every method, hps longest; hps lr per method
     seq = ["--tasks", "aesthetic,hps,compress"]
     rid_cfg, base_cfg = resolve(*seq), resolve(*seq, "--method", "baseline")
-    assert (rid_cfg.epochs, rid_cfg.lr, rid_cfg.batch) == (base_cfg.epochs, base_cfg.lr, base_cfg.batch)
-    assert rid_cfg.epochs == {"aesthetic": 1, "hps": 3, "compress": 1}
-    assert rid_cfg.lr == {"aesthetic": 1e-3, "hps": 7e-4, "compress": 1e-3}
-    assert rid_cfg.lr_schedule == {"aesthetic": "constant", "hps": "cosine", "compress": "constant"}
-    assert rid_cfg.batch == dict.fromkeys(rid_cfg.tasks, 8)
-    assert resolve(*seq, "--lr", "hps=1e-3", "--epochs", "hps=1").lr["hps"] == 1e-3  # flags still win
-    joint = resolve("--joint", "aesthetic:1,hps:1")
+    for cfg_ in (rid_cfg, base_cfg, resolve(*seq, "--method", "draft-k")):
+        assert cfg_.epochs == {"aesthetic": 1, "hps": 3, "compress": 1}
+        assert cfg_.batch == dict.fromkeys(cfg_.tasks, 8)
+    assert rid_cfg.lr == {"aesthetic": 1e-3, "hps": 5e-4, "compress": 1e-3}
+    assert rid_cfg.lr_schedule == dict.fromkeys(rid_cfg.tasks, "constant")
+    assert base_cfg.lr == {"aesthetic": 1e-3, "hps": 7e-4, "compress": 1e-3}
+    assert base_cfg.lr_schedule == {"aesthetic": "constant", "hps": "cosine", "compress": "constant"}
+    assert resolve(*seq, "--method", "draft-k").lr_schedule == base_cfg.lr_schedule  # every non-RID method
+    flags = resolve(*seq, "--lr", "hps=1e-3", "--epochs", "hps=1", "--lr-schedule", "hps=cosine")
+    assert (flags.lr["hps"], flags.epochs["hps"], flags.lr_schedule["hps"]) == (1e-3, 1, "cosine")  # flags win
+    joint = resolve("--joint", "aesthetic:1,hps:1", "--method", "baseline")
     assert (joint.epochs, joint.lr, joint.lr_schedule) == ({"joint": 3}, {"joint": 7e-4}, {"joint": "cosine"})
+    joint = resolve("--joint", "aesthetic:1,hps:1")  # rid: its own hps lr, still the lowest of the parts
+    assert (joint.epochs, joint.lr, joint.lr_schedule) == ({"joint": 3}, {"joint": 5e-4}, {"joint": "constant"})
 
     out = tmp_path / "mini"
     argv = ["--tasks", "aesthetic,hps,compress", "--steps", "2", "--batch", "2", "--max-steps", "1", "--out", str(out)]
