@@ -31,7 +31,7 @@ import dataclasses
 import hashlib
 import io
 import json
-import os
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,8 +41,11 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import checkpoint
+import mini
 import rewards
 import rid
+from checkpoint import UsageError
 
 # name: (column label, higher is better, decimals)
 METRICS = {
@@ -57,10 +60,6 @@ METRICS = {
 JPEG_QUALITY = 80  # the JPEG size metric's quality (rewards.DEFAULT_JPEG_QUALITY trains towards the same)
 CACHE_VERSION = 2  # bump when a metric's definition changes: old caches then miss
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-
-
-class UsageError(Exception):
-    """Bad input: main() prints it as one line and exits 2."""
 
 
 #### RUNS AND STAGES ####
@@ -82,7 +81,8 @@ class Stage:
     dirs: tuple = ()              # adapter dirs: () base, (dir,) a stage, several for a soup
     weights: tuple | None = None  # soup weights
     cache_dir: Path | None = None
-    key: str = ""
+    config: dict | None = field(default=None, repr=False)  # stage_config(): everything that changes a number
+    key: str = ""                                          # hash of config + adapters (the cache key)
     result: dict | None = field(default=None, repr=False)
 
 
@@ -154,17 +154,8 @@ class Settings:
     grid_prompts: int = 8
 
 
-def _mini():
-    try:
-        import mini
-        return mini
-    except ImportError:
-        return None
-
-
 def is_mini(run: Run) -> bool:
-    m = _mini()
-    return m is not None and os.path.realpath(run.info["model"]) == os.path.realpath(m.MODEL)
+    return mini.is_model(run.info["model"])
 
 
 def stage_config(stage: Stage, s: Settings) -> dict:
@@ -172,14 +163,15 @@ def stage_config(stage: Stage, s: Settings) -> dict:
     run, cfg = stage.run, stage.run.info.get("config", {})
     spec_path = s.reward_spec or run.info.get("reward_spec")
     spec = rewards.load_spec(spec_path)
-    mini = is_mini(run)
-    features = s.fid_features or ("clip" if mini else "inception")
-    ref = s.fid_ref or (str(Path(_mini().WORLD) / "fid_ref.safetensors") if mini else None)
+    in_mini = is_mini(run)
+    features = s.fid_features or ("clip" if in_mini else "inception")
+    ref = s.fid_ref or (str(Path(mini.WORLD) / "fid_ref.safetensors") if in_mini else None)
     prompts = run.prompts[: s.max_prompts] if s.max_prompts else run.prompts
     return {
         "version": CACHE_VERSION, "model": run.info["model"], "prompts": prompts, "seed": s.seed,
         "images_per_prompt": s.images_per_prompt, "dtype": s.dtype,
-        "steps": int(s.steps or cfg.get("steps", 50)), "guidance": float(s.guidance or cfg.get("guidance", 7.5)),
+        "steps": int(cfg.get("steps", 50) if s.steps is None else s.steps),
+        "guidance": float(cfg.get("guidance", 7.5) if s.guidance is None else s.guidance),
         "spec": dataclasses.asdict(spec), "fid": {"features": features, "ref": _ref_id(ref)},
         "jpeg_quality": JPEG_QUALITY, "grid_prompts": s.grid_prompts,
     }
@@ -217,8 +209,11 @@ def find_cached(stage: Stage, dirs: list, enabled: set) -> dict | None:
     """A cached result for this key (in any run's eval/ dir) that has every enabled metric."""
     for d in [stage.cache_dir, *dirs]:
         for f in sorted(Path(d).glob(f"*.{stage.key}.json")) if Path(d).is_dir() else []:
-            res = json.loads(f.read_text())
-            if res.get("key") == stage.key and enabled <= set(res["metrics"]) and f.with_suffix(".png").is_file():
+            try:
+                res = json.loads(f.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue  # a garbled cache entry is a miss
+            if isinstance(res, dict) and res.get("key") == stage.key and isinstance(res.get("metrics"), dict) and enabled <= set(res["metrics"]) and f.with_suffix(".png").is_file():
                 res["strip"] = str(f.with_suffix(".png"))
                 return res
     return None
@@ -379,13 +374,13 @@ def noise_for(seed: int, p: int, i: int, shape: tuple) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(s))
 
 
-def evaluate_stage(stage: Stage, models: rid.Models, scorer: Scorer, config: dict, s: Settings, bar) -> dict:
+def evaluate_stage(stage: Stage, models: rid.Models, scorer: Scorer, s: Settings, bar) -> dict:
     """Generate the stage's images batch by batch, score them, cache the result and a sample strip."""
-    group = None
+    config, group = stage.config, None
     if stage.method == "soup":
-        group = rid.soup(models.unet, list(stage.dirs), list(stage.weights) if stage.weights else None)
+        group = checkpoint.soup(models.unet, list(stage.dirs), list(stage.weights) if stage.weights else None)
     elif stage.dirs:
-        group = rid.load_group(models.unet, stage.dirs[0])
+        group = checkpoint.load(models.unet, stage.dirs[0])
     prompts, n = config["prompts"], config["images_per_prompt"]
     jobs = [(p, i) for p in range(len(prompts)) for i in range(n)]
     scorer.start()
@@ -404,9 +399,7 @@ def evaluate_stage(stage: Stage, models: rid.Models, scorer: Scorer, config: dic
     js, png = _cache_paths(stage)
     js.parent.mkdir(parents=True, exist_ok=True)
     _save_strip(torch.stack(strip), png)
-    tmp = js.with_name(f".{js.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=1))
-    os.replace(tmp, js)  # atomic: a killed eval leaves no half-written cache
+    checkpoint.atomic_write(js, json.dumps(result, indent=1))  # a killed eval leaves no half-written cache
     result["strip"] = str(png)
     return result
 
@@ -420,16 +413,14 @@ def _save_strip(images: torch.Tensor, path: Path, max_side: int = 256):
     row = Image.new("RGB", (w * len(imgs), h))
     for j, im in enumerate(imgs):
         row.paste(im, (j * w, 0))
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    row.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    checkpoint.atomic_write(path, lambda tmp: row.save(tmp, format="PNG"))
 
 
 #### EVALUATION ####
 
 def plan(ckpts: list, soup: list | None, weights: list | None, s: Settings, out: Path | None):
     """Validate the inputs; list the stage chains (base, stage 1, ..., stage T per run; base, soup).
-    Raises UsageError. -> (chains, configs by stage id, out dir, runs)."""
+    Raises UsageError. -> (chains, out dir, runs)."""
     runs = [load_run(c) for c in ckpts]
     methods = [r.info.get("method", "run") for r in runs]
     for r, m in zip(runs, methods):  # the method name, or the directory name when methods repeat
@@ -442,21 +433,20 @@ def plan(ckpts: list, soup: list | None, weights: list | None, s: Settings, out:
     if soup:
         sp = soup_stage(soup, weights, out / "eval")
         chains.append([Stage(sp.run, 0, "stage0-base", "base", cache_dir=sp.run.dir / "eval"), sp])
-    configs = {}
     for st in (st for chain in chains for st in chain):
         try:
-            configs[id(st)] = stage_config(st, s)
+            st.config = stage_config(st, s)
         except ValueError as e:
             raise UsageError(str(e)) from None
-        st.key = stage_key(st, configs[id(st)])
-    return chains, configs, out, runs
+        st.key = stage_key(st, st.config)
+    return chains, out, runs
 
 
 def _adapter_layout(stage: Stage):
     """(rank, targets) of a stage's adapters; None for the base model."""
     if not stage.dirs:
         return None
-    meta = json.loads((Path(stage.dirs[0]) / "adapters.json").read_text())
+    meta = checkpoint.read_meta(stage.dirs[0])
     return meta["rank"], tuple(meta["targets"])
 
 
@@ -465,10 +455,10 @@ def evaluate(ckpts: list, soup: list | None = None, weights: list | None = None,
     """Evaluate every stage (cached ones are read back) and write the report. -> report dict with
     "computed": the number of stages generated and scored in this call."""
     s = s or Settings()
-    chains, configs, out, runs = plan(ckpts, soup, weights, s, out)
+    chains, out, runs = plan(ckpts, soup, weights, s, out)
     n_mini = sum(map(is_mini, runs))
     if n_mini:
-        log(f"{n_mini} of {len(runs)} run(s) trained in the mini world ({_mini().MODEL}, CPU-scale; train.py without "
+        log(f"{n_mini} of {len(runs)} run(s) trained in the mini world ({mini.MODEL}, CPU-scale; train.py without "
             f"--model): evaluated there. eval.py follows each run's model; for the paper's setting train with "
             f"--model stable-diffusion-v1-5/stable-diffusion-v1-5")
     from transformers.utils import logging as hf_logging
@@ -479,9 +469,9 @@ def evaluate(ckpts: list, soup: list | None = None, weights: list | None = None,
     scorers, loaded = {}, {}  # loaded: model id -> (Models, adapter layout injected into its UNet)
 
     def scorer_for(st):
-        key = json.dumps([configs[id(st)]["spec"], configs[id(st)]["fid"]], sort_keys=True)
+        key = json.dumps([st.config["spec"], st.config["fid"]], sort_keys=True)
         if key not in scorers:
-            scorers[key] = Scorer(configs[id(st)], s.reward_spec or st.run.info.get("reward_spec"), s.device, log)
+            scorers[key] = Scorer(st.config, s.reward_spec or st.run.info.get("reward_spec"), s.device, log)
         return scorers[key]
 
     def load(st):
@@ -492,7 +482,7 @@ def evaluate(ckpts: list, soup: list | None = None, weights: list | None = None,
 
     def models_for(st):
         """The run's base model; reloaded only when a stage needs another adapter layout, or the base
-        model after adapters were injected (rid.load_group reuses a UNet's group of the same layout)."""
+        model after adapters were injected (checkpoint.load reuses a UNet's group of the same layout)."""
         model, layout = st.run.info["model"], _adapter_layout(st)
         if loaded[model][1] is not None and loaded[model][1] != layout:
             load(st)
@@ -509,12 +499,12 @@ def evaluate(ckpts: list, soup: list | None = None, weights: list | None = None,
     for st in order:  # load the base models up front: a bad model id fails before any progress bar
         if st.run.info["model"] not in loaded:
             load(st)
-    total = sum(len(configs[id(t)]["prompts"]) * configs[id(t)]["images_per_prompt"] for t in order)
+    total = sum(len(t.config["prompts"]) * t.config["images_per_prompt"] for t in order)
     with tqdm(total=total, unit="img", disable=not order) as bar:
         for st in order:
             models = models_for(st)
             try:
-                st.result = evaluate_stage(st, models, scorer_for(st), configs[id(st)], s, bar)
+                st.result = evaluate_stage(st, models, scorer_for(st), s, bar)
             except ValueError as e:  # adapters that do not fit the run's base model
                 raise UsageError(f"{st.name}: {e}") from None
     for st in stages:
@@ -574,19 +564,20 @@ def write_report(report: dict, out: Path):
     notes = ["", "Last-stage rows: value (forgetting F, Eq. 3: the largest drop from any earlier stage to the "
              "last; lower is better for every metric)."]
     notes += [f"Skipped {k}: {v}" for k, v in report["skipped"].items()]
-    (out / "report.md").write_text("\n".join(md + notes) + "\n")
-    with open(out / "report.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["method", "stage", "name", "run"] + cols + [f"{m}_forgetting" for m in cols])
-        for r in rows:
-            fg = r["forgetting"] or {}
-            w.writerow([r["method"], r["stage"], r["name"], r["run"]] + [r["metrics"].get(m, "") for m in cols]
-                       + ["" if fg.get(m) is None else fg[m] for m in cols])
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    _write_grid(rows, out / "grid.png")
+    checkpoint.atomic_write(out / "report.md", "\n".join(md + notes) + "\n")
+    table = io.StringIO(newline="")
+    w = csv.writer(table)
+    w.writerow(["method", "stage", "name", "run"] + cols + [f"{m}_forgetting" for m in cols])
+    for r in rows:
+        fg = r["forgetting"] or {}
+        w.writerow([r["method"], r["stage"], r["name"], r["run"]] + [r["metrics"].get(m, "") for m in cols]
+                   + ["" if fg.get(m) is None else fg[m] for m in cols])
+    checkpoint.atomic_write(out / "report.csv", table.getvalue())
+    checkpoint.atomic_write(out / "report.json", json.dumps(report, indent=1))
+    write_grid(rows, out / "grid.png")
 
 
-def _write_grid(rows: list, path: Path, label_w: int = 160):
+def write_grid(rows: list, path: Path, label_w: int = 160):
     """Rows = the table's rows, columns = the first grid prompts (first image of each)."""
     strips = [Image.open(r["strip"]).convert("RGB") for r in rows]
     up = max(1, -(-64 // max(s.height for s in strips)))  # tiny images (mini world): enlarge, no blur
@@ -598,14 +589,19 @@ def _write_grid(rows: list, path: Path, label_w: int = 160):
         grid.paste(strip, (label_w, j * h))
         label = f"{r['method']}\n{r['name']}".replace("λ", "lam")   # PIL's built-in font has no Greek glyphs
         draw.text((4, j * h + 4), label, fill="black")
-    grid.save(path)
+    checkpoint.atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 #### CLI ####
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (main), instead of usage + message
+        raise UsageError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = Settings()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--ckpt", nargs="+", default=[], help="run directories written by train.py (several: side by side)")
     a("--soup", nargs="+", help="runs (or stage dirs) to average into one model soup, evaluated like a stage")
@@ -627,17 +623,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    s = Settings(images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps, guidance=args.guidance,
-                 dtype=args.dtype or ("fp16" if device.startswith("cuda") else "fp32"), device=device,
-                 batch=args.batch, reward_spec=args.reward_spec, fid_ref=args.fid_ref, fid_features=args.fid_features,
-                 max_prompts=args.max_prompts)
     try:
+        args = build_parser().parse_args(argv)
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        s = Settings(images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
+                     guidance=args.guidance, dtype=args.dtype or ("fp16" if device.startswith("cuda") else "fp32"),
+                     device=device, batch=args.batch, reward_spec=args.reward_spec, fid_ref=args.fid_ref,
+                     fid_features=args.fid_features, max_prompts=args.max_prompts)
         for name in ("images_per_prompt", "batch", "steps", "max_prompts"):
             v = getattr(args, name)
             if v is not None and v < 1:
                 raise UsageError(f"--{name.replace('_', '-')} {v} is not allowed; use an integer >= 1")
+        if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
+            raise UsageError(f"--guidance {args.guidance} is not allowed; use a finite number >= 0")
         if not args.ckpt and not args.soup:
             raise UsageError("nothing to evaluate: pass --ckpt RUN_DIR [...] and/or --soup RUN_DIR [...]")
         if args.weights and not args.soup:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -40,11 +41,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 REWARDS = ("aesthetic", "hps", "compress")
-
-# The paper's joint-tuning weights (Eq. 10) for rewards on very different scales: aesthetic 1-10,
-# HPS ~0.27, compress = a squared norm over the whole image, which grows with resolution (≈ -3 in the
-# mini world at 32², some -100 at 512²), so at SD scale compress dominates the sum at weight 1.
-JOINT_EXAMPLE = {"aesthetic": 0.01, "hps": 2.0, "compress": 1.0}
 
 # JPEG quality of the compress reward. DRaFT trains towards a fixed compression target; we use the
 # quality at which eval.py measures JPEG size (80), so the reward optimises the measured quantity.
@@ -388,12 +384,16 @@ def parse_joint(text: str) -> dict[str, float]:
             weights[name] = float(value)
         except ValueError:
             raise ValueError(f"--joint {text!r}: weight {value!r} of {name!r} is not a number") from None
+        if not (math.isfinite(weights[name]) and weights[name] > 0):
+            raise ValueError(f"--joint {text!r}: weight {value!r} of {name!r} must be a finite number > 0")
     return weights
 
 
 def joint(weights: dict[str, float], spec: RewardSpec | None = None, device="cpu") -> Callable:
-    """Weighted sum of rewards: the joint-tuning baseline, sum_i w_i R_i (the paper's Eq. 10 uses
-    aesthetic 0.01, hps 2, compress 1; see JOINT_EXAMPLE)."""
+    """Weighted sum of rewards: the joint-tuning baseline, sum_i w_i R_i. The paper's Eq. 10 uses
+    aesthetic 0.01, hps 2, compress 1 for rewards on very different scales: aesthetic 1-10, HPS ~0.27,
+    compress a squared norm over the whole image, which grows with resolution (≈ -3 in the mini world
+    at 32², some -100 at 512²), so at SD scale compress dominates the sum at weight 1."""
     if not weights:
         raise ValueError(f"joint reward needs at least one name:weight, got {weights!r}")
     fns = {name: get(name, spec, device) for name in weights}

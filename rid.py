@@ -1,28 +1,21 @@
 """RID — Reward Incremental Distillation, and the reward fine-tuning methods it is compared with.
 
-Reading order: the adapter group (LoRA tasks on a frozen UNet, one flat trainable buffer, an EMA
-teacher that is a second buffer, not a second UNet) → DDIM written out → RID's training step
-(`rid_loss`, the paper's Algorithm 1) → the baselines (AlignProp-style last step, DRaFT-K, DRaFT,
-DRaFT-LV, ReFL) → `train_step` → checkpoints, model soup, diffusers LoRA export → `python rid.py bench`.
+Reading order: the method's settings (`StepConfig`, every knob declared once) → the models → the
+adapter group (LoRA tasks on a frozen UNet, one flat trainable buffer, an EMA teacher that is a
+second buffer, not a second UNet) → DDIM written out → RID's training step (`rid_loss`, the
+paper's Algorithm 1) → the baselines (AlignProp-style last step, DRaFT-K, DRaFT, DRaFT-LV, ReFL)
+→ `train_step`. Saving and loading adapter groups lives in checkpoint.py; timings in bench.py.
 
 Shapes use SD-1.5 names: latents z (B, 4, h, w), images (B, 3, H, W) in [0, 1], text (B, L, D).
 """
 from __future__ import annotations
 
 import contextlib
-import copy
-import hashlib
-import json
 import math
 import os
-import statistics
-import sys
-import tempfile
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
@@ -32,7 +25,37 @@ ATTN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # AlignProp's LoRA targets,
 FF_TARGETS = ("ff.net.0.proj", "ff.net.2")  # DRaFT also adapts the transformer feed-forward
 METHODS = ("baseline", "rid", "draft-k", "draft", "draft-lv", "refl")
 DISTILL_SPACES = ("pixel", "latent")
-FORMAT_VERSION = 1
+
+
+############################################################################################
+# Settings: every knob declared once (default, help, allowed values); CLIs derive flags from it
+############################################################################################
+
+def setting(default, help: str, allowed: str = "", check=None, choices: tuple = (), **meta):
+    """A dataclass field that carries its own help text and range: train.py builds its --flag from
+    it and `check_settings` is the one range check of its value."""
+    return field(default=default, metadata={"help": help, "allowed": allowed, "check": check,
+                                            "choices": tuple(choices), **meta})
+
+
+def _int_at_least(lo: int):
+    return f"an integer ≥ {lo}", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _finite_at_least(lo: float):
+    return f"a finite number ≥ {lo:g}", lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= lo
+
+
+def check_settings(obj, name=lambda field_name: field_name) -> None:
+    """Raise ValueError naming the first setting of `obj` outside its allowed values. `name` turns a
+    field name into what the user typed (train.py: --flag-name)."""
+    for f in fields(obj):
+        value, meta = getattr(obj, f.name), f.metadata
+        if meta.get("choices") and value not in meta["choices"]:
+            raise ValueError(f"{name(f.name)} {value!r} is not allowed; allowed: {', '.join(meta['choices'])}")
+        if meta.get("check") is not None and not meta["check"](value):
+            raise ValueError(f"{name(f.name)} {value!r} is not allowed; allowed: {meta['allowed']}")
+
 
 # The paper gives no EMA momentum. An EMA of momentum α averages the student over ≈ 1/(1−α)
 # optimizer steps. At the paper's batch 8 one epoch of the 750 training prompts is ≈ 94 steps, so
@@ -45,8 +68,40 @@ FORMAT_VERSION = 1
 DEFAULT_EMA = 0.99
 
 
-def _bad(name, value, allowed):
-    return ValueError(f"{name}={value!r} is not allowed; allowed: {allowed}")
+@dataclass
+class StepConfig:
+    """One training step of one method. Checked once, when built; the step functions trust it."""
+    method: str = setting("rid", "the fine-tuning method", choices=METHODS)
+    steps: int = setting(50, "DDIM steps per sample (paper: 50)", "an integer in [1, 1000]",
+                          lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000)
+    guidance: float = setting(7.5, "classifier-free guidance scale w; 1 = no unconditional branch (paper: 7.5)",
+                              *_finite_at_least(0))
+    lam: float = setting(0.1, "rid: λ, weight of the distillation term λ·‖x₀ˢ − x₀ᵗ‖² (paper: 0.1)",
+                         *_finite_at_least(0))
+    ema: float = setting(DEFAULT_EMA, "rid: teacher momentum α, teacher ← α·teacher + (1−α)·student after each "
+                         f"step; the teacher averages the last ~1/(1−α) steps ({DEFAULT_EMA}: ~100 steps ≈ one "
+                         "epoch of 750 prompts at batch 8, see rid.DEFAULT_EMA)",
+                         "a number in [0, 1)", lambda v: isinstance(v, (int, float)) and 0 <= v < 1)
+    truncate: int = setting(1, "draft-k: K, the number of final DDIM steps with gradient", *_int_at_least(1),
+                            metavar="K")
+    lv_n: int = setting(2, "draft-lv: n, re-noised copies of x̂₀ (DRaFT: 2)", *_int_at_least(1))
+    refl_m: int = setting(20, "refl: the reward step is drawn from the last m steps (m at 50 steps, scaled "
+                          "with --steps)", *_int_at_least(1))
+    distill_space: str = setting("pixel", "rid: compare student and teacher as decoded images (the paper) "
+                                 "or as final latents", choices=DISTILL_SPACES)
+    gradient_checkpointing: bool = setting(False, "recompute UNet activations in the backward pass (memory "
+                                           "flat in K for draft-k / draft)", "true or false",
+                                           lambda v: isinstance(v, bool))
+
+    def __post_init__(self):
+        self.check()
+
+    def check(self, name=lambda field_name: field_name):
+        """Every setting in range, and how they combine; `name` as in check_settings."""
+        check_settings(self, name)
+        if self.truncate > self.steps:
+            raise ValueError(f"{name('truncate')} {self.truncate} is not allowed; allowed: K in "
+                             f"[1, {name('steps')}={self.steps}]")
 
 
 ############################################################################################
@@ -55,12 +110,11 @@ def _bad(name, value, allowed):
 
 @dataclass
 class Models:
-    """SD-style components, frozen and in eval mode. model_id: a hub id or the resolved local dir."""
+    """SD-style components, frozen and in eval mode."""
     unet: nn.Module
     vae: nn.Module
     text_encoder: nn.Module
     tokenizer: object
-    model_id: str
     _uncond: torch.Tensor | None = field(default=None, repr=False)  # cached "" embedding (1, L, D)
 
     @property
@@ -107,7 +161,7 @@ def load_models(model: str, device="cpu", dtype=torch.float32) -> Models:
     for m in (unet, vae, text_encoder):
         m.to(device).eval().requires_grad_(False)
     unet.rid_base_model = model_id  # read by inject() to tag checkpoints with their base model
-    return Models(unet, vae, text_encoder, tokenizer, model_id)
+    return Models(unet, vae, text_encoder, tokenizer)
 
 
 @torch.no_grad()
@@ -189,7 +243,6 @@ class AdapterGroup:
         self._ema: torch.Tensor | None = None
         self._active: torch.Tensor | None = None  # what the wrapped layers read: flat, ema or None
 
-    # -- tasks ---------------------------------------------------------------------------------
     def _layout(self):
         off = 0
         for name, layer in self.layers.items():  # per layer: A_t (r·in) then B_t (out·r)
@@ -208,8 +261,80 @@ class AdapterGroup:
         self.flat  # same error when there is no current task
         return self._ema
 
+    @property
+    def trainable(self) -> bool:
+        return self._flat is not None
+
     def parameters(self) -> list:
         return [self.flat]
+
+    # -- tasks -----------------------------------------------------------------------------------
+    def add_task(self, name: str, generator: torch.Generator | None = None) -> nn.Parameter:
+        """Freeze every existing adapter and append a fresh (A_t, B_t) to every wrapped layer.
+        Standard LoRA init: A Kaiming-uniform (a=√5, as nn.Linear and peft), B zero — the model
+        output is unchanged. Returns the new flat buffer; build the optimizer on it."""
+        if not isinstance(name, str) or not name or name in self.tasks:
+            raise ValueError(f"task name {name!r} is not allowed; allowed: a new non-empty string "
+                             f"(existing: {self.tasks})")
+        flat = self.start_task(name)
+        with torch.no_grad():
+            for layer in self.layers.values():
+                A_t, _ = layer.current(flat)
+                nn.init.kaiming_uniform_(A_t, a=math.sqrt(5), generator=generator)
+            self._ema.copy_(flat)  # teacher = student at creation
+        return flat
+
+    def start_task(self, name: str) -> nn.Parameter:
+        """Freeze the current task; a zero flat buffer and EMA for `name` (the caller fills them)."""
+        self._freeze_current()
+        device = next(iter(self.layers.values())).base.weight.device
+        self._flat = nn.Parameter(torch.zeros(self._numel, dtype=torch.float32, device=device))
+        self._ema = torch.zeros_like(self._flat, requires_grad=False)
+        self._active = self._flat
+        self.tasks.append(name)
+        self.scales.append(1.0)
+        self._refresh_scales()
+        return self._flat
+
+    @torch.no_grad()
+    def append_frozen(self, name: str, scale: float, adapters: dict):
+        """Append a frozen task: adapters = {layer name: (A (r, in), B (out, r))}."""
+        for lname, layer in self.layers.items():
+            A, B = adapters[lname]
+            layer.A_frozen = torch.cat([layer.A_frozen, A.to(layer.A_frozen.device)])
+            layer.B_frozen = torch.cat([layer.B_frozen, B.to(layer.B_frozen.device)], 1)
+        self.tasks.append(name)
+        self.scales.append(float(scale))
+        self._refresh_scales()
+
+    def clear(self):
+        """Remove every task (the wrapped layers then compute the base model)."""
+        for layer in self.layers.values():
+            layer.A_frozen, layer.B_frozen = layer.A_frozen[:0], layer.B_frozen[:, :0]
+        self.tasks, self.scales = [], []
+        self._flat = self._ema = self._active = None
+        self._refresh_scales()
+
+    def set_scale(self, task, value: float):
+        """Per-task LoRA scale s_i (DRaFT's scaling / interpolation); task = index or name."""
+        i = self.tasks.index(task) if isinstance(task, str) and task in self.tasks else task
+        if not isinstance(i, int) or not -len(self.tasks) <= i < len(self.tasks):
+            raise ValueError(f"task {task!r} is not allowed; allowed: an index below {len(self.tasks)} "
+                             f"or one of {self.tasks}")
+        self.scales[i] = float(value)
+        self._refresh_scales()
+
+    def task_tensors(self, i: int) -> dict:
+        """{layer: (A_i (r, in), B_i (out, r))} for task i, frozen or current."""
+        n_frozen = len(self.tasks) - self.trainable
+        out = {}
+        for name, layer in self.layers.items():
+            if i < n_frozen:
+                rows = slice(i * self.rank, (i + 1) * self.rank)
+                out[name] = (layer.A_frozen[rows], layer.B_frozen[:, rows])
+            else:
+                out[name] = tuple(t.detach() for t in layer.current(self._flat))
+        return out
 
     @torch.no_grad()
     def _freeze_current(self):
@@ -223,44 +348,10 @@ class AdapterGroup:
 
     @torch.no_grad()
     def _refresh_scales(self):
-        n_frozen = len(self.tasks) - (self._flat is not None)
+        n_frozen = len(self.tasks) - self.trainable
         s_rep = torch.tensor(self.scales[:n_frozen], dtype=torch.float32).repeat_interleave(self.rank)
         for layer in self.layers.values():
             layer.B_scaled = layer.B_frozen * s_rep.to(layer.B_frozen.device)
-
-    def add_task(self, name: str, generator: torch.Generator | None = None) -> nn.Parameter:
-        """Freeze every existing adapter and append a fresh (A_t, B_t) to every wrapped layer.
-        Standard LoRA init: A Kaiming-uniform (a=√5, as nn.Linear and peft), B zero — the model
-        output is unchanged. Returns the new flat buffer; build the optimizer on it."""
-        if not isinstance(name, str) or not name or name in self.tasks:
-            raise _bad("task name", name, f"a new non-empty string (existing: {self.tasks})")
-        flat = self._start_task(name)
-        with torch.no_grad():
-            for layer in self.layers.values():
-                A_t, _ = layer.current(flat)
-                nn.init.kaiming_uniform_(A_t, a=math.sqrt(5), generator=generator)
-            self._ema.copy_(flat)  # teacher = student at creation
-        return flat
-
-    def _start_task(self, name: str) -> nn.Parameter:
-        """Freeze the current task; a zero flat buffer and EMA for `name` (the caller fills them)."""
-        self._freeze_current()
-        device = next(iter(self.layers.values())).base.weight.device
-        self._flat = nn.Parameter(torch.zeros(self._numel, dtype=torch.float32, device=device))
-        self._ema = torch.zeros_like(self._flat, requires_grad=False)
-        self._active = self._flat
-        self.tasks.append(name)
-        self.scales.append(1.0)
-        self._refresh_scales()
-        return self._flat
-
-    def set_scale(self, task, value: float):
-        """Per-task LoRA scale s_i (DRaFT's scaling / interpolation); task = index or name."""
-        i = self.tasks.index(task) if isinstance(task, str) and task in self.tasks else task
-        if not isinstance(i, int) or not -len(self.tasks) <= i < len(self.tasks):
-            raise _bad("task", task, f"an index below {len(self.tasks)} or one of {self.tasks}")
-        self.scales[i] = float(value)
-        self._refresh_scales()
 
     # -- EMA teacher -----------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -275,93 +366,12 @@ class AdapterGroup:
             self._active = previous
 
     def ema_update(self, alpha: float):
-        """teacher ← α·teacher + (1−α)·student, one kernel over the flat buffer."""
-        if not (isinstance(alpha, (int, float)) and 0.0 <= alpha < 1.0):
-            raise _bad("ema alpha", alpha, "a float in [0, 1)")
+        """teacher ← α·teacher + (1−α)·student, one kernel over the flat buffer (α checked by StepConfig)."""
         kernels.ema_(self.ema, self.flat.detach(), alpha)
 
-    # -- checkpoints -----------------------------------------------------------------------------
-    def _task_tensors(self, i: int) -> dict:
-        """{layer: (A_i (r, in), B_i (out, r))} for task i, frozen or current."""
-        n_frozen = len(self.tasks) - (self._flat is not None)
-        out = {}
-        for name, layer in self.layers.items():
-            if i < n_frozen:
-                rows = slice(i * self.rank, (i + 1) * self.rank)
-                out[name] = (layer.A_frozen[rows], layer.B_frozen[:, rows])
-            else:
-                out[name] = tuple(t.detach() for t in layer.current(self._flat))
-        return out
 
-    def fingerprint(self) -> str:
-        """Hash of a strided sample of the wrapped base weights (bf16-rounded, so fp32/bf16/fp16
-        loads of the same model agree): recognises the base model after its directory moved."""
-        h = hashlib.sha256()
-        for name, layer in self.layers.items():
-            w = layer.base.weight.detach().flatten()
-            sample = w[:: max(1, w.numel() // 16)][:16].to("cpu", torch.bfloat16).view(torch.int16)
-            h.update(name.encode() + bytes(sample.numpy().tobytes()))
-        return h.hexdigest()[:16]
-
-    def save(self, dir: str, extra: dict | None = None):
-        """dir/adapters.safetensors (every task's A/B per layer, the EMA buffer) + dir/adapters.json."""
-        from safetensors.torch import save_file
-
-        os.makedirs(dir, exist_ok=True)
-        tensors = {}
-        for i in range(len(self.tasks)):
-            for name, (A, B) in self._task_tensors(i).items():
-                tensors[f"{i}/{name}/A"] = A.detach().float().contiguous().cpu().clone()
-                tensors[f"{i}/{name}/B"] = B.detach().float().contiguous().cpu().clone()
-        if self._flat is not None:
-            tensors["ema"] = self._ema.detach().cpu().clone()
-        meta = {"format": "rid-adapters", "version": FORMAT_VERSION, "tasks": self.tasks, "scales": self.scales,
-                "rank": self.rank, "targets": list(self.targets), "layers": list(self.layers),
-                "trainable": self._flat is not None, "base_model": self.base_model,
-                "fingerprint": self.fingerprint(), "extra": extra or {}}
-        _atomic(os.path.join(dir, "adapters.safetensors"), lambda p: save_file(tensors, p))
-        _atomic(os.path.join(dir, "adapters.json"), lambda p: _write_text(p, json.dumps(meta, indent=1)))
-
-    def export_lora(self, path: str) -> str:
-        """ONE standard LoRA file that diffusers' pipe.load_lora_weights(dir, weight_name=...) loads:
-        Σ_i s_i B_i A_i = [s_1 B_1 … s_T B_T]·[A_1; …; A_T], exact at rank T·r. Keys follow the
-        diffusers/peft naming; no alpha keys, so diffusers sets alpha = rank and the scale is 1.
-        A directory `path` gets diffusers' default name pytorch_lora_weights.safetensors."""
-        from safetensors.torch import save_file
-
-        if not self.tasks:
-            raise ValueError("export_lora: the adapter group has no tasks; call add_task or load_group first")
-        if os.path.isdir(path):
-            path = os.path.join(path, "pytorch_lora_weights.safetensors")
-        per_task = [self._task_tensors(i) for i in range(len(self.tasks))]
-        tensors = {}
-        for name in self.layers:
-            A = torch.cat([t[name][0] for t in per_task])  # (T·r, in)
-            B = torch.cat([s * t[name][1] for s, t in zip(self.scales, per_task)], 1)  # (out, T·r)
-            tensors[f"unet.{name}.lora_A.weight"] = A.detach().float().cpu().contiguous()
-            tensors[f"unet.{name}.lora_B.weight"] = B.detach().float().cpu().contiguous()
-        _atomic(path, lambda p: save_file(tensors, p))
-        return path
-
-
-def _atomic(path: str, write):
-    """Write via a temp file in the same directory, then os.replace (never a half-written file)."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _write_text(path: str, text: str):
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def _group_of(unet):
+def group_of(unet) -> AdapterGroup | None:
+    """The adapter group injected into this UNet, if any."""
     for m in unet.modules():
         if isinstance(m, LoRALinear):
             return m.group
@@ -372,15 +382,14 @@ def inject(unet, rank: int = 4, targets=ATTN_TARGETS) -> AdapterGroup:
     """Wrap the target linears of a diffusers UNet in place; freezes the whole UNet. No tasks yet.
     Move the UNet to its device first: the adapter buffers are created where the weights are."""
     if not isinstance(rank, int) or rank < 1:
-        raise _bad("rank", rank, "an integer ≥ 1")
+        raise ValueError(f"rank {rank!r} is not allowed; allowed: an integer ≥ 1")
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    for t in targets:
-        if t not in ATTN_TARGETS + FF_TARGETS:
-            raise _bad("target", t, ", ".join(ATTN_TARGETS + FF_TARGETS))
-    if not targets:
-        raise _bad("targets", targets, f"a non-empty subset of {ATTN_TARGETS + FF_TARGETS}")
-    if _group_of(unet) is not None:
-        raise ValueError("inject: this UNet already has an adapter group (use load_group to replace its contents)")
+    bad = [t for t in targets if t not in ATTN_TARGETS + FF_TARGETS]
+    if bad or not targets:
+        raise ValueError(f"targets {targets!r} is not allowed; allowed: a non-empty subset of "
+                         f"{ATTN_TARGETS + FF_TARGETS}")
+    if group_of(unet) is not None:
+        raise ValueError("inject: this UNet already has an adapter group (checkpoint.load replaces its contents)")
     unet.requires_grad_(False)
     base = getattr(unet, "rid_base_model", None) or unet.config.get("_name_or_path", "") or "unknown"
     group = AdapterGroup(unet, rank, targets, base)
@@ -398,101 +407,6 @@ def inject(unet, rank: int = 4, targets=ATTN_TARGETS) -> AdapterGroup:
 
 
 ############################################################################################
-# Checkpoint loading and model soup
-############################################################################################
-
-def _read_saved(dir: str):
-    from safetensors.torch import load_file
-
-    js, st = os.path.join(dir, "adapters.json"), os.path.join(dir, "adapters.safetensors")
-    if not (os.path.isfile(js) and os.path.isfile(st)):
-        raise ValueError(f"dir={dir!r} holds no adapter group; expected adapters.json + adapters.safetensors "
-                         "(written by AdapterGroup.save)")
-    with open(js) as f:
-        meta = json.load(f)
-    if meta.get("format") != "rid-adapters" or meta.get("version") != FORMAT_VERSION:
-        raise _bad(f"{js} format/version", (meta.get("format"), meta.get("version")), ("rid-adapters", FORMAT_VERSION))
-    return meta, load_file(st)
-
-
-def _target_group(unet, meta: dict, dir: str) -> AdapterGroup:
-    """The UNet's existing group (emptied) or a new one, checked against a saved group's settings."""
-    group = _group_of(unet)
-    if group is None:
-        group = inject(unet, meta["rank"], tuple(meta["targets"]))
-    for key, have in (("rank", group.rank), ("targets", list(group.targets)), ("layers", list(group.layers))):
-        if meta[key] != have:
-            shown = (lambda v: f"{len(v)} layers, e.g. {v[:2]}") if key == "layers" else repr
-            raise ValueError(f"{dir}: saved {key} {shown(meta[key])} differs from this UNet's {shown(have)}")
-    if meta["base_model"] != group.base_model and meta["fingerprint"] != group.fingerprint():
-        raise ValueError(f"{dir}: saved base_model {meta['base_model']!r} differs from this UNet's "
-                         f"{group.base_model!r} (and the base weights differ); load the same base model")
-    for layer in group.layers.values():  # empty it
-        layer.A_frozen, layer.B_frozen = layer.A_frozen[:0], layer.B_frozen[:, :0]
-    group.tasks, group.scales = [], []
-    group._flat = group._ema = group._active = None
-    return group
-
-
-@torch.no_grad()
-def _append_frozen(group: AdapterGroup, tensors: dict, i: int, scale: float, name: str):
-    for lname, layer in group.layers.items():
-        dev = layer.A_frozen.device
-        layer.A_frozen = torch.cat([layer.A_frozen, tensors[f"{i}/{lname}/A"].to(dev)])
-        layer.B_frozen = torch.cat([layer.B_frozen, tensors[f"{i}/{lname}/B"].to(dev)], 1)
-    group.tasks.append(name)
-    group.scales.append(scale)
-
-
-def load_group(unet, dir: str) -> AdapterGroup:
-    """inject (or reuse the UNet's group) and restore a saved group bit-exactly, the last task
-    trainable again with its EMA teacher."""
-    meta, tensors = _read_saved(dir)
-    group = _target_group(unet, meta, dir)
-    n = len(meta["tasks"])
-    n_frozen = n - bool(meta["trainable"])
-    for i in range(n_frozen):
-        _append_frozen(group, tensors, i, meta["scales"][i], meta["tasks"][i])
-    if meta["trainable"]:
-        group._start_task(meta["tasks"][-1])
-        with torch.no_grad():
-            for name, layer in group.layers.items():
-                A_t, B_t = layer.current(group._flat)
-                A_t.copy_(tensors[f"{n - 1}/{name}/A"]), B_t.copy_(tensors[f"{n - 1}/{name}/B"])
-            group._ema.copy_(tensors["ema"])
-        group.scales[-1] = meta["scales"][-1]
-    group._refresh_scales()
-    return group
-
-
-def soup(unet, dirs: list, weights: list | None = None) -> AdapterGroup:
-    """Model soup Σ_j w_j Δ_j of independently trained runs. Each Δ_j = Σ_i s_i B_i A_i is an adapter
-    group, so the soup is one too: every run's adapters as frozen tasks with scales w_j·s_i.
-    Equal weights by default. Evaluation only (no trainable task)."""
-    dirs = list(dirs)
-    if weights is None and dirs:
-        weights = [1.0 / len(dirs)] * len(dirs)
-    if not dirs or len(weights) != len(dirs):
-        raise _bad("weights", weights, f"None or {len(dirs)} floats, one per run dir (dirs must be non-empty)")
-    saved = [_read_saved(d) for d in dirs]
-    first = saved[0][0]
-    for d, (meta, _) in zip(dirs[1:], saved[1:]):
-        for key in ("rank", "targets", "layers"):
-            if meta[key] != first[key]:
-                raise ValueError(f"soup: {d} has {key} {meta[key]!r} but {dirs[0]} has {first[key]!r}; "
-                                 "runs must share rank, targets and layers")
-        if meta["base_model"] != first["base_model"] and meta["fingerprint"] != first["fingerprint"]:
-            raise ValueError(f"soup: {d} has base_model {meta['base_model']!r} but {dirs[0]} has "
-                             f"{first['base_model']!r}; runs must share the base model")
-    group = _target_group(unet, first, dirs[0])
-    for j, (w, (meta, tensors)) in enumerate(zip(weights, saved)):
-        for i, (name, s) in enumerate(zip(meta["tasks"], meta["scales"])):
-            _append_frozen(group, tensors, i, float(w) * s, f"{j}:{name}")
-    group._refresh_scales()
-    return group
-
-
-############################################################################################
 # DDIM, written out (what SD-1.5 ships)
 ############################################################################################
 
@@ -503,7 +417,7 @@ class DDIM:
 
     def __init__(self, steps: int = 50, num_train_timesteps: int = 1000):
         if not isinstance(steps, int) or not 1 <= steps <= num_train_timesteps:
-            raise _bad("steps", steps, f"an integer in [1, {num_train_timesteps}]")
+            raise ValueError(f"steps {steps!r} is not allowed; allowed: an integer in [1, {num_train_timesteps}]")
         betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
         self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # ᾱ_t (1000,)
         self.ratio = num_train_timesteps // steps
@@ -559,7 +473,7 @@ def sample(models, prompts, noise, steps=50, guidance=7.5, group=None, teacher=F
     """DDIM from `noise` (B, *latent_shape) → images (B, 3, H, W) in [0, 1]. Uses whatever adapters
     are injected in models.unet; teacher=True samples with group's EMA teacher."""
     if teacher and group is None:
-        raise _bad("group", group, "the AdapterGroup whose EMA teacher should sample (teacher=True)")
+        raise ValueError("sample(teacher=True) needs group: the AdapterGroup whose EMA teacher should sample")
     ddim = DDIM(steps)
     text = _text_batch(models, prompts, guidance)
     with group.teacher() if teacher else contextlib.nullcontext():
@@ -568,52 +482,13 @@ def sample(models, prompts, noise, steps=50, guidance=7.5, group=None, teacher=F
 
 
 ############################################################################################
-# Training: one step per method
+# Training: one loss per method, one optimizer step
 ############################################################################################
-
-@dataclass
-class StepConfig:
-    method: str = "rid"  # one of METHODS
-    steps: int = 50  # DDIM steps (paper: 50)
-    guidance: float = 7.5  # CFG weight (paper: 7.5)
-    lam: float = 0.1  # RID's distillation weight λ (paper: 0.1)
-    ema: float = DEFAULT_EMA  # RID teacher momentum α (see DEFAULT_EMA)
-    truncate: int = 1  # draft-k: K, the number of final steps with gradient
-    lv_n: int = 2  # draft-lv: re-noised copies n (DRaFT: 2)
-    refl_m: int = 20  # refl: stop at a random step in [1, m] from the end (m at 50 steps; scaled)
-    distill_space: str = "pixel"  # rid: compare decoded images (paper) or final latents
-    grad_checkpoint: bool = False  # torch.utils.checkpoint around every UNet call with gradient
-
-    def __post_init__(self):
-        self.check()
-
-    def check(self):
-        if self.method not in METHODS:
-            raise _bad("method", self.method, ", ".join(METHODS))
-        if not isinstance(self.steps, int) or not 1 <= self.steps <= 1000:
-            raise _bad("steps", self.steps, "an integer in [1, 1000]")
-        if not self.lam >= 0:
-            raise _bad("lam", self.lam, "a float ≥ 0")
-        if not 0 <= self.ema < 1:
-            raise _bad("ema", self.ema, "a float in [0, 1)")
-        if not isinstance(self.truncate, int) or not 1 <= self.truncate <= self.steps:
-            raise _bad("truncate", self.truncate, f"an integer K in [1, steps={self.steps}]")
-        if not isinstance(self.lv_n, int) or self.lv_n < 1:
-            raise _bad("lv_n", self.lv_n, "an integer ≥ 1")
-        if not isinstance(self.refl_m, int) or self.refl_m < 1:
-            raise _bad("refl_m", self.refl_m, "an integer ≥ 1")
-        if self.distill_space not in DISTILL_SPACES:
-            raise _bad("distill_space", self.distill_space, ", ".join(DISTILL_SPACES))
-        return self
-
 
 def sq_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """‖a − b‖² per sample (summed over every element of an image), averaged over the batch: (B, ...) -> ().
-
-    The paper's λ‖x_s − x_t‖² read literally. A per-element mean (MSE) would divide the term by
-    C·H·W (3·512² at SD scale, 3·32² in the mini world): measured in the mini world, λ = 0.1 times
-    the MSE stayed below 3e-5 next to an aesthetic reward of ≈ 7 and RID equalled the baseline to
-    three digits. With the sum, λ·‖·‖² is of the order of the reward changes a task makes."""
+    The paper's λ‖x_s − x_t‖² read literally; a per-element mean would divide it by C·H·W and make
+    λ = 0.1 negligible next to the reward (README, "Choices the paper leaves open")."""
     return (a - b).pow(2).flatten(1).sum(1).mean()
 
 
@@ -630,7 +505,7 @@ def rid_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig):
         z1 = _denoise(models, text, noise.to(models.device, models.dtype), ddim, range(cfg.steps - 1), cfg.guidance)
 
     #### LAST STEP, STUDENT: z_1 → x₀ with gradient into the current adapters ####
-    x0_s = _denoise(models, text, z1, ddim, last, cfg.guidance, cfg.grad_checkpoint)  # (B, 4, h, w)
+    x0_s = _denoise(models, text, z1, ddim, last, cfg.guidance, cfg.gradient_checkpointing)  # (B, 4, h, w)
 
     #### LAST STEP, TEACHER: same z_1, EMA adapters, no gradient ####
     with torch.no_grad(), group.teacher():
@@ -657,7 +532,7 @@ def _randn(shape, like: torch.Tensor, generator):
     return torch.randn(shape, generator=generator, device=dev).to(like)
 
 
-def truncated_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig, generator=None):
+def truncated_loss(models, reward_fn, prompts, noise, cfg: StepConfig, generator=None):
     """baseline (K=1, AlignProp), draft-k (K=cfg.truncate), draft (K=all steps), draft-lv (K=1 plus
     n re-noised copies of the final latent, DRaFT's low-variance estimator); loss = −R."""
     K = {"baseline": 1, "draft-k": cfg.truncate, "draft": cfg.steps, "draft-lv": 1}[cfg.method]
@@ -665,20 +540,20 @@ def truncated_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig, ge
     text = _text_batch(models, prompts, cfg.guidance)
     with torch.no_grad():  # steps N … K+1
         z = _denoise(models, text, noise.to(models.device, models.dtype), ddim, range(cfg.steps - K), cfg.guidance)
-    x0 = _denoise(models, text, z, ddim, range(cfg.steps - K, cfg.steps), cfg.guidance, cfg.grad_checkpoint)
+    x0 = _denoise(models, text, z, ddim, range(cfg.steps - K, cfg.steps), cfg.guidance, cfg.gradient_checkpointing)
     reward = reward_fn(decode(models, x0), prompts)  # (B,)
     rewards = [reward.mean()]
     if cfg.method == "draft-lv":
         t1 = int(ddim.timesteps[-1])
         for _ in range(cfg.lv_n):  # z_1 = √ᾱ x̂₀ + √(1−ᾱ) ε_i, then the last step again
             z1 = ddim.add_noise(x0.detach(), _randn(x0.shape, x0, generator), t1)
-            x0_i = _denoise(models, text, z1, ddim, [cfg.steps - 1], cfg.guidance, cfg.grad_checkpoint)
+            x0_i = _denoise(models, text, z1, ddim, [cfg.steps - 1], cfg.guidance, cfg.gradient_checkpointing)
             rewards.append(reward_fn(decode(models, x0_i), prompts).mean())
     loss = -torch.stack(rewards).mean()
     return loss, {"loss": loss.item(), "reward": reward.mean().item()}
 
 
-def refl_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig, generator=None):
+def refl_loss(models, reward_fn, prompts, noise, cfg: StepConfig, generator=None):
     """ReFL: sample to a random step j ∈ [1, m] from the end (no grad), then one UNet call with
     gradient predicting x̂₀ directly from z_t; loss = −R(decode(x̂₀)). m scales with steps/50."""
     m = min(cfg.steps, max(1, round(cfg.refl_m * cfg.steps / 50)))
@@ -697,24 +572,17 @@ def refl_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig, generat
 
 def method_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig, generator=None):
     """(loss, logs) for cfg.method on one micro-batch; gradient reaches only group.flat."""
-    cfg.check()
-    group.flat  # a trainable task must exist
-    if len(prompts) != noise.shape[0]:
-        raise _bad("noise batch", noise.shape[0], f"one latent per prompt ({len(prompts)})")
     if cfg.method == "rid":
         return rid_loss(models, group, reward_fn, prompts, noise, cfg)
     if cfg.method == "refl":
-        return refl_loss(models, group, reward_fn, prompts, noise, cfg, generator)
-    return truncated_loss(models, group, reward_fn, prompts, noise, cfg, generator)
+        return refl_loss(models, reward_fn, prompts, noise, cfg, generator)
+    return truncated_loss(models, reward_fn, prompts, noise, cfg, generator)
 
 
 def train_step(models, group, reward_fn, micro_batches, optimizer, cfg: StepConfig, clip_grad=1.0,
                generator=None) -> dict:
-    """One optimizer step over micro-batches [(prompts, noise), …]; DDP-averaged when
-    torch.distributed is initialised; RID's EMA teacher update after the step."""
-    cfg.check()
-    if not micro_batches:
-        raise _bad("micro_batches", micro_batches, "a non-empty list of (prompts, noise)")
+    """One optimizer step over micro-batches [(prompts, noise), …] (one latent per prompt);
+    DDP-averaged when torch.distributed is initialised; RID's EMA teacher update after the step."""
     flat = group.flat
     optimizer.zero_grad(set_to_none=True)
     logs = {}
@@ -739,148 +607,3 @@ def train_step(models, group, reward_fn, micro_batches, optimizer, cfg: StepConf
     if cfg.method == "rid":
         group.ema_update(cfg.ema)
     return logs
-
-
-############################################################################################
-# Benchmark: python rid.py bench [--model DIR] [--steps N] [--batch B] [--reps R]
-############################################################################################
-
-def _median_ms(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def _sd15_unet_meta():
-    """SD-1.5's UNet (860 M parameters) on the meta device: shapes without memory."""
-    from diffusers import UNet2DConditionModel
-
-    with torch.device("meta"):
-        return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-
-
-def bench(model: str | None, steps: int, batch: int, reps: int):
-    """Validate, then time: RID vs baseline per training step; EMA-buffer teacher vs a deep-copied
-    UNet; one adapter-group op vs T separate LoRA linears as T grows."""
-    if model is None:  # the test suite's tiny SD, built from configs in a temp dir
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "tests"))
-        from tiny import tiny_sd
-
-        with tempfile.TemporaryDirectory(prefix="rid-bench-") as tmp:
-            base = load_models(tiny_sd(tmp))
-        model = "tests/tiny.py tiny SD"
-    else:
-        base = load_models(model)
-    prompts = ["a photo of a cat", "a red car", "a dog on the house", "the blue tree"] * batch
-    prompts, dev = prompts[:batch], base.device
-    reward = lambda img, p: img[:, 0].mean(dim=(1, 2))  # noqa: E731  (cheap, differentiable)
-
-    print(f"== per training step: rid vs baseline ({model}, {steps} DDIM steps, batch {batch}, CPU) ==")
-    runs, calls = {}, {}
-    for method in ("baseline", "rid"):
-        m = copy.deepcopy(base)
-        group = inject(m.unet)
-        group.add_task("bench")
-        count = {"unet": 0, "decode": 0}
-        m.unet.register_forward_pre_hook(lambda *a, c=count: c.__setitem__("unet", c["unet"] + 1))
-        dec = m.vae.decode
-        m.vae.decode = lambda *a, c=count, d=dec, **k: (c.__setitem__("decode", c["decode"] + 1), d(*a, **k))[1]
-        opt = torch.optim.AdamW(group.parameters(), lr=1e-4)
-        cfg = StepConfig(method=method, steps=steps)
-        noise = torch.randn(batch, *m.latent_shape, generator=torch.Generator().manual_seed(0)).to(dev)
-        runs[method] = lambda m=m, g=group, o=opt, c=cfg, n=noise: train_step(m, g, reward, [(prompts, n)], o, c)
-        runs[method]()
-        calls[method] = dict(count)
-    times = {k: [] for k in runs}
-    for _ in range(reps):  # interleaved, so load from other processes hits both alike
-        for k, fn in runs.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append((time.perf_counter() - t0) * 1e3)
-    ms = {k: statistics.median(v) for k, v in times.items()}
-    for method in runs:
-        print(f"  {method:8s} {ms[method]:9.1f} ms/step   UNet calls {calls[method]['unet']:3d} (CFG-batched)   "
-              f"VAE decodes {calls[method]['decode']}")
-    print(f"  rid / baseline = {ms['rid'] / ms['baseline']:.3f}   extra per step: "
-          f"{calls['rid']['unet'] - calls['baseline']['unet']} UNet call, "
-          f"{calls['rid']['decode'] - calls['baseline']['decode']} VAE decode "
-          f"(at 50 steps the extra UNet call is ≈ 1/50 of the sampling; a tiny VAE is relatively dear)")
-
-    print("== teacher memory: EMA adapter buffer vs a deep-copied UNet ==")
-    m = copy.deepcopy(base)
-    group = inject(m.unet)
-    group.add_task("bench")
-    teacher_unet = copy.deepcopy(m.unet)
-    tensors = list(teacher_unet.parameters()) + list(teacher_unet.buffers())
-    copy_bytes = sum(t.numel() * t.element_size() for t in tensors)
-    ema_bytes = group.ema.numel() * group.ema.element_size()
-    print(f"  this model: EMA buffer {ema_bytes / 1e6:.3f} MB vs deepcopy(unet) {copy_bytes / 1e6:.2f} MB "
-          f"(ratio {copy_bytes / ema_bytes:.0f}x)")
-    sd = _sd15_unet_meta()
-    sd_group = inject(sd)
-    sd_group.add_task("bench")
-    n_unet = sum(p.numel() for p in sd.parameters())
-    print(f"  SD-1.5 (rank 4, attention targets, counted on the meta device): EMA buffer "
-          f"{sd_group.ema.numel() * 4 / 1e6:.2f} MB fp32 ({sd_group.ema.numel() / 1e6:.3f} M values) vs "
-          f"deepcopy(unet) {n_unet * 2 / 1e9:.2f} GB fp16 ({n_unet / 1e6:.0f} M parameters)")
-
-    print("== adapter group op vs T separate LoRA linears (fwd+bwd, x (1024, 320), W (320, 320), r 4) ==")
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(1024, 320, generator=g, requires_grad=True)
-    W, b = torch.randn(320, 320, generator=g) / 18, torch.randn(320, generator=g)
-    dy = torch.randn(1024, 320, generator=g)
-    for T in (1, 2, 4, 8):
-        As = [torch.randn(4, 320, generator=g) / 18 for _ in range(T)]
-        Bs = [torch.randn(320, 4, generator=g) / 2 for _ in range(T)]
-        for t in (As[-1], Bs[-1]):
-            t.requires_grad_(True)
-        s = [0.5 + 0.1 * i for i in range(T)]
-        entries = ([], [], [])
-        if T > 1:  # frozen block: [A_1; …; A_{T−1}], [s_1 B_1 … s_{T−1} B_{T−1}], scale 1
-            entries = ([torch.cat(As[:-1])], [torch.cat([si * Bi for si, Bi in zip(s[:-1], Bs[:-1])], 1)], [1.0])
-
-        def group_op():  # rid: (frozen block, current adapter), one op
-            A_list, B_list, s_list = entries[0] + [As[-1]], entries[1] + [Bs[-1]], entries[2] + [s[-1]]
-            return kernels.lora_group_linear(x, W, b, A_list, B_list, s_list)
-
-        def separate():  # peft-style: one LoRA branch per adapter
-            y = F.linear(x, W, b)
-            for si, A, B in zip(s, As, Bs):
-                y = y + si * F.linear(F.linear(x, A), B)
-            return y
-
-        torch.testing.assert_close(group_op(), separate(), rtol=1e-4, atol=1e-4)
-        t_group = _median_ms(lambda: group_op().backward(dy), reps * 4)
-        t_sep = _median_ms(lambda: separate().backward(dy), reps * 4)
-        print(f"  T={T}: group {t_group:7.2f} ms   separate {t_sep:7.2f} ms   separate/group {t_sep / t_group:.2f}x "
-              f"(kernel mode {kernels.kernel_mode()})")
-
-
-def main(argv=None):
-    import argparse
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line, exit 2, no usage dump
-            print(f"rid: {message}", file=sys.stderr)
-            sys.exit(2)
-
-    p = Parser(prog="rid.py", description="rid's method module; `bench` prints its cost figures")
-    p.add_argument("command", choices=["bench"])
-    p.add_argument("--model", default=None, help="diffusers dir or hub id (default: the tests' tiny SD)")
-    p.add_argument("--steps", type=int, default=10, help="DDIM steps per training step")
-    p.add_argument("--batch", type=int, default=2)
-    p.add_argument("--reps", type=int, default=5, help="timed repetitions (medians printed)")
-    a = p.parse_args(argv)
-    try:
-        bench(a.model, a.steps, a.batch, a.reps)
-    except ValueError as e:
-        print(f"rid: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()

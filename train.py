@@ -5,15 +5,8 @@
     torchrun --nproc_per_node=8 train.py --model ... --tasks ...    # data-parallel, same maths as 1 GPU
 
 Task k is *stage k*: a fresh LoRA pair joins the adapter group (older adapters frozen) and is trained on
-reward k with rid.train_step. The run directory (--out) is what eval.py reads:
-
-    out/run.json                     tasks, method, model, reward spec, finished stages, seed, config
-    out/train_prompts.txt, out/test_prompts.txt     the prompt split (eval.py scores the test prompts)
-    out/stageK-<task>/               adapters.safetensors + adapters.json (all K adapters), config.json,
-                                     metrics.jsonl (one line per step), samples.png (fixed prompts and noise)
-    out/stageK-<task>/ckpt/          resumable mid-task state while stage K runs (removed when it ends)
-
-A stage is finished when run.json lists it. Every --ckpt-every steps the adapter group (with its EMA
+reward k with rid.train_step. The run directory (--out) is what eval.py reads; its layout is described
+at the top of checkpoint.py. A stage is finished when run.json lists it. Every --ckpt-every steps the adapter group (with its EMA
 teacher), the optimizer and the step are written atomically; --resume continues from there and ends
 with bit-identical adapters: every random draw comes from a generator seeded by (seed, stage, step,
 process), see seed_of, so the RNG state is a function of the step; the prompt order of epoch e is a
@@ -23,7 +16,6 @@ Exit codes: 0 done, 2 bad input (one line on stderr), 3 non-finite loss (the las
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -32,7 +24,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 
@@ -42,8 +34,11 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+import checkpoint
+import mini
 import rewards
 import rid
+from checkpoint import UsageError, find_ckpt, write_json
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -52,12 +47,9 @@ PAPER_EPOCHS = {"aesthetic": 10, "hps": 120, "compress": 15}
 PAPER_RID = {"batch": 8, "lr": 5e-5}
 PAPER_BASELINE = {"batch": 128, "lr": 1e-3}  # the baseline; the DRaFT family (draft-k/draft/draft-lv/refl) too
 # The mini world's schedule (CPU scale): the paper's task order, sized so RID + baseline over all three
-# tasks plus eval.py fit in 20 min on 2 CPU cores. Every method gets batch 8 and the same epochs; hps
-# gets the longest (one epoch mostly repairs the caption fidelity the aesthetic task cost). As in the
-# paper, RID and the baseline have their own hps lr: at a constant 5e-4 the baseline's HPS peaks and
-# then collapses (2 of 3 seeds), so it and every non-RID method decay from 7e-4 along half a cosine;
-# under that RID, distilling towards its teacher at every step, only gets back to the base model's HPS,
-# so it keeps the constant 5e-4, under which it gains in every seed (docs/mini_results.md has the runs).
+# tasks plus eval.py fit in 20 min on 2 CPU cores. Every method gets batch 8 and the same epochs. As in
+# the paper, RID and the baseline have their own hps lr: each the schedule under which it gains HPS in
+# every seed (docs/mini_results.md's notes give every schedule tried).
 MINI_EPOCHS = {"aesthetic": 1, "hps": 3, "compress": 1}
 MINI_LR = {"aesthetic": 1e-3, "hps": 7e-4, "compress": 1e-3}
 MINI_LR_SCHEDULE = {"aesthetic": "constant", "hps": "cosine", "compress": "constant"}
@@ -70,16 +62,6 @@ ANIMALS = ("cat dog horse monkey rabbit zebra spider bird sheep deer cow goat li
            "wolf lizard beetle ant butterfly fish shark whale dolphin squirrel mouse rat snake turtle frog "
            "chicken duck goose bee pig turkey fly llama camel bat gorilla hedgehog kangaroo").split()
 
-# Test hook, never set in normal use: "module:function" replaces every task's reward with that function
-# (tests/test_train.py uses tiny.toy_reward to train the tiny model without CLIP weights). A run made
-# with it says so in its log and in run.json ("test_reward").
-TEST_REWARD_ENV = "RID_TRAIN_REWARD"
-
-
-class UsageError(Exception):
-    """Bad input: main() prints it as one line and exits 2."""
-
-
 class NonFiniteLoss(Exception):
     """The loss went nan/inf: main() exits 3 and the last good checkpoint stays."""
 
@@ -87,11 +69,13 @@ class NonFiniteLoss(Exception):
 #### CONFIG ####
 
 @dataclass
-class Config:
+class Config(rid.StepConfig):
+    """The run's settings. The method's knobs (method, steps, guidance, lam, ema, truncate, lv_n, refl_m,
+    distill_space, gradient_checkpointing) are rid.StepConfig's fields, declared there once with their
+    help and range; the CLI flags for them are derived from those declarations (build_parser)."""
     # -- the task sequence --
     tasks: list = field(default_factory=lambda: list(rewards.REWARDS))  # stage order; ["joint"] with --joint
     joint: dict | None = None  # {reward: weight}: ONE task "joint" rewarded by Σ w·R (paper: 0.01/2/1)
-    method: str = "rid"        # one of rid.METHODS
     # -- what is trained, on what --
     model: str = SD15          # diffusers directory or hub id (the mini-world preset points at mini/)
     reward_spec: str | None = None  # rewards.load_spec JSON saying where reward weights live; None: SD's
@@ -99,16 +83,7 @@ class Config:
     test_prompts: str | None = None  # fixed held-out prompt file (mini world); None: split off `prompts`
     n_train: int = 750         # training prompts kept after the split (paper: 750 HPD "photo")
     n_test: int = 50           # held-out prompts eval.py scores (paper: 50)
-    # -- the method (rid.StepConfig) --
     rank: int = 4              # LoRA rank of each task's adapter
-    lam: float = 0.1           # λ: weight of RID's last-step distillation term
-    ema: float = rid.DEFAULT_EMA  # α: teacher ← α·teacher + (1−α)·student after each step
-    steps: int = 50            # DDIM steps per sample
-    guidance: float = 7.5      # classifier-free guidance scale
-    truncate: int = 1          # draft-k: backpropagate through the last K denoising steps
-    lv_n: int = 2              # draft-lv: inner loops of the low-variance estimate
-    refl_m: int = 20           # refl: the reward step is drawn from the last m steps
-    distill_space: str = "pixel"  # rid: where student and teacher x0 are compared (see rid.StepConfig)
     # -- schedule, per task (paper() fills them; --epochs/--lr/--lr-schedule/--batch override) --
     epochs: dict = field(default_factory=dict)  # {task: passes over the training prompts}
     lr: dict = field(default_factory=dict)      # {task: AdamW learning rate (the peak, under cosine)}
@@ -124,7 +99,6 @@ class Config:
     micro_batch: int | None = 8  # prompts per forward/backward on one process
     grad_accum: int | None = None  # alternatively: micro-batches per step per process (sets micro_batch)
     dtype: str = "fp32"        # fp32, or bf16 (bf16 frozen base, fp32 LoRA: DRaFT's recipe)
-    gradient_checkpointing: bool = False  # recompute UNet activations in backward (useful for K > 1)
     ckpt_every: int = 100      # optimizer steps between mid-task checkpoints
     n_samples: int = 8         # test prompts in each stage's samples.png
     out: str = "out"
@@ -146,7 +120,6 @@ def paper(cfg: Config) -> Config:
 
 def mini_world(cfg: Config) -> Config:
     """Preset: the committed CPU-scale world (mini/): its model, reward spec, prompt split and sampler."""
-    mini = _mini()
     if not (Path(mini.WORLD) / "world.json").is_file():
         raise UsageError(f"the mini world is not built ({Path(mini.WORLD) / 'world.json'} is missing): run "
                          f"`python -m mini build`, or pass --model, e.g. --model {SD15}")
@@ -184,7 +157,6 @@ def build_parser() -> argparse.ArgumentParser:
                       f"default: {','.join(d.tasks)})")
     a("--joint", help="train ONE task rewarded by a weighted sum instead of a sequence, e.g. "
                       "aesthetic:0.01,hps:2,compress:1 (the paper's joint tuning); excludes --tasks (default: none)")
-    a("--method", help=f"one of {', '.join(rid.METHODS)} (default: {d.method})")
     a("--model", help="diffusers directory or hub id (default: the mini world, mini/world/model; "
                       f"the paper's SD-1.5 is {SD15})")
     a("--reward-spec", help="JSON saying where reward weights live (rewards.RewardSpec keys; default: the "
@@ -196,19 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--out", help=f"run directory (default: {d.out})")
     a("--seed", type=int, help=f"seed of the split, prompt order, LoRA init and noise (default: {d.seed})")
     a("--rank", type=int, help=f"LoRA rank per task (default: {d.rank})")
-    a("--lam", type=float, help=f"λ, weight of RID's distillation term (default: {d.lam})")
-    a("--ema", type=float, help="RID teacher momentum α: after each step teacher ← α·teacher + (1−α)·student, "
-                                "so the teacher is the student averaged over its last ~1/(1−α) steps "
-                                f"(default: rid.DEFAULT_EMA = {d.ema}, ~{round(1 / (1 - d.ema))} steps ≈ one epoch "
-                                "of 750 prompts at batch 8: the teacher lags the student by about an epoch, "
-                                "see rid.DEFAULT_EMA)")
-    a("--steps", type=int, help=f"DDIM steps (default: {d.steps}; the mini world sets its own)")
-    a("--guidance", type=float, help=f"classifier-free guidance scale (default: {d.guidance})")
-    a("--truncate", type=int, metavar="K", help=f"draft-k: backprop through the last K steps (default: {d.truncate})")
-    a("--lv-n", type=int, help=f"draft-lv inner loops n (default: {d.lv_n})")
-    a("--refl-m", type=int, help=f"refl: reward step drawn from the last m steps (default: {d.refl_m})")
-    a("--distill-space", help=f"rid: where student and teacher are compared, one of "
-                              f"{', '.join(rid.DISTILL_SPACES)} (default: {d.distill_space}, as the paper)")
+    add_method_flags(p, d)
     a("--epochs", help="passes over the training prompts: N for every task or task=N[,task=N] "
                        f"(default, the paper: {', '.join(f'{k} {v}' for k, v in PAPER_EPOCHS.items())}; "
                        f"mini world: {', '.join(f'{k} {v}' for k, v in MINI_EPOCHS.items())})")
@@ -231,14 +191,30 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-steps", type=int, help="cap on optimizer steps per task, for smoke runs (default: none)")
     a("--dtype", choices=("fp32", "bf16"), help="fp32, or a bf16 frozen base with fp32 LoRA as DRaFT did "
                                                 f"(default: {d.dtype})")
-    a("--gradient-checkpointing", action="store_true", default=None,
-      help="recompute UNet activations in backward; saves memory when K > 1 (default: off)")
     a("--ckpt-every", type=int, help=f"optimizer steps between mid-task checkpoints (default: {d.ckpt_every})")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint (same "
                                             "settings required); starts fresh if --out holds no run")
     a("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    a("--_die-after-step", type=int, help=argparse.SUPPRESS)  # tests: os._exit after this many steps
     return p
+
+
+# The mini world overrides these method defaults with its world.json's sampler.
+MINI_SETS = ("steps", "guidance")
+
+
+def add_method_flags(p: argparse.ArgumentParser, d: Config) -> None:
+    """One --flag per rid.StepConfig field, from its declaration (help, choices); checked in resolve()."""
+    kinds = {"int": int, "float": float, "str": str}
+    for f in fields(rid.StepConfig):
+        flag, meta = "--" + f.name.replace("_", "-"), f.metadata
+        default = getattr(d, f.name)
+        note = "; the mini world sets its own" if f.name in MINI_SETS else ""
+        choices = f" (one of {', '.join(meta['choices'])})" if meta["choices"] else ""
+        help = f"{meta['help']}{choices} (default: {'off' if default is False else default}{note})"
+        if f.type == "bool":
+            p.add_argument(flag, action="store_true", default=None, help=help)
+        else:
+            p.add_argument(flag, type=kinds[f.type], metavar=meta.get("metavar"), help=help)
 
 
 def _positive(flag, value, cast=int):
@@ -278,7 +254,7 @@ def resolve(args) -> tuple[Config, bool]:
     """CLI -> the resolved Config: the base, then presets (paper; mini world), then explicit flags."""
     method = args.method or Config.method
     if method not in rid.METHODS:
-        raise UsageError(f"--method {method!r} is unknown; valid: {', '.join(rid.METHODS)}")
+        raise UsageError(f"--method {method!r} is unknown; valid: {', '.join(rid.METHODS)}")  # picks presets
     joint = None
     if args.joint is not None:
         if args.tasks is not None:
@@ -296,7 +272,7 @@ def resolve(args) -> tuple[Config, bool]:
             raise UsageError(f"--tasks {args.tasks!r}: {what}; valid: {', '.join(rewards.REWARDS)}")
     cfg = paper(Config(tasks=tasks, joint=joint, method=method))
 
-    is_mini = args.model is None or _is_mini_model(args.model)
+    is_mini = args.model is None or mini.is_model(args.model)
     if is_mini:
         cfg = mini_world(cfg)
     else:
@@ -305,11 +281,15 @@ def resolve(args) -> tuple[Config, bool]:
         cfg.prompts, cfg.test_prompts = str(Path(args.prompts).resolve()), None
     if args.reward_spec is not None:
         cfg.reward_spec = str(Path(args.reward_spec).resolve())
-    for name in ("out", "seed", "lam", "ema", "guidance", "distill_space", "dtype", "device",
-                 "gradient_checkpointing"):
+    method_fields = [f.name for f in fields(rid.StepConfig)]
+    for name in ("out", "seed", "dtype", "device", *method_fields):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
-    for name in ("rank", "steps", "truncate", "lv_n", "refl_m", "max_steps", "ckpt_every", "micro_batch"):
+    try:  # the one range check of every method setting, named as the user typed it
+        cfg.check(lambda name: "--" + name.replace("_", "-"))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    for name in ("rank", "max_steps", "ckpt_every", "micro_batch"):
         value = _positive("--" + name.replace("_", "-"), getattr(args, name))
         if value is not None:
             setattr(cfg, name, value)
@@ -322,8 +302,6 @@ def resolve(args) -> tuple[Config, bool]:
         cfg.lr_schedule.update(parse_per_task("--lr-schedule", args.lr_schedule, cfg.tasks, str, LR_SCHEDULES))
     if cfg.seed < 0:
         raise UsageError(f"--seed {cfg.seed}: must be ≥ 0")
-    if not 0.0 <= cfg.ema < 1.0:
-        raise UsageError(f"--ema {cfg.ema}: the momentum α must be in [0, 1)")
     cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(cfg.device)
@@ -334,20 +312,9 @@ def resolve(args) -> tuple[Config, bool]:
     return cfg, is_mini
 
 
-def _mini():
-    try:
-        import mini
-    except ImportError as e:
-        raise UsageError(f"the mini world (mini/) is not importable ({e}); pass --model, e.g. --model {SD15}") from None
-    return mini
-
-
-def _is_mini_model(model: str) -> bool:
-    try:
-        import mini
-    except ImportError:
-        return False
-    return Path(model).exists() and Path(model).resolve() == Path(mini.MODEL).resolve()
+def step_config(cfg: Config) -> rid.StepConfig:
+    """The method's part of the run's settings (its __post_init__ checks how they combine)."""
+    return rid.StepConfig(**{f.name: getattr(cfg, f.name) for f in fields(rid.StepConfig)})
 
 
 def micro_plan(cfg: Config, task: str, world: int) -> tuple[int, int]:
@@ -417,16 +384,6 @@ def batch_prompts(train: list, step: int, batch: int, seed: int) -> list:
 
 #### RUN DIRECTORY ####
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
-def write_json(path: Path, obj) -> None:
-    write_atomic(path, json.dumps(obj, indent=1) + "\n")
-
-
 def config_dict(cfg: Config) -> dict:
     return json.loads(json.dumps(asdict(cfg)))  # JSON-normalised (tuples -> lists), as stored
 
@@ -454,7 +411,7 @@ def open_run(cfg: Config, resume: bool) -> tuple[dict, list, list]:
     try:  # a cheap probe now rather than a failure after loading the model
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-probe{os.getpid()}"
-        write_atomic(probe, "")
+        checkpoint.atomic_write(probe, "")
         os.remove(probe)
     except OSError as e:
         raise UsageError(f"--out {out}: not writable ({e.strerror or e})") from None
@@ -466,8 +423,6 @@ def open_run(cfg: Config, resume: bool) -> tuple[dict, list, list]:
     run = {"tasks": cfg.tasks, "method": cfg.method, "model": cfg.model, "reward_spec": cfg.reward_spec,
            "stages": [], "test_prompts": "test_prompts.txt", "train_prompts": "train_prompts.txt",
            "seed": cfg.seed, "config": config_dict(cfg)}
-    if os.environ.get(TEST_REWARD_ENV):
-        run["test_reward"] = os.environ[TEST_REWARD_ENV]
     return run, train, test
 
 
@@ -475,29 +430,9 @@ def create_run(cfg: Config, run: dict, train: list, test: list) -> None:
     """Rank 0 writes the prompt split and run.json of a new run."""
     out = Path(cfg.out)
     if _rank() == 0 and not (out / "run.json").exists():
-        write_atomic(out / "train_prompts.txt", "\n".join(train) + "\n")
-        write_atomic(out / "test_prompts.txt", "\n".join(test) + "\n")
+        checkpoint.atomic_write(out / "train_prompts.txt", "\n".join(train) + "\n")
+        checkpoint.atomic_write(out / "test_prompts.txt", "\n".join(test) + "\n")
         write_json(out / "run.json", run)
-
-
-def save_dir_atomic(path: Path, write) -> None:
-    """write(tmp_dir) then swap it in: a reader finds `path` (or, mid-swap, `path.old`) complete."""
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    write(tmp)
-    shutil.rmtree(old, ignore_errors=True)
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def find_ckpt(stage_dir: Path) -> Path | None:
-    for p in (stage_dir / "ckpt", stage_dir / "ckpt.old"):
-        if (p / "trainer.pt").exists():
-            return p
-    return None
 
 
 def seed_of(seed: int, stage: int, purpose: int, step: int = 0, rank: int = 0) -> int:
@@ -519,9 +454,7 @@ def save_grid(images: torch.Tensor, path: Path, ncol: int = 4) -> None:
     for i, img in enumerate(imgs):
         r, c = divmod(i, ncol)
         grid[:, r * h:(r + 1) * h, c * w:(c + 1) * w] = img
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    checkpoint.atomic_write(path, lambda tmp: Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp, format="PNG"))
 
 
 #### TRAINING ####
@@ -548,11 +481,6 @@ def _mean_across_ranks(logs: dict, device) -> dict:
 
 def reward_fn(task: str, cfg: Config):
     """The task's reward; loaded now so missing weights fail before hours of training, not after."""
-    hook = os.environ.get(TEST_REWARD_ENV)
-    if hook:
-        log(f"{TEST_REWARD_ENV}={hook}: the {task} reward is replaced by this test function")
-        module, _, name = hook.partition(":")
-        return getattr(importlib.import_module(module), name)
     spec = rewards.load_spec(cfg.reward_spec)
     return rewards.joint(cfg.joint, spec, cfg.device) if task == "joint" else rewards.get(task, spec, cfg.device)
 
@@ -567,7 +495,7 @@ def lr_at(peak: float, step: int, total: int, schedule: str) -> float:
 
 
 def train_stage(k: int, task: str, models, group, reward, train: list, test: list, cfg: Config,
-                step_cfg, world: int, die_after: list):
+                step_cfg, world: int):
     """Stage k: add the task's adapter to the group and train it; returns the group."""
     out = Path(cfg.out)
     sdir = out / f"stage{k}-{task}"
@@ -581,7 +509,7 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
     ckpt = find_ckpt(sdir)
     if ckpt is not None:  # resume: the group with this task's adapter, its EMA and the optimizer
         with bad_input():
-            group = rid.load_group(models.unet, str(ckpt))
+            group = checkpoint.load(models.unet, ckpt)
     else:
         if group is None:
             group = rid.inject(models.unet, rank=cfg.rank)
@@ -601,16 +529,16 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
         write_json(sdir / "config.json", stage_cfg)
         rows = [json.loads(l) for l in metrics.read_text().splitlines()] if start and metrics.exists() else []
         rows = [r for r in rows if r["step"] <= start]  # drop steps logged after the checkpoint
-        write_atomic(metrics, "".join(json.dumps(r) + "\n" for r in rows))
+        checkpoint.atomic_write(metrics, "".join(json.dumps(r) + "\n" for r in rows))
         elapsed = rows[-1]["time"] if rows else 0.0
 
-    def checkpoint(step):
+    def save_ckpt(step):
         def write(tmp):
-            group.save(str(tmp), extra={"task": task, "stage": k, "step": step})
+            checkpoint.save(group, tmp, extra={"task": task, "stage": k, "step": step})
             torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "trainer.pt")
             write_json(tmp / "config.json", stage_cfg)
         if rank == 0:
-            save_dir_atomic(sdir / "ckpt", write)
+            checkpoint.save_dir_atomic(sdir / "ckpt", write)
 
     t0 = time.time()
     bar = tqdm(total=total, initial=start, desc=f"stage {k}/{len(cfg.tasks)} {task}", disable=rank != 0,
@@ -648,10 +576,7 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
         bar.update(1)
         bar.set_postfix(reward=f"{logs['reward']:.4g}", loss=f"{logs['loss']:.4g}")
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < total:
-            checkpoint(step + 1)
-        die_after[0] -= 1
-        if die_after[0] == 0:  # test hook: a hard crash, nothing flushed, no cleanup
-            os._exit(17)
+            save_ckpt(step + 1)
     bar.close()
 
     #### STAGE END: samples, adapters, run.json (the stage counts as finished from here) ####
@@ -661,7 +586,7 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
         noise = torch.randn((len(shown), *models.latent_shape), generator=gen).to(models.device)
         save_grid(rid.sample(models, shown, noise, steps=cfg.steps, guidance=cfg.guidance, group=group),
                   sdir / "samples.png")
-        group.save(str(sdir), extra={"task": task, "stage": k, "step": total, "config": stage_cfg})
+        checkpoint.save(group, sdir, extra={"task": task, "stage": k, "step": total, "config": stage_cfg})
         run_path = out / "run.json"
         run = json.loads(run_path.read_text())
         run["stages"] = [s for s in run["stages"] if s != sdir.name] + [sdir.name]
@@ -687,7 +612,7 @@ def bad_input():
         raise UsageError(str(e)) from None
 
 
-def run(cfg: Config, is_mini: bool, model_given: bool, resume: bool, die_after: int | None, world: int) -> None:
+def run(cfg: Config, is_mini: bool, model_given: bool, resume: bool, world: int) -> None:
     if is_mini:
         log(f"{'no --model given: ' * (not model_given)}training in the mini world ({cfg.model}, CPU-scale); "
             f"for the paper's setting pass --model {SD15}")
@@ -699,9 +624,7 @@ def run(cfg: Config, is_mini: bool, model_given: bool, resume: bool, die_after: 
     enable_progress_bars()  # ... but keep the hub's download bars (SD-1.5's first download takes minutes)
     with bad_input():
         run_info, train, test = open_run(cfg, resume)
-        step_cfg = rid.StepConfig(method=cfg.method, steps=cfg.steps, guidance=cfg.guidance, lam=cfg.lam,
-                                  ema=cfg.ema, truncate=cfg.truncate, lv_n=cfg.lv_n, refl_m=cfg.refl_m,
-                                  distill_space=cfg.distill_space, grad_checkpoint=cfg.gradient_checkpointing)
+        step_cfg = step_config(cfg)
         for task in cfg.tasks:
             micro_plan(cfg, task, world)
         models = rid.load_models(cfg.model, device=cfg.device,
@@ -714,7 +637,7 @@ def run(cfg: Config, is_mini: bool, model_given: bool, resume: bool, die_after: 
         f"world size {world}, device {cfg.device}, out {cfg.out}")
 
     #### STAGES ####
-    group, done, counter = None, run_info["stages"], [die_after or -1]
+    group, done = None, run_info["stages"]
     for k, task in enumerate(cfg.tasks, 1):
         if f"stage{k}-{task}" in done:
             if _rank() == 0:  # a crash between run.json and the clean-up leaves it
@@ -722,8 +645,8 @@ def run(cfg: Config, is_mini: bool, model_given: bool, resume: bool, die_after: 
             continue
         if group is None and k > 1 and find_ckpt(Path(cfg.out) / f"stage{k}-{task}") is None:
             with bad_input():  # resuming at a stage boundary: the finished stages' adapters
-                group = rid.load_group(models.unet, str(Path(cfg.out) / f"stage{k - 1}-{cfg.tasks[k - 2]}"))
-        group = train_stage(k, task, models, group, reward_fns[task], train, test, cfg, step_cfg, world, counter)
+                group = checkpoint.load(models.unet, Path(cfg.out) / f"stage{k - 1}-{cfg.tasks[k - 2]}")
+        group = train_stage(k, task, models, group, reward_fns[task], train, test, cfg, step_cfg, world)
     log(f"done: {cfg.out} holds {len(cfg.tasks)} stage(s); evaluate with: python eval.py --ckpt {cfg.out}")
 
 
@@ -737,7 +660,7 @@ def main(argv=None) -> int:
                 cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
                 torch.cuda.set_device(cfg.device)
             dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
-        run(cfg, is_mini, args.model is not None, args.resume, args._die_after_step, world)
+        run(cfg, is_mini, args.model is not None, args.resume, world)
     except UsageError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2

@@ -8,10 +8,18 @@ Committed artifacts live in mini/world/ (rebuilt, seeded, by `python -m mini bui
     prompts/      train.txt (750) and test.txt (50) captions, disjoint combinations
     fid_ref.safetensors, world.json (sizes, default DDIM steps / guidance, measured quality)
 """
+import os
 from pathlib import Path
 
 WORLD = Path(__file__).resolve().parent / "world"
 MODEL = WORLD / "model"
 REWARD_SPEC = WORLD / "rewards.json"
 
-__all__ = ["WORLD", "MODEL", "REWARD_SPEC"]
+
+def is_model(model) -> bool:
+    """True when `model` (a path or hub id) is this world's model directory: the one check of
+    "is this the mini world?" that train.py and eval.py share."""
+    return os.path.realpath(str(model)) == os.path.realpath(MODEL) and MODEL.is_dir()
+
+
+__all__ = ["WORLD", "MODEL", "REWARD_SPEC", "is_model"]

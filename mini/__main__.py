@@ -1,5 +1,5 @@
 """python -m mini build [--out DIR] [--small] [--seed N] [--threads N]
-python -m mini experiment [--methods rid,baseline] [--seeds 0,1,2] ..."""
+(the RIL experiment on this world: python -m experiments.ril)"""
 from __future__ import annotations
 
 import argparse
@@ -30,13 +30,6 @@ def main(argv=None) -> int:
     b.add_argument("--seed", type=int, default=0, help="seed of every random choice (default: 0)")
     b.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is fastest on a contended machine)")
-    sub.add_parser("experiment", add_help=False,
-                   help="the RIL experiment: methods x seeds of train.py + one eval.py -> docs/mini_results.md "
-                        "(see python -m mini experiment --help)")
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["experiment"]:
-        from .experiment import main as experiment
-        return experiment(argv[1:])
     args = p.parse_args(argv)
 
     from .build import BuildConfig, build, small_config

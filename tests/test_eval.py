@@ -11,7 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
+import checkpoint
 import eval as ev
+import mini
 import rewards
 import rid
 from test_rewards import tiny_spec
@@ -69,7 +71,7 @@ def make_run(dir, world, tasks=("aesthetic", "hps"), method="rid", seed=1):
         with torch.no_grad():
             group.flat.copy_(torch.randn(group.flat.shape, generator=g) * 0.3)
         stages.append(f"stage{k}-{task}")
-        group.save(str(dir / stages[-1]))
+        checkpoint.save(group, dir / stages[-1])
     (dir / "test_prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     run = {"tasks": list(tasks), "method": method, "model": world["model"], "reward_spec": world["spec"],
            "stages": stages, "test_prompts": "test_prompts.txt", "seed": 0, "config": {"steps": 2, "guidance": 3.0}}
@@ -91,7 +93,7 @@ def _direct_metrics(world, adapters, n_per_prompt=2):
     """The stage's images made and scored without eval.py's loop."""
     models = rid.load_models(world["model"])
     if adapters:
-        rid.load_group(models.unet, str(adapters))
+        checkpoint.load(models.unet, adapters)
     prompts = [p for p in PROMPTS for _ in range(n_per_prompt)]
     noise = torch.stack([ev.noise_for(0, p, i, models.latent_shape) for p in range(len(PROMPTS))
                          for i in range(n_per_prompt)])
@@ -223,13 +225,14 @@ def test_missing_weights_skip_with_one_line(world, tmp_path):
 
 def test_mini_world_run_uses_clip_fid_on_its_reference_set(world, run_dir, tmp_path, monkeypatch):
     """A run on the mini world's model: FID in CLIP space against mini/world/fid_ref.safetensors."""
-    from types import SimpleNamespace
+    from pathlib import Path
 
     from safetensors.torch import save_file
 
     refs = torch.cat(list(ev.reference_batches(world["ref"], (16, 16))))
     save_file({"images": (refs * 255).round().to(torch.uint8)}, str(tmp_path / "fid_ref.safetensors"))
-    monkeypatch.setattr(ev, "_mini", lambda: SimpleNamespace(MODEL=world["model"], WORLD=tmp_path))
+    monkeypatch.setattr(mini, "MODEL", Path(world["model"]))
+    monkeypatch.setattr(mini, "WORLD", tmp_path)
     s = ev.Settings(**{k: v for k, v in SETTINGS.items() if k != "fid_features"})
     lines = []
     out = ev.evaluate([str(run_dir)], s=s, out=tmp_path / "report", log=lines.append)

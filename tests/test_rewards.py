@@ -322,9 +322,11 @@ def test_custom_arch_needs_a_checkpoint(spec):
 #### JOINT ####
 
 def test_parse_joint():
-    assert rewards.parse_joint("aesthetic:0.01,hps:2,compress:1") == rewards.JOINT_EXAMPLE
+    assert rewards.parse_joint("aesthetic:0.01,hps:2,compress:1") == {"aesthetic": 0.01, "hps": 2.0, "compress": 1.0}
     for bad, msg in [("aesthetic=1", "not name:weight"), ("beauty:1", "not name:weight"),
-                     ("hps:x", "weight 'x' of 'hps' is not a number"), ("hps:1,hps:2", "given twice")]:
+                     ("hps:x", "weight 'x' of 'hps' is not a number"), ("hps:1,hps:2", "given twice"),
+                     ("hps:0", "finite number > 0"), ("hps:-1", "finite number > 0"), ("hps:nan", "finite number > 0"),
+                     ("hps:inf", "finite number > 0")]:
         with pytest.raises(ValueError, match=msg):
             rewards.parse_joint(bad)
 

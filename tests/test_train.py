@@ -4,7 +4,8 @@ reads, bit-exact resume after a hard crash, and 2-process DDP (gloo) against 1 p
 Oracles: the paper's appendix numbers written out below; an uninterrupted run (for resume); a
 1-process run with the same global batch (for DDP); rid.sample on a fresh model loaded from the
 stage directory (for samples.png). The tiny model comes from tests/tiny.py; rewards are swapped for
-tiny.toy_reward through train.py's documented test hook (RID_TRAIN_REWARD), so no CLIP weights.
+tiny.toy_reward by patching train.reward_fn (in this process, or through tests/train_launcher.py in
+a subprocess), so no CLIP weights.
 """
 import json
 import math
@@ -21,11 +22,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import checkpoint
 import tiny
 import train
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "test_train:recording_reward"
+LAUNCHER = str(ROOT / "tests" / "train_launcher.py")
 
 # The paper's appendix (RIL, "Implementation details"), written out here as the oracle.
 PAPER_EPOCHS = {"aesthetic": 10, "hps": 120, "compress": 15}
@@ -80,12 +83,20 @@ def tiny_args(world, out, *extra, tasks="aesthetic,compress"):
 
 def subprocess_env(**extra):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-               RID_TRAIN_REWARD=HOOK, OMP_NUM_THREADS=str(torch.get_num_threads()), **extra)
+               OMP_NUM_THREADS=str(torch.get_num_threads()), **extra)
     return env
 
 
+def use_reward(monkeypatch, hook):
+    """Every task's reward becomes the test function `hook` ("module:function")."""
+    module, _, name = hook.partition(":")
+    fn = getattr(__import__(module), name)
+    monkeypatch.setattr(train, "reward_fn", lambda task, cfg: fn)
+
+
 def run_main(monkeypatch, argv, hook=HOOK, **env):
-    monkeypatch.setenv("RID_TRAIN_REWARD", hook)
+    if hook:
+        use_reward(monkeypatch, hook)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return train.main(argv)
@@ -174,7 +185,6 @@ def test_mini_world_is_the_default_with_its_real_rewards(mini_world, tmp_path, m
     monkeypatch.setattr(mini, "WORLD", mini_world)
     monkeypatch.setattr(mini, "MODEL", mini_world / "model")
     monkeypatch.setattr(mini, "REWARD_SPEC", mini_world / "rewards.json")
-    monkeypatch.delenv("RID_TRAIN_REWARD", raising=False)
     world = json.loads((mini_world / "world.json").read_text())
     cfg = resolve("--tasks", "aesthetic")
     assert Path(cfg.model) == mini_world / "model" and Path(cfg.reward_spec) == mini_world / "rewards.json"
@@ -228,7 +238,6 @@ def test_joint_task_trains_on_the_weighted_sum(world, tmp_path, monkeypatch):
     """--joint goes through rewards.joint (compress needs no weights, so the real reward runs here)."""
     import rewards
 
-    monkeypatch.delenv("RID_TRAIN_REWARD", raising=False)
     cfg = resolve("--model", world.sd, "--joint", "compress:2", "--device", "cpu")
     images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     expect = 2 * rewards.get("compress")(images, ["a", "b"])
@@ -316,7 +325,7 @@ def test_bad_files(world, tmp_path, monkeypatch, capsys):
     # missing reward weights: the real rewards (no test hook), a spec naming a file that does not exist
     spec = tmp_path / "spec.json"
     spec.write_text(json.dumps({"hps_weights": "missing_hps.pt"}))
-    monkeypatch.delenv("RID_TRAIN_REWARD", raising=False)
+    monkeypatch.undo()  # the real rewards
     argv = tiny_args(world, tmp_path / "o4", "--reward-spec", str(spec), tasks="hps")
     assert train.main(argv) == 2
     msg = capsys.readouterr().err.strip()
@@ -367,11 +376,11 @@ def test_full_run_layout_is_what_eval_reads(world, full_run):
 
 
 def test_samples_png_is_rid_sample_on_fixed_noise(world, full_run):
-    """Oracle: a fresh model + rid.load_group of stage 2, rid.sample on noise seeded by --seed."""
+    """Oracle: a fresh model + checkpoint.load of stage 2, rid.sample on noise seeded by --seed."""
     import rid
 
     models = rid.load_models(world.sd)
-    group = rid.load_group(models.unet, str(full_run / "stage2-compress"))
+    group = checkpoint.load(models.unet, full_run / "stage2-compress")
     test = (full_run / "test_prompts.txt").read_text().split("\n")[:-1]
     noise = torch.randn((len(test), *models.latent_shape), generator=torch.Generator().manual_seed(0))
     imgs = rid.sample(models, test, noise, steps=2, guidance=7.5, group=group)  # (2, 3, 16, 16)
@@ -400,8 +409,8 @@ def test_resume_of_a_run_from_before_lr_schedules_means_constant(world, full_run
 def test_resume_after_hard_crash_is_bit_exact(world, full_run, tmp_path, monkeypatch, capsys):
     out = tmp_path / "crashed"
     # dies (os._exit) right after step 3 = stage 2, step 1, whose checkpoint is written
-    p = subprocess.run([sys.executable, str(ROOT / "train.py"),
-                        *tiny_args(world, out, *COSINE, "--_die-after-step", "3")],
+    p = subprocess.run([sys.executable, LAUNCHER, "--reward", HOOK, "--die-after-step", "3", "--",
+                        *tiny_args(world, out, *COSINE)],
                        capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert p.returncode == 17, p.stderr[-2000:]
     assert json.loads((out / "run.json").read_text())["stages"] == ["stage1-aesthetic"]
@@ -441,10 +450,10 @@ def test_nan_loss_exits_3_and_keeps_the_checkpoint(world, tmp_path, monkeypatch,
 def test_atomic_directory_swap(tmp_path):
     ckpt = tmp_path / "ckpt"
     for step in (1, 2):
-        train.save_dir_atomic(ckpt, lambda d: (d / "trainer.pt").write_text(str(step)))
+        checkpoint.save_dir_atomic(ckpt, lambda d: (d / "trainer.pt").write_text(str(step)))
     assert (ckpt / "trainer.pt").read_text() == "2" and sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     os.replace(ckpt, tmp_path / "ckpt.old")  # a crash between the two renames of the swap
-    assert train.find_ckpt(tmp_path) == tmp_path / "ckpt.old"
+    assert checkpoint.find_ckpt(tmp_path) == tmp_path / "ckpt.old"
 
 
 #### MULTI-PROCESS ####
@@ -453,7 +462,7 @@ def test_ddp_two_processes_match_one(world, full_run, tmp_path):
     out = tmp_path / "ddp"
     log = tmp_path / "log-ddp"
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(ROOT / "train.py"), *tiny_args(world, out, *COSINE)],
+                        LAUNCHER, "--reward", HOOK, "--", *tiny_args(world, out, *COSINE)],
                        capture_output=True, text=True, env=subprocess_env(RID_TEST_LOG=str(log)), timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     for stage in ("stage1-aesthetic", "stage2-compress"):

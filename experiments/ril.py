@@ -1,7 +1,7 @@
 """The RIL experiment of the paper, at CPU scale: methods × seeds on the mini world, one report.
 
-    python -m mini experiment                      rid and baseline, seeds 0,1,2 → docs/mini_results.md
-    python -m mini experiment --lams 0.1,1,10      the same with one rid run per λ (a sweep of RID's weight)
+    python -m experiments.ril                      rid and baseline, seeds 0,1,2 → docs/mini_results.md
+    python -m experiments.ril --lams 0.1,1,10      the same with one rid run per λ (a sweep of RID's weight)
 
 For every (method, seed) it runs `train.py --tasks aesthetic,hps,compress --method M --seed S`
 (resumed when a run directory already holds finished stages), then ONE `eval.py` over all runs
@@ -25,6 +25,8 @@ import sys
 import time
 from pathlib import Path
 
+import eval as evaluation  # the repo's eval.py: METRICS and the sample grid
+
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = "aesthetic,hps,compress"
 
@@ -33,7 +35,7 @@ def _run(cmd: list, log) -> None:
     log("$ " + " ".join(cmd))
     r = subprocess.run(cmd, cwd=ROOT)
     if r.returncode != 0:
-        raise SystemExit(f"python -m mini experiment: `{' '.join(cmd)}` exited {r.returncode}")
+        raise SystemExit(f"python -m experiments.ril: `{' '.join(cmd)}` exited {r.returncode}")
 
 
 def _run_parallel(cmds: list, jobs: int, out: Path, log) -> None:
@@ -56,7 +58,7 @@ def _run_parallel(cmds: list, jobs: int, out: Path, log) -> None:
                 if proc.returncode != 0:
                     for _, other in running:
                         other.terminate()
-                    raise SystemExit(f"python -m mini experiment: `{' '.join(cmd)}` exited {proc.returncode}")
+                    raise SystemExit(f"python -m experiments.ril: `{' '.join(cmd)}` exited {proc.returncode}")
 
 
 PAPER_LAM = 0.1
@@ -139,7 +141,12 @@ def write_markdown(groups: dict, metrics: dict, seeds: list, facts: list, path: 
 def main(argv=None) -> int:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m mini experiment", description=__doc__,
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, exit 2, no usage dump
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+            sys.exit(2)
+
+    p = Parser(prog="python -m experiments.ril", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="rid,baseline", help="comma list of train.py methods (default: rid,baseline)")
     p.add_argument("--seeds", default="0,1,2", help="comma list of training seeds (default: 0,1,2)")
@@ -169,7 +176,7 @@ def main(argv=None) -> int:
     if not lams or min(lams) < 0:
         p.error(f"--lams {args.lams!r}: expected one or more numbers ≥ 0")
     out, n_tasks = ROOT / args.out, len(args.tasks.split(","))
-    log = lambda msg: print(f"[mini experiment {time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
+    log = lambda msg: print(f"[experiments.ril {time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
     t0 = time.time()
 
     if args.jobs < 1:
@@ -214,19 +221,16 @@ def main(argv=None) -> int:
             timing_file.write_text(json.dumps(timing, indent=1) + "\n")
 
     #### REPORT: mean ± std over seeds ####
-    sys.path.insert(0, str(ROOT))
-    import eval as evaluation  # noqa: E402  (the repo's eval.py)
-
     report = json.loads((ev / "report.json").read_text())
     doc = ROOT / args.doc
     doc.parent.mkdir(parents=True, exist_ok=True)
     grid = doc.with_name(doc.stem + "_grid.png")
     first_seed = [r for r in report["rows"] if r["stage"] == 0
                   or str(Path(r["run"]).resolve()) in {str(d.resolve()) for d in dirs if d.name.endswith(f"-seed{seeds[0]}")}]
-    evaluation._write_grid([{**r, "method": "base" if r["stage"] == 0 else run_of.get(str(Path(r["run"]).resolve()), r["method"])}
+    evaluation.write_grid([{**r, "method": "base" if r["stage"] == 0 else run_of.get(str(Path(r["run"]).resolve()), r["method"])}
                             for r in first_seed], grid)
     lam_flag = f" --lams {args.lams}" if args.lams != "0.1" else ""
-    facts = [f"`python -m mini experiment --methods {args.methods}{lam_flag} --seeds {args.seeds} --jobs {args.jobs}` "
+    facts = [f"`python -m experiments.ril --methods {args.methods}{lam_flag} --seeds {args.seeds} --jobs {args.jobs}` "
              f"({timing['date']}; tasks {args.tasks}). Wall time {timing['train_min']:.1f} min training "
              f"({timing['trained_runs']} runs, {timing['jobs']} at a time), {timing['total_min']:.1f} min with "
              f"evaluation, on {timing['cpu']}; peak RSS of any one process {timing['peak_rss_gb']:.2f} GB.",

@@ -1,0 +1,153 @@
+"""End-to-end cost figures of the method (the kernels' own benchmarks: python -m kernels.bench).
+
+    python bench.py                          the mini world's model (mini/world/model)
+    python bench.py --model DIR --steps 50   any diffusers directory or hub id
+
+Validates, then times, interleaving the variants so load from other processes hits all alike:
+  1. a training step of rid vs baseline (UNet calls and VAE decodes counted with hooks);
+  2. the EMA teacher's memory (one flat buffer) vs a deep-copied UNet, here and at SD-1.5's size;
+  3. a UNet forward with an adapter group of T = 3 tasks (2 frozen, 1 trainable) vs the plain UNet.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+
+import torch
+
+import kernels
+import mini
+import rid
+
+
+def _interleaved_ms(fns: dict, reps: int) -> dict:
+    """Median ms per call of each function, calls interleaved round by round (after one warm-up)."""
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append((time.perf_counter() - t0) * 1e3)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _sd15_unet_meta():
+    """SD-1.5's UNet (860 M parameters) on the meta device: shapes without memory."""
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        return UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+
+
+def step_cost(base: rid.Models, steps: int, batch: int, reps: int, log=print) -> dict:
+    prompts = (["a photo of a cat", "a red car", "a dog on the house", "the blue tree"] * batch)[:batch]
+    reward = lambda img, p: img[:, 0].mean(dim=(1, 2))  # noqa: E731  (cheap, differentiable)
+    runs, calls = {}, {}
+    for method in ("baseline", "rid"):
+        m = copy.deepcopy(base)
+        group = rid.inject(m.unet)
+        group.add_task("bench")
+        count = {"unet": 0, "decode": 0}
+        m.unet.register_forward_pre_hook(lambda *a, c=count: c.__setitem__("unet", c["unet"] + 1))
+        dec = m.vae.decode
+        m.vae.decode = lambda *a, c=count, d=dec, **k: (c.__setitem__("decode", c["decode"] + 1), d(*a, **k))[1]
+        opt = torch.optim.AdamW(group.parameters(), lr=1e-4)
+        cfg = rid.StepConfig(method=method, steps=steps)
+        noise = torch.randn(batch, *m.latent_shape, generator=torch.Generator().manual_seed(0)).to(m.device)
+        runs[method] = lambda m=m, g=group, o=opt, c=cfg, n=noise: rid.train_step(m, g, reward, [(prompts, n)], o, c)
+        runs[method]()
+        calls[method] = dict(count)
+    ms = _interleaved_ms(runs, reps)
+    for method in runs:
+        log(f"  {method:8s} {ms[method]:9.1f} ms/step   UNet calls {calls[method]['unet']:3d} (CFG-batched)   "
+            f"VAE decodes {calls[method]['decode']}")
+    log(f"  rid / baseline = {ms['rid'] / ms['baseline']:.3f}   extra per step: "
+        f"{calls['rid']['unet'] - calls['baseline']['unet']} UNet call, "
+        f"{calls['rid']['decode'] - calls['baseline']['decode']} VAE decode "
+        f"(at 50 steps the extra UNet call is ≈ 1/50 of the sampling; a tiny VAE is relatively dear)")
+    return {"ms": ms, "calls": calls}
+
+
+def teacher_memory(base: rid.Models, log=print) -> dict:
+    m = copy.deepcopy(base)
+    group = rid.inject(m.unet)
+    group.add_task("bench")
+    tensors = list(m.unet.parameters()) + list(m.unet.buffers())
+    copy_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    ema_bytes = group.ema.numel() * group.ema.element_size()
+    log(f"  this model: EMA buffer {ema_bytes / 1e6:.3f} MB vs deepcopy(unet) {copy_bytes / 1e6:.2f} MB "
+        f"(ratio {copy_bytes / ema_bytes:.0f}x)")
+    sd = _sd15_unet_meta()
+    sd_group = rid.inject(sd)
+    sd_group.add_task("bench")
+    n_unet = sum(p.numel() for p in sd.parameters())
+    log(f"  SD-1.5 (rank 4, attention targets, counted on the meta device): EMA buffer "
+        f"{sd_group.ema.numel() * 4 / 1e6:.2f} MB fp32 ({sd_group.ema.numel() / 1e6:.3f} M values) vs "
+        f"deepcopy(unet) {n_unet * 2 / 1e9:.2f} GB fp16 ({n_unet / 1e6:.0f} M parameters)")
+    return {"ema_bytes": ema_bytes, "copy_bytes": copy_bytes}
+
+
+def group_overhead(base: rid.Models, batch: int, reps: int, tasks: int = 3, log=print) -> dict:
+    """UNet forward (CFG batch 2B) with an adapter group of `tasks` tasks vs the plain UNet."""
+    plain = copy.deepcopy(base)
+    adapted = copy.deepcopy(base)
+    group = rid.inject(adapted.unet)
+    g = torch.Generator().manual_seed(0)
+    for t in range(tasks):
+        group.add_task(f"t{t}", generator=g)
+        with torch.no_grad():
+            group.flat.normal_(0, 0.01, generator=g)
+    z = torch.randn(2 * batch, *base.latent_shape, generator=g).to(base.device, base.dtype)
+    text = rid._text_batch(base, ["a photo of a cat"] * batch, guidance=2.0)
+    t = torch.tensor(501, device=base.device)
+
+    @torch.no_grad()
+    def fwd(m):
+        return m.unet(z, t, encoder_hidden_states=text).sample
+
+    diff = (fwd(adapted) - fwd(plain)).abs().max().item()
+    if not diff > 0:
+        raise RuntimeError("bench: the adapter group did not change the UNet's output")
+    ms = _interleaved_ms({"plain": lambda: fwd(plain), "group": lambda: fwd(adapted)}, reps)
+    log(f"  plain {ms['plain']:8.2f} ms   with the group (T={tasks}) {ms['group']:8.2f} ms   "
+        f"group / plain = {ms['group'] / ms['plain']:.3f}   (kernel mode {kernels.kernel_mode()}, "
+        f"{len(group.layers)} adapted layers)")
+    return {"ms": ms}
+
+
+def main(argv=None) -> int:
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, exit 2, no usage dump
+            print(f"bench.py: error: {message}", file=sys.stderr)
+            sys.exit(2)
+
+    p = Parser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=str(mini.MODEL), help="diffusers dir or hub id (default: the mini world's model)")
+    p.add_argument("--steps", type=int, default=10, help="DDIM steps per training step (default: 10)")
+    p.add_argument("--batch", type=int, default=2, help="prompts per training step (default: 2)")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions; medians are printed (default: 5)")
+    a = p.parse_args(argv)
+    for flag in ("steps", "batch", "reps"):
+        if getattr(a, flag) < 1:
+            p.error(f"--{flag} {getattr(a, flag)}: must be ≥ 1")
+    try:
+        base = rid.load_models(a.model)
+    except ValueError as e:
+        p.error(str(e))
+    print(f"== per training step: rid vs baseline ({a.model}, {a.steps} DDIM steps, batch {a.batch}, "
+          f"{base.device}) ==")
+    step_cost(base, a.steps, a.batch, a.reps)
+    print("== teacher memory: EMA adapter buffer vs a deep-copied UNet ==")
+    teacher_memory(base)
+    print(f"== UNet forward: adapter group vs plain (CFG batch {2 * a.batch}) ==")
+    group_overhead(base, a.batch, a.reps * 4)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
