@@ -16,12 +16,16 @@ batch size. Metrics per stage (direction in brackets):
     fid (down)      Frechet distance to --fid-ref images: Inception features (torchmetrics), or CLIP
                     features (rewards.clip_features) in the mini world / with --fid-features clip
 
-Forgetting of a metric m after the last stage T is the largest drop from any earlier stage,
-F = max_{k<T} (m_k - m_T) for higher-is-better m and max_{k<T} (m_T - m_k) for lower-is-better m, so
-lower F is better for every metric. Results per stage are cached in <run>/eval/ keyed by a hash of
-the adapters and every setting that changes a number; a re-run computes only what is missing.
-Writes report.md (Table-2 layout: "value (forgetting)" on the last stage's rows), report.csv,
-report.json and grid.png (stages x prompts) to --out.
+Forgetting of a metric m at stage T is the paper's Eq. 3, the largest drop from any stage 0..T to T:
+F = max_{i∈{0..T}} (m_i - m_T) for higher-is-better m and max_{i∈{0..T}} (m_T - m_i) otherwise. The
+range includes i = T (a zero term), so F ≥ 0 and lower is better for every metric; a metric that only
+improved has F = 0. As the paper's Tables 2 and 3, the report prints F for CLIP and FID at every stage
+and for a target metric (aesthetic; hps; compress, PNG kB, JPEG kB) only once its task was trained
+before stage T, "-" otherwise; report.json keeps every stage's raw values and every F.
+Results per stage are cached in <run>/eval/ keyed by a hash of the adapters and every setting that
+changes a number; a re-run computes only what is missing. Writes report.md (Table-2 layout: "value
+(forgetting)" on every stage after the base), report.csv, report.json and the figures grid.png
+(stages x prompts), stages.png (metrics across stages) and forgetting.png to --out.
 """
 from __future__ import annotations
 
@@ -43,6 +47,7 @@ from tqdm import tqdm
 
 import checkpoint
 import mini
+import plots
 import rewards
 import rid
 from checkpoint import UsageError
@@ -57,6 +62,9 @@ METRICS = {
     "jpeg_kb": ("JPEG kB", False, 2),
     "fid": ("FID", False, 2),
 }
+# The task whose reward targets each metric; the others (CLIP, FID) measure general quality.
+TARGET_OF = {"aesthetic": "aesthetic", "hps": "hps", "compress": "compress", "png_kb": "compress",
+             "jpeg_kb": "compress"}
 JPEG_QUALITY = 80  # the JPEG size metric's quality (rewards.DEFAULT_JPEG_QUALITY trains towards the same)
 CACHE_VERSION = 2  # bump when a metric's definition changes: old caches then miss
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -222,12 +230,19 @@ def find_cached(stage: Stage, dirs: list, enabled: set) -> dict | None:
 #### FORGETTING (Eq. 3) ####
 
 def forgetting(values: list, higher_is_better: bool) -> float | None:
-    """Largest drop from any earlier stage 0..T-1 to the last stage T; lower is better either way.
-    None when there is no earlier stage or a value is missing."""
+    """Eq. 3: the largest drop from any stage i ∈ {0..T} to the last stage T (≥ 0; lower is better
+    either way). None when there is no earlier stage or a value is missing."""
     if len(values) < 2 or any(v is None for v in values):
         return None
-    last, earlier = values[-1], values[:-1]
-    return max(m - last for m in earlier) if higher_is_better else max(last - m for m in earlier)
+    last = values[-1]
+    return max(m - last for m in values) if higher_is_better else max(last - m for m in values)
+
+
+def forgetting_shown(trained_before: list) -> list:
+    """The metrics whose forgetting the paper prints at a stage, given the tasks trained before it
+    (a joint task counts as each of its rewards): CLIP and FID always, a target metric once its
+    task was trained before this stage ("(-)" otherwise: Table 2, HPS after the aesthetic stage)."""
+    return [m for m in METRICS if m not in TARGET_OF or TARGET_OF[m] in trained_before]
 
 
 #### METRICS ####
@@ -519,13 +534,23 @@ def evaluate(ckpts: list, soup: list | None = None, weights: list | None = None,
 
 #### REPORT ####
 
+def _trained_before(st: Stage) -> list:
+    """The rewards trained in the stages before `st` of its run (a joint task: each of its parts)."""
+    info = st.run.info
+    parts = lambda task: list((info.get("config") or {}).get("joint") or []) if task == "joint" else [task]  # noqa: E731
+    return [p for task in list(info.get("tasks") or [])[:st.index - 1] for p in parts(task)]
+
+
 def _row(st: Stage, chain: list | None) -> dict:
-    """A table row; chain (the stages up to this one) is given for a run's last stage: forgetting."""
-    f = None
+    """A table row. chain: the run's stages 0..this one, for forgetting (None for the base model and
+    a soup, which have no trajectory). "forgetting" holds Eq. 3 for every metric; "forgetting_shown"
+    the metrics the paper prints it for at this stage."""
+    f, shown = None, []
     if chain is not None and len(chain) > 1:
         f = {m: forgetting([x.result["metrics"].get(m) for x in chain], METRICS[m][1]) for m in METRICS}
+        shown = forgetting_shown(_trained_before(st))
     return {"method": st.method, "stage": st.index, "name": st.name, "run": str(st.run.dir), "key": st.key,
-            "metrics": st.result["metrics"], "forgetting": f, "strip": st.result["strip"]}
+            "metrics": st.result["metrics"], "forgetting": f, "forgetting_shown": shown, "strip": st.result["strip"]}
 
 
 def build_report(chains: list, runs: list, s: Settings, scorers: dict) -> dict:
@@ -538,8 +563,8 @@ def build_report(chains: list, runs: list, s: Settings, scorers: dict) -> dict:
             rows.append(_row(chain[0], None))
     runs_chains = [c for c in chains if c[-1].method != "soup"]
     for k in range(1, max(len(c) for c in chains)):
-        rows += [_row(c[k], c if k == len(c) - 1 else None) for c in runs_chains if len(c) > k]
-    rows += [_row(c[-1], c) for c in chains if c[-1].method == "soup"]
+        rows += [_row(c[k], c[:k + 1]) for c in runs_chains if len(c) > k]
+    rows += [_row(c[-1], None) for c in chains if c[-1].method == "soup"]
     skipped = {k: v for sc in scorers.values() for k, v in sc.skipped.items()}
     return {"settings": dataclasses.asdict(s),
             "runs": [{"label": r.label, "dir": str(r.dir), "method": r.info.get("method"), "tasks": r.info.get("tasks")}
@@ -547,8 +572,21 @@ def build_report(chains: list, runs: list, s: Settings, scorers: dict) -> dict:
             "rows": rows, "skipped": skipped}
 
 
-def _fmt(v, m, signed=False):
-    return "–" if v is None else f"{v:{'+' if signed else ''}.{METRICS[m][2]}f}"
+def _fmt(v, m):
+    return "–" if v is None else f"{v:.{METRICS[m][2]}f}"
+
+
+def _fmt_forgetting(row: dict, m: str) -> str:
+    """" (F)" where the paper prints forgetting, " (-)" where it prints a dash, "" without a trajectory."""
+    if row["forgetting"] is None:
+        return ""
+    return f" ({_fmt(row['forgetting'].get(m), m)})" if m in row["forgetting_shown"] else " (-)"
+
+
+FORGETTING_NOTE = ("Rows after the base model: value (forgetting F, the paper's Eq. 3: the largest drop from any "
+                   "stage 0..k to this stage k; F ≥ 0, lower is better for every metric). As in the paper's "
+                   "tables, F is printed for CLIP and FID at every stage and for a target metric only once its task "
+                   "was trained before the stage, \"-\" otherwise; report.json keeps every value.")
 
 
 def write_report(report: dict, out: Path):
@@ -558,23 +596,46 @@ def write_report(report: dict, out: Path):
     head = ["Method", "Stage"] + [f"{METRICS[m][0]} {'↑' if METRICS[m][1] else '↓'}" for m in cols]
     md = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        fg = r["forgetting"]
-        cells = [_fmt(r["metrics"].get(m), m) + (f" ({_fmt(fg.get(m), m, True)})" if fg else "") for m in cols]
+        cells = [_fmt(r["metrics"].get(m), m) + _fmt_forgetting(r, m) for m in cols]
         md.append(f"| {r['method']} | {r['stage']}: {r['name']} | " + " | ".join(cells) + " |")
-    notes = ["", "Last-stage rows: value (forgetting F, Eq. 3: the largest drop from any earlier stage to the "
-             "last; lower is better for every metric)."]
+    figures = write_figures(rows, out)
+    notes = ["", FORGETTING_NOTE, "", "Figures: " + ", ".join(f"[{what}]({name})" for what, name in figures)]
     notes += [f"Skipped {k}: {v}" for k, v in report["skipped"].items()]
     checkpoint.atomic_write(out / "report.md", "\n".join(md + notes) + "\n")
     table = io.StringIO(newline="")
     w = csv.writer(table)
     w.writerow(["method", "stage", "name", "run"] + cols + [f"{m}_forgetting" for m in cols])
-    for r in rows:
-        fg = r["forgetting"] or {}
+    for r in rows:  # forgetting where the paper prints it, empty otherwise (report.json has every value)
+        fg = {m: v for m, v in (r["forgetting"] or {}).items() if m in r["forgetting_shown"]}
         w.writerow([r["method"], r["stage"], r["name"], r["run"]] + [r["metrics"].get(m, "") for m in cols]
                    + ["" if fg.get(m) is None else fg[m] for m in cols])
     checkpoint.atomic_write(out / "report.csv", table.getvalue())
     checkpoint.atomic_write(out / "report.json", json.dumps(report, indent=1))
+
+
+def last_stage_rows(rows: list) -> list:
+    """Each run's last row, its forgetting kept where the paper prints it (None elsewhere): what the
+    forgetting figure and tables average over runs."""
+    last = {}
+    for r in rows:
+        if r["forgetting"] is not None and r["stage"] >= last.get(r["run"], {"stage": -1})["stage"]:
+            last[r["run"]] = r
+    return [{**r, "forgetting": {m: (v if m in r["forgetting_shown"] else None) for m, v in r["forgetting"].items()}}
+            for r in last.values()]
+
+
+def write_figures(rows: list, out: Path) -> list:
+    """grid.png (samples), stages.png (every metric across stages per method), forgetting.png (each run's
+    last stage); each plot's data beside it as JSON. -> [(what, file name)] for the report's links."""
     write_grid(rows, out / "grid.png")
+    figures = [("samples", "grid.png")]
+    plots.stage_figure(rows, METRICS, out / "stages.png")
+    figures.append(("metrics across stages", "stages.png"))
+    last = last_stage_rows(rows)
+    if any(v is not None for r in last for v in r["forgetting"].values()):
+        plots.forgetting_figure(last, METRICS, out / "forgetting.png")
+        figures.append(("forgetting", "forgetting.png"))
+    return figures
 
 
 def write_grid(rows: list, path: Path, label_w: int = 160):

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import checkpoint
 import mini
+import plots
 import rewards
 import rid
 from checkpoint import UsageError, find_ckpt, write_json
@@ -101,11 +102,13 @@ class Config(rid.StepConfig):
     dtype: str = "fp32"        # fp32, or bf16 (bf16 frozen base, fp32 LoRA: DRaFT's recipe)
     ckpt_every: int = 100      # optimizer steps between mid-task checkpoints
     n_samples: int = 8         # test prompts in each stage's samples.png
+    report_to: str = "none"    # "tensorboard": metrics.jsonl's scalars and samples.png also to <out>/tensorboard
     out: str = "out"
     device: str = ""           # "" = cuda if available (cuda:LOCAL_RANK under torchrun), else cpu
 
 
-RUNTIME = ("micro_batch", "grad_accum", "gradient_checkpointing", "ckpt_every", "out", "device")
+RUNTIME = ("micro_batch", "grad_accum", "gradient_checkpointing", "ckpt_every", "out", "device", "report_to")
+REPORT_TO = ("none", "tensorboard")
 
 
 def paper(cfg: Config) -> Config:
@@ -195,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint (same "
                                             "settings required); starts fresh if --out holds no run")
     a("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    a("--report-to", choices=REPORT_TO, help="also log every step's metrics and each stage's samples to "
+                                             "<out>/tensorboard (needs the tensorboard package; default: none)")
     return p
 
 
@@ -282,7 +287,7 @@ def resolve(args) -> tuple[Config, bool]:
     if args.reward_spec is not None:
         cfg.reward_spec = str(Path(args.reward_spec).resolve())
     method_fields = [f.name for f in fields(rid.StepConfig)]
-    for name in ("out", "seed", "dtype", "device", *method_fields):
+    for name in ("out", "seed", "dtype", "device", "report_to", *method_fields):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     try:  # the one range check of every method setting, named as the user typed it
@@ -494,16 +499,22 @@ def lr_at(peak: float, step: int, total: int, schedule: str) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * step / total))
 
 
+def stage_steps(cfg: Config, task: str, n_train: int) -> int:
+    """Optimizer steps of a task: its epochs over the training prompts at its batch, capped by --max-steps."""
+    total = math.ceil(cfg.epochs[task] * n_train / cfg.batch[task])
+    return min(total, cfg.max_steps or total)
+
+
 def train_stage(k: int, task: str, models, group, reward, train: list, test: list, cfg: Config,
-                step_cfg, world: int):
+                step_cfg, world: int, tb=None):
     """Stage k: add the task's adapter to the group and train it; returns the group."""
     out = Path(cfg.out)
     sdir = out / f"stage{k}-{task}"
     rank = _rank()
     batch, lr = cfg.batch[task], cfg.lr[task]
     micro, accum = micro_plan(cfg, task, world)
-    total = math.ceil(cfg.epochs[task] * len(train) / batch)
-    total = min(total, cfg.max_steps or total)
+    total = stage_steps(cfg, task, len(train))
+    offset = sum(stage_steps(cfg, t, len(train)) for t in cfg.tasks[:k - 1])  # steps of the earlier stages
     stage_cfg = {**config_dict(cfg), "stage": k, "task": task, "total_steps": total, "world_size": world,
                  "micro_batch_resolved": micro, "grad_accum_resolved": accum}
     ckpt = find_ckpt(sdir)
@@ -573,6 +584,8 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
                    "time": round(elapsed + time.time() - t0, 3)}
             with open(metrics, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            if tb is not None:
+                tb.scalars(f"stage{k}-{task}", offset + step + 1, row)
         bar.update(1)
         bar.set_postfix(reward=f"{logs['reward']:.4g}", loss=f"{logs['loss']:.4g}")
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < total:
@@ -592,6 +605,9 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
         run["stages"] = [s for s in run["stages"] if s != sdir.name] + [sdir.name]
         write_json(run_path, run)
         shutil.rmtree(sdir / "ckpt", ignore_errors=True)
+        plots.training_figure(out, out / "training.png")  # every stage so far, continuous across resumes
+        if tb is not None:
+            tb.image(f"stage{k}-{task}/samples", offset + total, sdir / "samples.png")
         rows = [json.loads(l) for l in metrics.read_text().splitlines()]
         if rows:
             n = max(1, min(10, len(rows) // 10))
@@ -630,9 +646,12 @@ def run(cfg: Config, is_mini: bool, model_given: bool, resume: bool, world: int)
         models = rid.load_models(cfg.model, device=cfg.device,
                                  dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
         reward_fns = {task: reward_fn(task, cfg) for task in cfg.tasks}  # all weights, up front
+        if cfg.report_to == "tensorboard":
+            plots.TensorBoardLogger.writer_class()  # fails here, with one line, when tensorboard is missing
     if dist.is_initialized():  # every rank has looked at --out before rank 0 writes to it
         dist.barrier()
     create_run(cfg, run_info, train, test)
+    tb = plots.TensorBoardLogger(Path(cfg.out) / "tensorboard") if cfg.report_to == "tensorboard" and _rank() == 0 else None
     log(f"{cfg.method} on {','.join(cfg.tasks)}: {len(train)} train / {len(test)} test prompts, "
         f"world size {world}, device {cfg.device}, out {cfg.out}")
 
@@ -646,7 +665,9 @@ def run(cfg: Config, is_mini: bool, model_given: bool, resume: bool, world: int)
         if group is None and k > 1 and find_ckpt(Path(cfg.out) / f"stage{k}-{task}") is None:
             with bad_input():  # resuming at a stage boundary: the finished stages' adapters
                 group = checkpoint.load(models.unet, Path(cfg.out) / f"stage{k - 1}-{cfg.tasks[k - 2]}")
-        group = train_stage(k, task, models, group, reward_fns[task], train, test, cfg, step_cfg, world)
+        group = train_stage(k, task, models, group, reward_fns[task], train, test, cfg, step_cfg, world, tb)
+    if tb is not None:
+        tb.close()
     log(f"done: {cfg.out} holds {len(cfg.tasks)} stage(s); evaluate with: python eval.py --ckpt {cfg.out}")
 
 

@@ -25,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-import eval as evaluation  # the repo's eval.py: METRICS and the sample grid
+import eval as evaluation  # the repo's eval.py: METRICS, the sample grid, the last-stage rows
+import plots
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = "aesthetic,hps,compress"
@@ -104,11 +105,12 @@ def aggregate(report: dict, run_of: dict) -> dict:
     groups: dict = {}
     for row in report["rows"]:
         method = "base" if row["stage"] == 0 else run_of.get(str(Path(row["run"]).resolve()), row["method"])
-        g = groups.setdefault((method, row["stage"], row["name"]), {"metrics": {}, "forgetting": {}})
+        g = groups.setdefault((method, row["stage"], row["name"]), {"metrics": {}, "forgetting": {}, "shown": set()})
         for m, v in row["metrics"].items():
             g["metrics"].setdefault(m, []).append(v)
         for m, v in (row["forgetting"] or {}).items():
             g["forgetting"].setdefault(m, []).append(v)
+        g["shown"].update(row.get("forgetting_shown", []))
     return groups
 
 
@@ -118,13 +120,16 @@ def write_markdown(groups: dict, metrics: dict, seeds: list, facts: list, path: 
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (method, stage, name), g in sorted(groups.items(), key=lambda kv: (kv[0][1], not kv[0][0].startswith("rid"), kv[0][0])):
         lines.append(f"| {method} | {stage}: {name} | " + " | ".join(_mean_std(g["metrics"].get(m, [])) for m in cols) + " |")
-    last = max(stage for _, stage, _ in groups)
-    lines += ["", f"**Forgetting** after the last stage (paper Eq. 3: largest drop from any earlier stage; "
-              f"lower is better for every metric), mean ± std over seeds {', '.join(map(str, seeds))}:", "",
-              "| Method | " + " | ".join(metrics[m][0] for m in cols) + " |", "|" + "---|" * (len(cols) + 1)]
-    for (method, stage, _), g in sorted(groups.items()):
-        if stage == last and g["forgetting"]:
-            lines.append(f"| {method} | " + " | ".join(_mean_std(g["forgetting"].get(m, [])) for m in cols) + " |")
+    lines += ["", f"**Forgetting** at each stage (the paper's Eq. 3: the largest drop from any stage 0…k to stage k, "
+              f"so F ≥ 0 and lower is better for every metric), mean ± std over seeds {', '.join(map(str, seeds))}. "
+              "As in the paper's Tables 2 and 3, F is given for CLIP and FID at every stage and for a target metric "
+              "only once its task was trained before the stage; \"-\" otherwise (eval's report.json keeps every "
+              "stage's values, so any other convention can be recomputed).", "",
+              "| Method | Stage | " + " | ".join(metrics[m][0] for m in cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    for (method, stage, name), g in sorted(groups.items(), key=lambda kv: (kv[0][1], not kv[0][0].startswith("rid"), kv[0][0])):
+        if stage > 0 and g["forgetting"]:
+            lines.append(f"| {method} | {stage}: {name} | " + " | ".join(
+                _mean_std(g["forgetting"].get(m, [])) if m in g["shown"] else "-" for m in cols) + " |")
     if train:
         lines += ["", "**Training reward** of each task (train.py's metrics.jsonl, mean of the first and of the last "
                   "10 optimizer steps of the task), mean ± std over seeds:", "",
@@ -225,17 +230,24 @@ def main(argv=None) -> int:
     doc = ROOT / args.doc
     doc.parent.mkdir(parents=True, exist_ok=True)
     grid = doc.with_name(doc.stem + "_grid.png")
-    first_seed = [r for r in report["rows"] if r["stage"] == 0
+    rows = [{**r, "method": "base" if r["stage"] == 0 else run_of.get(str(Path(r["run"]).resolve()), r["method"])}
+            for r in report["rows"]]  # labelled by variant (method, λ), seeds pooled
+    first_seed = [r for r in rows if r["stage"] == 0
                   or str(Path(r["run"]).resolve()) in {str(d.resolve()) for d in dirs if d.name.endswith(f"-seed{seeds[0]}")}]
-    evaluation.write_grid([{**r, "method": "base" if r["stage"] == 0 else run_of.get(str(Path(r["run"]).resolve()), r["method"])}
-                            for r in first_seed], grid)
+    evaluation.write_grid(first_seed, grid)
+    stages_png, forgetting_png = doc.with_name(doc.stem + "_stages.png"), doc.with_name(doc.stem + "_forgetting.png")
+    plots.stage_figure(rows, evaluation.METRICS, stages_png)
+    plots.forgetting_figure(evaluation.last_stage_rows(rows), evaluation.METRICS, forgetting_png)
     lam_flag = f" --lams {args.lams}" if args.lams != "0.1" else ""
     facts = [f"`python -m experiments.ril --methods {args.methods}{lam_flag} --seeds {args.seeds} --jobs {args.jobs}` "
              f"({timing['date']}; tasks {args.tasks}). Wall time {timing['train_min']:.1f} min training "
              f"({timing['trained_runs']} runs, {timing['jobs']} at a time), {timing['total_min']:.1f} min with "
              f"evaluation, on {timing['cpu']}; peak RSS of any one process {timing['peak_rss_gb']:.2f} GB.",
              f"Sample grid (rows: the base model, then every stage of seed {seeds[0]}'s run of each method; columns: "
-             f"the first test prompts, the same noise everywhere): [{grid.name}]({grid.name})."]
+             f"the first test prompts, the same noise everywhere): [{grid.name}]({grid.name}). Figures (mean ± std over "
+             f"seeds): [every metric across stages]({stages_png.name}), [forgetting after the last stage]"
+             f"({forgetting_png.name}).", "", f"![metrics across stages]({stages_png.name})", "",
+             f"![forgetting after the last stage]({forgetting_png.name})"]
     write_markdown(aggregate(report, run_of), evaluation.METRICS, seeds, facts, doc,
                    training_rewards(dirs, run_of, args.tasks.split(",")))
     show = lambda f: f.relative_to(ROOT) if f.is_relative_to(ROOT) else f  # noqa: E731

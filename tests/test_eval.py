@@ -23,20 +23,56 @@ PROMPTS = ["a photo of a cat", "a red car", "a blue house"]
 SETTINGS = dict(images_per_prompt=2, seed=0, batch=6, device="cpu", dtype="fp32", fid_features="clip")
 
 
-#### FORGETTING (Eq. 3), worked by hand ####
+#### FORGETTING (Eq. 3), against the paper's own tables ####
 
-def test_forgetting_higher_is_better():
-    # stages 0..2 = 5.0, 6.0, 5.5: the largest drop to the last stage is from stage 1: 6.0 - 5.5
-    assert ev.forgetting([5.0, 6.0, 5.5], True) == pytest.approx(0.5)
-    # improving all along: F is negative (a gain), max(1 - 3, 2 - 3) = -1
-    assert ev.forgetting([1.0, 2.0, 3.0], True) == pytest.approx(-1.0)
+# RIL paper (seed 000) Table 2: SD-1.5 (stage 0, from Table 3's "Stable Diffusion V1.5" row), then
+# the rows after aesthetic, after HPS, after compress; the printed forgetting in the comments.
+SD15 = {"aesthetic": 5.23, "hps": 0.259, "clip": 25.77, "fid": 71.54}
+TABLE2 = {
+    "baseline": {"aesthetic": [6.07, 5.79, 4.98], "hps": [0.257, 0.282, 0.249],
+                 "clip": [22.74, 23.19, 22.39], "fid": [85.53, 89.71, 104.85]},
+    "rid": {"aesthetic": [6.03, 5.94, 5.55], "hps": [0.267, 0.276, 0.272],
+            "clip": [25.76, 25.46, 25.00], "fid": [79.40, 80.04, 80.28]},
+}
+PRINTED = {  # (stage, metric): the paper's number in parentheses; "-" where it prints a dash
+    "baseline": {(1, "aesthetic"): "-", (1, "hps"): "-", (1, "clip"): 3.03, (1, "fid"): 13.99,
+                 (2, "aesthetic"): 0.28, (2, "hps"): "-", (2, "clip"): 2.58, (2, "fid"): 18.17,
+                 (3, "aesthetic"): 1.09, (3, "hps"): 0.033, (3, "clip"): 3.38, (3, "fid"): 33.31},
+    "rid": {(1, "aesthetic"): "-", (1, "clip"): 0.01, (1, "fid"): 7.86,
+            (2, "aesthetic"): 0.09, (2, "hps"): "-", (2, "clip"): 0.31, (2, "fid"): 8.50,
+            (3, "aesthetic"): 0.48, (3, "hps"): 0.004, (3, "clip"): 0.77, (3, "fid"): 8.74},
+}
 
 
-def test_forgetting_lower_is_better():
-    # PNG kB 10, 8, 9: the last stage is 1 kB worse than the best earlier (8); max(9 - 10, 9 - 8) = 1
+@pytest.mark.parametrize("method", ["baseline", "rid"])
+def test_forgetting_reproduces_the_papers_table_2(method):
+    tasks = ["aesthetic", "hps", "compress"]
+    for (stage, metric), printed in PRINTED[method].items():
+        shown = ev.forgetting_shown(tasks[:stage - 1])
+        if printed == "-":
+            assert metric not in shown, (method, stage, metric)
+            continue
+        assert metric in shown, (method, stage, metric)
+        values = [SD15[metric], *TABLE2[method][metric][:stage]]
+        # the paper rounds its stage values and its forgetting separately: agree to the printed digits
+        assert ev.forgetting(values, ev.METRICS[metric][1]) == pytest.approx(printed, abs=0.006 if printed > 1 else 6e-4)
+
+
+def test_forgetting_is_never_negative_and_zero_for_a_metric_that_only_improved():
+    # Table 3, order compress → HPS → aesthetic: PNG kB printed "(0.00)" (it fell from 425.13 and stayed lower)
+    assert ev.forgetting([425.13, 300.0, 305.0, 307.13], False) == pytest.approx(7.13)
+    assert ev.forgetting([425.13, 310.0, 309.0, 307.13], False) == 0.0
+    assert ev.forgetting([1.0, 2.0, 3.0], True) == 0.0  # improving all along: no forgetting (was -1 before Eq. 3)
+    assert ev.forgetting([30.0, 20.0], False) == 0.0
+    assert ev.forgetting([5.0, 6.0, 5.5], True) == pytest.approx(0.5)  # the largest drop, from stage 1
     assert ev.forgetting([10.0, 8.0, 9.0], False) == pytest.approx(1.0)
-    # FID 30 -> 20: better, F = 20 - 30 = -10
-    assert ev.forgetting([30.0, 20.0], False) == pytest.approx(-10.0)
+
+
+def test_forgetting_shown_follows_the_tables():
+    # Table 3: "Compress HPS Aesthetic" prints PNG/JPEG forgetting, not aesthetic (trained last)
+    shown = ev.forgetting_shown(["compress", "hps"])
+    assert {"png_kb", "jpeg_kb", "compress", "hps", "clip", "fid"} <= set(shown) and "aesthetic" not in shown
+    assert ev.forgetting_shown([]) == ["clip", "fid"]  # after the first task: general metrics only
 
 
 def test_forgetting_undefined():
@@ -139,17 +175,38 @@ def test_report_rows_and_files(report, run_dir):
     rows = report["rows"]
     assert [(r["method"], r["stage"], r["name"]) for r in rows] == [
         ("base", 0, "stage0-base"), ("rid", 1, "stage1-aesthetic"), ("rid", 2, "stage2-hps")]
-    assert rows[0]["forgetting"] is None and rows[1]["forgetting"] is None
+    assert rows[0]["forgetting"] is None  # the base model has no trajectory
     assert set(rows[2]["forgetting"]) == set(ev.METRICS) and set(rows[2]["metrics"]) == set(ev.METRICS)
-    for m, (_, higher, _) in ev.METRICS.items():  # Eq. 3 over the three stages of the table
-        assert rows[2]["forgetting"][m] == pytest.approx(ev.forgetting([r["metrics"][m] for r in rows], higher))
+    for k in (1, 2):  # Eq. 3 over stages 0..k, written out: max_i (a_i - a_k) (higher is better), ≥ 0
+        for m, (_, higher, _) in ev.METRICS.items():
+            vals = [r["metrics"][m] for r in rows[:k + 1]]
+            want = max((v - vals[-1]) if higher else (vals[-1] - v) for v in vals)
+            assert rows[k]["forgetting"][m] == pytest.approx(want) and rows[k]["forgetting"][m] >= 0
+    assert rows[1]["forgetting_shown"] == ["clip", "fid"]  # run tasks aesthetic, hps
+    assert rows[2]["forgetting_shown"] == ["aesthetic", "clip", "fid"]
     md = (run_dir / "report.md").read_text().splitlines()
     assert md[0].startswith("| Method | Stage | Aesthetic ↑ | HPS ↑ | CLIP ↑ | Compress ↑ | PNG kB ↓ | JPEG kB ↓ | FID ↓")
     body = [l for l in md[2:] if l.startswith("| ")]
-    assert len(body) == 3 and "(" not in body[0] + body[1] and body[2].count("(") == len(ev.METRICS)
+    assert len(body) == 3 and "(" not in body[0]
+    cells = body[2].split(" | ")[2:]  # Aesthetic, HPS, CLIP, Compress, PNG, JPEG, FID
+    assert cells[1].endswith("(-)") and cells[3].endswith("(-)") and cells[4].endswith("(-)")
+    assert cells[0].endswith(f"({rows[2]['forgetting']['aesthetic']:.3f})")
+    assert cells[2].endswith(f"({rows[2]['forgetting']['clip']:.2f})")
+    assert body[1].count("(-)") == 5 and body[1].count("(") == len(ev.METRICS)
     csv_rows = (run_dir / "report.csv").read_text().splitlines()
     assert len(csv_rows) == 4 and csv_rows[0].startswith("method,stage,name,run,aesthetic")
     assert json.loads((run_dir / "report.json").read_text())["rows"][2]["name"] == "stage2-hps"
+    # the figures draw the report's own numbers (read back from the data written beside each PNG)
+    drawn = json.loads((run_dir / "stages.json").read_text())["metrics"]
+    for m in ev.METRICS:
+        assert drawn[m]["rid"]["x"] == [0, 1, 2]
+        assert drawn[m]["rid"]["mean"] == pytest.approx([r["metrics"][m] for r in rows], rel=1e-12)
+    bars = json.loads((run_dir / "forgetting.json").read_text())
+    for m in ev.METRICS:  # the last stage's F where the paper prints it, no bar where it prints "-"
+        want = [rows[2]["forgetting"][m]] if m in rows[2]["forgetting_shown"] else []
+        assert bars[m]["rid"]["values"] == pytest.approx(want, rel=1e-12), m
+    assert all((run_dir / f).stat().st_size > 0 for f in ("stages.png", "forgetting.png"))
+    assert "[forgetting](forgetting.png)" in (run_dir / "report.md").read_text()
     grid = Image.open(run_dir / "grid.png")
     assert grid.size == (160 + 3 * 64, 3 * 64)  # rows = stages, columns = prompts (16 px shown at 64)
 

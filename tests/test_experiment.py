@@ -56,8 +56,16 @@ def test_experiment_end_to_end(tmp_path):
         mean, std = (float(x) for x in row.split(" | ")[2].split(" ± "))  # the Aesthetic column
         assert mean == pytest.approx(statistics.fmean(vals), abs=0.006), (label, row)
         assert std == pytest.approx(statistics.stdev(vals), abs=0.006), (label, row)
-        assert any(line.startswith(f"| {label} | ") and "2:" not in line and "1:" not in line
-                   for line in text.splitlines()), f"no forgetting row for {label}"
+        # the forgetting table (after the "**Forgetting**" line): Eq. 3 at stage 2 as eval computed it, and
+        # "-" where the paper prints a dash (aesthetic at stage 1: its task was not trained before it)
+        forgetting = text.split("**Forgetting**", 1)[1].split("**Training reward**", 1)[0].splitlines()
+        f1 = next(line for line in forgetting if line.startswith(f"| {label} | 1: "))
+        f2 = next(line for line in forgetting if line.startswith(f"| {label} | 2: "))
+        assert f1.split(" | ")[2] == "-" and f2.split(" | ")[2] != "-"
+        want = [r["forgetting"]["aesthetic"] for r in report["rows"]
+                if r["stage"] == 2 and Path(r["run"]).name.startswith(prefix)]
+        assert min(want) >= 0
+        assert float(f2.split(" | ")[2].split(" ± ")[0]) == pytest.approx(statistics.fmean(want), abs=0.006), f2
     # Training rewards: start/end of every task for every variant, from the runs' own metrics.jsonl.
     for label in ("rid λ=0.1", "rid λ=1", "baseline"):
         for task in ("aesthetic", "compress"):
@@ -65,6 +73,12 @@ def test_experiment_end_to_end(tmp_path):
     timing = json.loads((out / "experiment.json").read_text())
     assert timing["trained_runs"] == 6 and timing["peak_rss_gb"] > 0
     assert (doc.parent / "results_grid.png").stat().st_size > 0
+    drawn = json.loads((doc.parent / "results_forgetting.json").read_text())  # forgetting.png's own data
+    for label, prefix in (("rid λ=0.1", "rid-seed"), ("baseline", "baseline-seed")):
+        want = [r["forgetting"]["fid"] for r in report["rows"]
+                if r["stage"] == 2 and Path(r["run"]).name.startswith(prefix)]
+        assert drawn["fid"][label]["values"] == pytest.approx(want, rel=1e-12)
+    assert "results_stages.png" in text and (doc.parent / "results_stages.png").stat().st_size > 0
     # --report-only rewrites the doc from the stored report and timings, computing nothing.
     doc.unlink()
     assert experiment.main([*argv, "--report-only"]) == 0

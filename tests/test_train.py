@@ -114,7 +114,8 @@ def full_run(world):
     """The uninterrupted 1-process reference run, recording the prompts each step scored."""
     out = world.dir / "full"
     with pytest.MonkeyPatch.context() as mp:
-        assert run_main(mp, tiny_args(world, out, *COSINE), RID_TEST_LOG=str(world.dir / "log-full")) == 0
+        assert run_main(mp, tiny_args(world, out, *COSINE, "--report-to", "tensorboard"),
+                        RID_TEST_LOG=str(world.dir / "log-full")) == 0
     return out
 
 
@@ -373,6 +374,36 @@ def test_full_run_layout_is_what_eval_reads(world, full_run):
         if key.startswith("0/"):
             assert torch.equal(s2[key], t)
     assert any(t.abs().max() > 0 for k_, t in s2.items() if k_.startswith("1/") and k_.endswith("/B"))
+
+
+def test_training_curves_and_tensorboard_hold_the_metrics(full_run):
+    """training.png's data and the TensorBoard event file hold metrics.jsonl's numbers, stage after stage."""
+    rows = [json.loads(l) for stage in ("stage1-aesthetic", "stage2-compress")
+            for l in (full_run / stage / "metrics.jsonl").read_text().splitlines()]
+    curves = json.loads((full_run / "training.json").read_text())
+    assert (full_run / "training.png").stat().st_size > 0
+    assert curves["series"]["reward"]["x"] == [1, 2, 3, 4] and curves["boundaries"] == [0, 2]  # stage starts
+    assert curves["series"]["reward"]["y"] == pytest.approx([r["reward"] for r in rows], rel=1e-12)
+    assert curves["series"]["distill"]["y"] == pytest.approx([r["distill"] for r in rows], rel=1e-12)
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(full_run / "tensorboard"))
+    acc.Reload()
+    for stage, steps, part in (("stage1-aesthetic", [1, 2], rows[:2]), ("stage2-compress", [3, 4], rows[2:])):
+        for key in ("reward", "loss", "distill", "grad_norm", "lr"):
+            events = acc.Scalars(f"{stage}/{key}")
+            assert [e.step for e in events] == steps
+            assert [e.value for e in events] == pytest.approx([r[key] for r in part], rel=1e-6)
+    assert len(acc.Tags()["images"]) == 2  # each stage's samples.png
+
+
+def test_report_to_tensorboard_without_the_package_exits_2(world, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    assert run_main(monkeypatch, tiny_args(world, tmp_path / "tb", "--report-to", "tensorboard")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install tensorboard" in err[0]
+    assert not (tmp_path / "tb" / "run.json").exists()
 
 
 def test_samples_png_is_rid_sample_on_fixed_noise(world, full_run):
