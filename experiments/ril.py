@@ -15,55 +15,23 @@ and learning rates except on hps, where each has its own lr schedule, as in the 
 """
 from __future__ import annotations
 
+import argparse
 import json
-import math
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import eval as evaluation  # the repo's eval.py: METRICS, the sample grid, the last-stage rows
 import plots
+from experiments.common import ROOT, Parser, finished, logger, mean_std, run, run_parallel, train_cmd, write_doc
+from experiments.common import timing as common_timing
 
-ROOT = Path(__file__).resolve().parents[1]
 TASKS = "aesthetic,hps,compress"
 
 
-def _run(cmd: list, log) -> None:
-    log("$ " + " ".join(cmd))
-    r = subprocess.run(cmd, cwd=ROOT)
-    if r.returncode != 0:
-        raise SystemExit(f"python -m experiments.ril: `{' '.join(cmd)}` exited {r.returncode}")
-
-
-def _run_parallel(cmds: list, jobs: int, out: Path, log) -> None:
-    """Up to `jobs` training runs at once, one CPU thread each; each run's output goes to its log file."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    out.mkdir(parents=True, exist_ok=True)
-    running, queue = [], list(cmds)
-    while queue or running:
-        while queue and len(running) < jobs:
-            cmd = queue.pop(0)
-            name = Path(cmd[cmd.index("--out") + 1]).name
-            log(f"start {name} (log: {out / (name + '.log')})")
-            running.append((cmd, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(out / f"{name}.log", "a"),
-                                                  stderr=subprocess.STDOUT)))
-        time.sleep(2)
-        for item in list(running):
-            cmd, proc = item
-            if proc.poll() is not None:
-                running.remove(item)
-                if proc.returncode != 0:
-                    for _, other in running:
-                        other.terminate()
-                    raise SystemExit(f"python -m experiments.ril: `{' '.join(cmd)}` exited {proc.returncode}")
-
-
 PAPER_LAM = 0.1
-NOTES = "\n## Notes"  # the doc's hand-written part starts here; regenerating keeps it
+PROG = "python -m experiments.ril"
 
 
 def variants(methods: list, lams: list) -> list:
@@ -79,25 +47,6 @@ def run_name(method: str, lam, seed: int) -> str:
 
 def label(method: str, lam, lams: list) -> str:
     return f"{method} λ={lam:g}" if lam is not None and len(lams) > 1 else method
-
-
-def _finished(run_dir: Path, n_tasks: int) -> bool:
-    try:
-        return len(json.loads((run_dir / "run.json").read_text()).get("stages", [])) == n_tasks
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
-def _mean_std(xs: list, sig: int = 3) -> str:
-    """mean ± sample std; `sig` significant digits for the larger of the two (min 1 decimal)."""
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "–"
-    m = statistics.fmean(xs)
-    s = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    top = max(abs(m), s)
-    digits = max(1, sig - 1 - math.floor(math.log10(top))) if top > 0 else 1
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
 def aggregate(report: dict, run_of: dict) -> dict:
@@ -119,7 +68,7 @@ def write_markdown(groups: dict, metrics: dict, seeds: list, facts: list, path: 
     head = ["Method", "Stage"] + [f"{metrics[m][0]} {'↑' if metrics[m][1] else '↓'}" for m in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for (method, stage, name), g in sorted(groups.items(), key=lambda kv: (kv[0][1], not kv[0][0].startswith("rid"), kv[0][0])):
-        lines.append(f"| {method} | {stage}: {name} | " + " | ".join(_mean_std(g["metrics"].get(m, [])) for m in cols) + " |")
+        lines.append(f"| {method} | {stage}: {name} | " + " | ".join(mean_std(g["metrics"].get(m, [])) for m in cols) + " |")
     lines += ["", f"**Forgetting** at each stage (the paper's Eq. 3: the largest drop from any stage 0…k to stage k, "
               f"so F ≥ 0 and lower is better for every metric), mean ± std over seeds {', '.join(map(str, seeds))}. "
               "As in the paper's Tables 2 and 3, F is given for CLIP and FID at every stage and for a target metric "
@@ -129,30 +78,18 @@ def write_markdown(groups: dict, metrics: dict, seeds: list, facts: list, path: 
     for (method, stage, name), g in sorted(groups.items(), key=lambda kv: (kv[0][1], not kv[0][0].startswith("rid"), kv[0][0])):
         if stage > 0 and g["forgetting"]:
             lines.append(f"| {method} | {stage}: {name} | " + " | ".join(
-                _mean_std(g["forgetting"].get(m, [])) if m in g["shown"] else "-" for m in cols) + " |")
+                mean_std(g["forgetting"].get(m, [])) if m in g["shown"] else "-" for m in cols) + " |")
     if train:
         lines += ["", "**Training reward** of each task (train.py's metrics.jsonl, mean of the first and of the last "
                   "10 optimizer steps of the task), mean ± std over seeds:", "",
                   "| Method | Task | start | end |", "|---|---|---|---|"]
         for (method, task), (first, last) in sorted(train.items(), key=lambda kv: (not kv[0][0].startswith("rid"), kv[0])):
-            lines.append(f"| {method} | {task} | {_mean_std(first, 4)} | {_mean_std(last, 4)} |")
-    text = "\n".join(["# The mini world's RIL experiment", "", *facts, "", *lines, ""])
-    old = path.read_text() if path.exists() else ""
-    if NOTES in old:  # a hand-written "## Notes" section of an earlier report survives a re-run
-        text += "\n" + old[old.index(NOTES):].lstrip("\n")
-    path.write_text(text)
+            lines.append(f"| {method} | {task} | {mean_std(first, 4)} | {mean_std(last, 4)} |")
+    write_doc(path, "\n".join(["# The mini world's RIL experiment", "", *facts, "", *lines, ""]))
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line, exit 2, no usage dump
-            print(f"{self.prog}: error: {message}", file=sys.stderr)
-            sys.exit(2)
-
-    p = Parser(prog="python -m experiments.ril", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="rid,baseline", help="comma list of train.py methods (default: rid,baseline)")
     p.add_argument("--seeds", default="0,1,2", help="comma list of training seeds (default: 0,1,2)")
     p.add_argument("--lams", default="0.1",
@@ -181,7 +118,7 @@ def main(argv=None) -> int:
     if not lams or min(lams) < 0:
         p.error(f"--lams {args.lams!r}: expected one or more numbers ≥ 0")
     out, n_tasks = ROOT / args.out, len(args.tasks.split(","))
-    log = lambda msg: print(f"[experiments.ril {time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
+    log = logger(PROG)
     t0 = time.time()
 
     if args.jobs < 1:
@@ -194,35 +131,26 @@ def main(argv=None) -> int:
             d = out / run_name(method, lam, seed)
             run_of[str(d.resolve())] = label(method, lam, lams)
             dirs.append(d)
-            if _finished(d, n_tasks):
+            if finished(d, n_tasks):
                 log(f"{d.name}: finished earlier, kept")
                 continue
-            resume = ["--resume"] if (d / "run.json").exists() else []
-            todo.append([sys.executable, "train.py", "--tasks", args.tasks, "--method", method, "--seed", str(seed),
-                         *(["--lam", f"{lam:g}"] if lam is not None else []),
-                         "--out", str(d), *resume, *args.train_args.split()])
+            todo.append(train_cmd(d, args.tasks, method, seed, *(["--lam", f"{lam:g}"] if lam is not None else []),
+                                  *args.train_args.split()))
     ev, timing_file = out / "eval", out / "experiment.json"
     if args.report_only:
         if not (ev / "report.json").exists() or not timing_file.exists():
             p.error(f"--report-only: {ev / 'report.json'} or {timing_file} is missing; run without --report-only first")
         timing = json.loads(timing_file.read_text())
     else:
-        if args.jobs == 1:
-            for cmd in todo:
-                _run(cmd, log)
-        else:
-            _run_parallel(todo, args.jobs, out, log)
+        run_parallel(todo, args.jobs, out, PROG, log)
         t_train = time.time() - t0
 
         #### EVALUATE all runs side by side ####
-        _run([sys.executable, "eval.py", "--ckpt", *map(str, dirs), "--out", str(ev), *args.eval_args.split()], log)
+        run([sys.executable, "eval.py", "--ckpt", *dirs, "--out", ev, *args.eval_args.split()], PROG, log)
         if not todo and timing_file.exists():  # nothing trained now: the stored timings describe the real work
             timing = json.loads(timing_file.read_text())
         else:
-            timing = {"train_min": round(t_train / 60, 1), "trained_runs": len(todo),
-                      "total_min": round((time.time() - t0) / 60, 1), "jobs": args.jobs, "cpu": _cpu_note(),
-                      "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2),  # kB→GB
-                      "date": time.strftime("%Y-%m-%d")}
+            timing = common_timing(t0, t_train, len(todo), args.jobs)
             timing_file.write_text(json.dumps(timing, indent=1) + "\n")
 
     #### REPORT: mean ± std over seeds ####
@@ -268,10 +196,6 @@ def training_rewards(dirs: list, run_of: dict, tasks: list, n: int = 10) -> dict
             first.append(statistics.fmean(r[:n]))
             last.append(statistics.fmean(r[-n:]))
     return out
-
-
-def _cpu_note() -> str:
-    return f"{os.cpu_count()} CPU cores"
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ import gzip
 import json
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from . import domain

@@ -1,7 +1,6 @@
 """`python -m experiments.ril` end to end on the committed mini world at toy size: methods × λ × seeds
 → train.py runs → one eval.py → docs-style report whose mean ± std match eval's own report.json."""
 import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -92,3 +91,57 @@ def test_experiment_end_to_end(tmp_path):
     assert experiment.main(argv) == 0
     assert "RID forgot less here." in doc.read_text()
     assert mtimes == {p: p.stat().st_mtime for p in out.glob("*/stage*/adapters.safetensors")}
+
+
+#### experiments.table3: the paper's Tables 3 and 6 ####
+
+from experiments import table3  # noqa: E402
+
+
+def _row(run, stage, metrics, forgetting=None, shown=(), method="rid"):
+    return {"run": run, "stage": stage, "name": f"stage{stage}", "method": method, "metrics": metrics,
+            "forgetting": forgetting, "forgetting_shown": list(shown)}
+
+
+def test_table3_builder_on_synthetic_reports():
+    """Averages over orders and the count of orders in which RID forgets less, computed by hand."""
+    m = dict.fromkeys(table3.COLS, 0.0)
+    rows = [_row("base", 0, {**m, "aesthetic": 5.0}, method="base")]
+    runs, final = {}, {}
+    # two orders × two methods; stage 1 rows carry forgetting too but only the last stage counts
+    spec = {("rid", "AHC"): (6.0, 0.2), ("baseline", "AHC"): (7.0, 0.5),
+            ("rid", "ACH"): (5.0, 0.9), ("baseline", "ACH"): (4.0, 0.4)}
+    for (method, order), (aes, f_aes) in spec.items():
+        d = f"{method}-{order}"
+        runs[d] = (method, order, 0)
+        rows.append(_row(d, 1, {**m, "aesthetic": 99.0}, dict.fromkeys(table3.COLS, 50.0), ["clip", "fid"], method))
+        fg = {**dict.fromkeys(table3.COLS, 1.0 if method == "rid" else 2.0), "aesthetic": f_aes}
+        final[method, order] = _row(d, 3, {**m, "aesthetic": aes}, fg, ["aesthetic", "clip", "fid"], method)
+        rows.append(final[method, order])
+    rows.append(_row("soup", 1, {**m, "aesthetic": 6.5}, method="soup"))
+    data = table3.build_tables(rows, runs, ["a", "b", "c"], None)
+    assert data["final"][("rid", "AHC")] == [final["rid", "AHC"]]
+    assert data["average"]["rid"]["aesthetic"] == [6.0, 5.0] and data["average"]["baseline"]["aesthetic"] == [7.0, 4.0]
+    # aesthetic: RID below the baseline in AHC (0.2 < 0.5), not in ACH (0.9 > 0.4); clip: both orders (1 < 2);
+    # hps is not shown (its task came last or never): no order compared
+    assert data["counts"]["aesthetic"] == (1, 2) and data["counts"]["clip"] == (2, 2) and data["counts"]["hps"] == (0, 0)
+    assert data["soup"]["metrics"]["aesthetic"] == 6.5 and data["base"]["metrics"]["aesthetic"] == 5.0
+    assert table3._cell([final["rid", "AHC"]], "aesthetic") == "6.000 (0.200)"
+    assert table3._cell([final["rid", "AHC"]], "hps") == "0.0000 (-)"
+
+
+def test_table3_paper_counts_are_the_papers():
+    # read off the paper's Table 3 by hand: RID forgets less than the baseline in every order on aesthetic,
+    # HPS, CLIP and FID; on PNG kB and JPEG kB in 3 of the 4 orders where compress is not last (CHA: both 0.00
+    # PNG, and JPEG 0.08 vs 0.00)
+    assert table3.paper_counts() == {"aesthetic": (4, 4), "hps": (4, 4), "png_kb": (3, 4), "jpeg_kb": (3, 4),
+                                     "clip": (6, 6), "fid": (6, 6)}
+    assert sorted(table3.ORDERS) == sorted(["AHC", "ACH", "HAC", "HCA", "CAH", "CHA"])
+
+
+@pytest.mark.parametrize("flag,value", [("--seeds", "0,a"), ("--seeds", "-1"), ("--jobs", "0")])
+def test_table3_bad_flags_name_the_flag(flag, value, capsys):
+    with pytest.raises(SystemExit) as e:
+        table3.main([flag, value])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and flag in err[0]

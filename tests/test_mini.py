@@ -7,7 +7,6 @@ here from its published layout, and the vignette's gain worked out by hand at ch
 import colorsys
 import io
 import json
-import math
 import re
 
 import numpy as np

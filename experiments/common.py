@@ -1,0 +1,108 @@
+"""What every experiment script shares: one-line CLI errors, running train.py / eval.py (several
+runs at once, one CPU thread each), finished-run detection, mean ± std formatting, the hand-written
+notes a regenerated doc keeps."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTES = "\n## Notes"  # a doc's hand-written part starts here; regenerating keeps it
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def logger(prog: str):
+    return lambda msg: print(f"[{prog} {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(cmd: list, prog: str, log) -> None:
+    """One command in the repository root; a failure ends the experiment with one line."""
+    log("$ " + " ".join(map(str, cmd)))
+    r = subprocess.run(list(map(str, cmd)), cwd=ROOT)
+    if r.returncode != 0:
+        raise SystemExit(f"{prog}: `{' '.join(map(str, cmd))}` exited {r.returncode}")
+
+
+def run_parallel(cmds: list, jobs: int, out: Path, prog: str, log) -> None:
+    """Up to `jobs` training runs at once, one CPU thread each; each run's output goes to <out>/<name>.log
+    (name: the run's --out directory name)."""
+    if jobs == 1:
+        for cmd in cmds:
+            run(cmd, prog, log)
+        return
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out.mkdir(parents=True, exist_ok=True)
+    running, queue = [], [list(map(str, c)) for c in cmds]
+    while queue or running:
+        while queue and len(running) < jobs:
+            cmd = queue.pop(0)
+            name = Path(cmd[cmd.index("--out") + 1]).name
+            log(f"start {name} (log: {out / (name + '.log')})")
+            running.append((cmd, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(out / f"{name}.log", "a"),
+                                                  stderr=subprocess.STDOUT)))
+        time.sleep(2)
+        for item in list(running):
+            cmd, proc = item
+            if proc.poll() is not None:
+                running.remove(item)
+                if proc.returncode != 0:
+                    for _, other in running:
+                        other.terminate()
+                    raise SystemExit(f"{prog}: `{' '.join(cmd)}` exited {proc.returncode}")
+
+
+def train_cmd(out_dir: Path, tasks: str | None, method: str, seed: int, *extra) -> list:
+    """train.py for one run; --resume when the directory already holds part of it."""
+    resume = ["--resume"] if (out_dir / "run.json").exists() else []
+    what = ["--tasks", tasks] if tasks else []
+    return [sys.executable, "train.py", *what, "--method", method, "--seed", str(seed), "--out", str(out_dir),
+            *resume, *extra]
+
+
+def finished(run_dir: Path, n_tasks: int) -> bool:
+    try:
+        return len(json.loads((run_dir / "run.json").read_text()).get("stages", [])) == n_tasks
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def mean_std(xs: list, sig: int = 3) -> str:
+    """mean ± sample std; `sig` significant digits for the larger of the two (min 1 decimal)."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "–"
+    m = statistics.fmean(xs)
+    s = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    top = max(abs(m), s)
+    digits = max(1, sig - 1 - math.floor(math.log10(top))) if top > 0 else 1
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def write_doc(path: Path, text: str) -> None:
+    """Write a generated doc, keeping the hand-written "## Notes" section of the previous version."""
+    old = path.read_text() if path.exists() else ""
+    if NOTES in old:
+        text += "\n" + old[old.index(NOTES):].lstrip("\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def timing(t0: float, t_train: float, trained: int, jobs: int) -> dict:
+    import resource
+
+    return {"train_min": round(t_train / 60, 1), "trained_runs": trained, "total_min": round((time.time() - t0) / 60, 1),
+            "jobs": jobs, "cpu": f"{os.cpu_count()} CPU cores",
+            "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2),  # kB→GB
+            "date": time.strftime("%Y-%m-%d")}

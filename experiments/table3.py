@@ -1,0 +1,314 @@
+"""The paper's Tables 3 and 6 at mini scale: every task order, averages, model soup, joint tuning.
+
+    python -m experiments.table3 --jobs 2          6 orders x rid, baseline (seed 0) -> docs/mini_table3.md
+    python -m experiments.table3 --seeds 0,1,2     the same with three seeds per order
+
+Table 3 of the RIL paper fine-tunes SD-1.5 on all six orders of {aesthetic, hps, compress} with the
+baseline and RID and prints each order's final metrics with Eq. 3 forgetting in parentheses, an
+average row per method, the base model and a model soup; Table 6 compares joint tuning (one task on a
+weighted sum of the rewards) with RID's average. This script runs the same on the mini world, with
+one schedule for every order (train.py's mini preset, unchanged):
+  - 12 sequences: train.py --tasks <order> --method rid|baseline --seed S;
+  - the model soup as the paper's Sec. 6 builds it: three baseline models, each fine-tuned on ONE reward
+    from the base model (train.py --tasks aesthetic | hps | compress), averaged with equal weights 1/3
+    (the paper's α, β, 1 − α − β are not given; equal weights are model soup's uniform soup);
+  - joint tuning as the paper's Table 6: the baseline on R_j = Σ w_r R_r, one task. The paper's weights
+    (0.01, 2, 1) bring SD-scale rewards to comparable gradient size; here the same principle is applied
+    to the mini world's rewards, measured, not tuned on the outcome: w_r ∝ 1 / ‖∂R_r/∂θ‖ at the base
+    model (one batch of training prompts, a fresh adapter), scaled so compress has weight 1 as in the
+    paper;
+  - one eval.py over everything (the base model evaluated once, the soup as eval's --soup).
+A rerun reuses finished runs and eval's cache; the paper's order (aesthetic → hps → compress) reuses
+`python -m experiments.ril`'s seed runs when they are finished (the same command, so the same numbers).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import eval as evaluation
+import plots
+from experiments.common import ROOT, Parser, finished, logger, mean_std, run, run_parallel, train_cmd, write_doc
+from experiments.common import timing as common_timing
+
+PROG = "python -m experiments.table3"
+REWARDS = ("aesthetic", "hps", "compress")
+ABBREV = {"aesthetic": "A", "hps": "H", "compress": "C"}
+ORDERS = ["".join(ABBREV[t] for t in p) for p in itertools.permutations(REWARDS)]  # AHC, ACH, HAC, ...
+METHODS = ("baseline", "rid")
+COLS = ("aesthetic", "hps", "png_kb", "jpeg_kb", "clip", "fid")  # the paper's Table 3 columns
+
+# The paper's Table 3 (SD-1.5): final value and forgetting (None where it prints "-") per order and method.
+PAPER_TABLE3 = {
+    ("baseline", "AHC"): [(4.98, 1.09), (0.249, 0.033), (316.89, None), (34.20, None), (22.39, 3.38), (104.85, 33.31)],
+    ("rid", "AHC"): [(5.55, 0.48), (0.272, 0.004), (373.63, None), (40.50, None), (25.00, 0.77), (80.28, 8.74)],
+    ("baseline", "ACH"): [(5.28, 0.79), (0.280, None), (422.34, 36.71), (69.56, 24.53), (22.26, 3.51), (119.30, 47.76)],
+    ("rid", "ACH"): [(5.40, 0.63), (0.281, None), (369.05, 15.64), (44.09, 7.21), (24.36, 1.41), (82.89, 11.35)],
+    ("baseline", "CHA"): [(7.23, None), (0.265, 0.026), (307.13, 0.00), (37.58, 0.00), (18.92, 6.85), (124.57, 53.03)],
+    ("rid", "CHA"): [(5.77, None), (0.275, 0.014), (343.71, 0.00), (40.83, 0.08), (24.43, 1.50), (91.04, 19.50)],
+    ("baseline", "CAH"): [(5.25, 0.67), (0.279, None), (412.77, 35.78), (62.99, 22.88), (22.02, 3.75), (116.20, 44.66)],
+    ("rid", "CAH"): [(5.19, 0.04), (0.283, None), (389.83, 3.46), (47.15, 6.40), (24.72, 1.21), (76.99, 5.45)],
+    ("baseline", "HAC"): [(4.76, 1.81), (0.227, 0.058), (333.32, None), (29.35, None), (16.58, 9.19), (134.98, 63.44)],
+    ("rid", "HAC"): [(5.66, 0.23), (0.274, 0.011), (327.52, None), (37.59, None), (24.06, 1.71), (92.28, 20.74)],
+    ("baseline", "HCA"): [(6.18, None), (0.251, 0.034), (429.12, 76.56), (51.50, 11.46), (16.41, 9.36), (185.61, 114.07)],
+    ("rid", "HCA"): [(5.75, None), (0.275, 0.010), (326.05, 8.55), (38.55, 0.57), (23.93, 1.84), (92.19, 20.65)],
+}
+PAPER_ROWS = {"Stable Diffusion V1.5": (5.23, 0.259, 425.13, 50.40, 25.77, 71.54),
+              "Model Soup": (5.56, 0.275, 399.15, 47.36, 25.23, 86.24),
+              "Joint Tuning (Table 6)": (5.43, 0.263, 378.99, 49.20, 20.00, 82.52)}
+
+
+def tasks_of(order: str) -> list:
+    return [{v: k for k, v in ABBREV.items()}[c] for c in order]
+
+
+def run_name(method: str, order: str, seed: int) -> str:
+    return f"{method}-{order}-seed{seed}"
+
+
+def paper_counts() -> dict:
+    """Per Table 3 column: in how many orders RID's forgetting is below the baseline's, of the orders
+    where the paper prints both."""
+    out = {}
+    for j, m in enumerate(COLS):
+        pairs = [(PAPER_TABLE3["rid", o][j][1], PAPER_TABLE3["baseline", o][j][1]) for o in ORDERS]
+        pairs = [(r, b) for r, b in pairs if r is not None and b is not None]
+        out[m] = (sum(r < b for r, b in pairs), len(pairs))
+    return out
+
+
+#### TABLES FROM EVAL'S REPORT ####
+
+def build_tables(rows: list, runs: dict, soup_dirs: list, joint_dir: str | None) -> dict:
+    """eval's report rows → the tables' data. runs: {run dir: (method, order, seed)} of the sequences.
+    Returns {"final": {(method, order): [last-stage rows over seeds]}, "average": {method: {metric: [the
+    per-order means]}}, "base": row, "soup": row | None, "joint": row | None, "counts": {metric: (rid <
+    baseline, orders compared)}}."""
+    by_dir = {}
+    for r in rows:
+        if r["stage"] > 0 and r["method"] != "soup":
+            if r["stage"] >= by_dir.get(r["run"], {"stage": 0})["stage"]:
+                by_dir[r["run"]] = r
+    final: dict = {}
+    for d, (method, order, _seed) in runs.items():
+        if d in by_dir:
+            final.setdefault((method, order), []).append(by_dir[d])
+    average = {}
+    for method in METHODS:
+        per_order = [final[method, o] for o in ORDERS if (method, o) in final]
+        average[method] = {m: [statistics.fmean(r["metrics"][m] for r in rs) for rs in per_order
+                               if all(m in r["metrics"] for r in rs)] for m in COLS}
+    counts = {}
+    for m in COLS:
+        less = total = 0
+        for o in ORDERS:
+            if ("rid", o) not in final or ("baseline", o) not in final:
+                continue
+            fr, fb = ([r["forgetting"][m] for r in final[meth, o] if m in r["forgetting_shown"]]
+                      for meth in ("rid", "baseline"))
+            if fr and fb:
+                total += 1
+                less += statistics.fmean(fr) < statistics.fmean(fb)
+        counts[m] = (less, total)
+    base = next(r for r in rows if r["stage"] == 0)
+    soup = next((r for r in rows if r["method"] == "soup"), None)
+    joint = by_dir.get(joint_dir) if joint_dir else None
+    return {"final": final, "average": average, "base": base, "soup": soup, "joint": joint, "counts": counts,
+            "soup_dirs": soup_dirs}
+
+
+def _cell(rs: list, m: str) -> str:
+    """'value (F)' over seeds: mean (± std when several), forgetting as the paper prints it."""
+    v = mean_std([r["metrics"].get(m) for r in rs]) if len(rs) > 1 else _num(rs[0]["metrics"].get(m), m)
+    if not all(m in r["forgetting_shown"] for r in rs):
+        return f"{v} (-)"
+    f = [r["forgetting"][m] for r in rs]
+    return f"{v} ({mean_std(f) if len(f) > 1 else _num(f[0], m)})"
+
+
+def _num(v, m: str) -> str:
+    return "–" if v is None else f"{v:.{evaluation.METRICS[m][2]}f}"
+
+
+def write_markdown(data: dict, facts: list, path: Path, weights: dict, figure: str) -> None:
+    head = ["Method", "Tasks"] + [f"{evaluation.METRICS[m][0]} {'↑' if evaluation.METRICS[m][1] else '↓'}" for m in COLS]
+    sep = "|" + "---|" * len(head)
+    lines = ["## Table 3 at mini scale", "",
+             "Final metrics after the last task; forgetting (the paper's Eq. 3, ≥ 0, lower is better) in parentheses, "
+             "\"(-)\" where the paper prints a dash (a target metric whose task was not trained before the last "
+             "stage). With several seeds: mean ± std.", "", "| " + " | ".join(head) + " |", sep]
+    for o in ORDERS:
+        for method in METHODS:
+            if (method, o) in data["final"]:
+                lines.append(f"| {method} | {o} | " + " | ".join(_cell(data["final"][method, o], m) for m in COLS) + " |")
+    for method in METHODS:
+        avg = data["average"][method]
+        lines.append(f"| Average ({method}) | | " + " | ".join(_num(statistics.fmean(avg[m]) if avg[m] else None, m)
+                                                            for m in COLS) + " |")
+    lines.append("| Base model | | " + " | ".join(_num(data["base"]["metrics"].get(m), m) for m in COLS) + " |")
+    if data["soup"]:
+        lines.append("| Model soup | | " + " | ".join(_num(data["soup"]["metrics"].get(m), m) for m in COLS) + " |")
+    lines += ["", "Orders: A = aesthetic, H = hps, C = compress, in training order (AHC is the paper's Table 2 "
+              "order). The model soup averages three baseline models, each fine-tuned on one reward from the base "
+              "model, with equal weights 1/3 (" + ", ".join(Path(d).parent.name for d in data["soup_dirs"]) + "): "
+              "the paper's Sec. 6 soup of three single-reward baseline models; its mixing coefficients are not "
+              "given, and equal weights are model soup's uniform soup.", ""]
+
+    lines += ["## Table 6 at mini scale", "", "| Method | " + " | ".join(head[2:]) + " |", "|" + "---|" * (len(COLS) + 1),
+              "| Base model | " + " | ".join(_num(data["base"]["metrics"].get(m), m) for m in COLS) + " |"]
+    if data["joint"]:
+        lines.append("| Joint tuning (baseline) | " + " | ".join(_num(data["joint"]["metrics"].get(m), m) for m in COLS) + " |")
+    for method in ("rid", "baseline"):
+        avg = data["average"][method]
+        lines.append(f"| Average ({method}) | " + " | ".join(_num(statistics.fmean(avg[m]) if avg[m] else None, m)
+                                                          for m in COLS) + " |")
+    lines += ["", "Joint tuning: the baseline method on one task rewarded by " + " + ".join(
+        f"{w:.3g}·R_{r}" for r, w in weights.items()) + " (weights ∝ 1/‖∂R/∂θ‖ measured at the base model, "
+        "compress = 1; the paper's SD-scale weights are 0.01 / 2 / 1), for the mini preset's longest schedule "
+        "among its rewards.", ""]
+
+    counts, paper = data["counts"], paper_counts()
+    lines += ["## Where RID forgets less", "",
+              "Orders in which RID's forgetting is below the baseline's, of the orders where both are defined "
+              "(the paper prints a dash for a target metric whose task came last):", "",
+              "| | " + " | ".join(evaluation.METRICS[m][0] for m in COLS) + " |", "|" + "---|" * (len(COLS) + 1),
+              "| mini world | " + " | ".join(f"{a} of {n}" for a, n in (counts[m] for m in COLS)) + " |",
+              "| paper (SD-1.5, Table 3) | " + " | ".join(f"{a} of {n}" for a, n in (paper[m] for m in COLS)) + " |",
+              "", f"![forgetting per order and method]({figure})", ""]
+
+    lines += ["## The paper's Table 3 (reference)", "", "| Method | Tasks | " + " | ".join(head[2:]) + " |",
+              "|" + "---|" * (len(COLS) + 2)]
+    for o in ORDERS:
+        for method in METHODS:
+            lines.append(f"| {method} | {o} | " + " | ".join(
+                f"{v:g} ({'-' if f is None else f'{f:g}'})" for v, f in PAPER_TABLE3[method, o]) + " |")
+    for name, vals in PAPER_ROWS.items():
+        lines.append(f"| {name} | | " + " | ".join(f"{v:g}" for v in vals) + " |")
+    write_doc(path, "\n".join(["# The paper's Tables 3 and 6 in the mini world", "", *facts, "", *lines]))
+
+
+#### JOINT WEIGHTS ####
+
+def joint_weights(n_prompts: int = 8, seed: int = 0) -> dict:
+    """w_r ∝ 1/‖∂R_r/∂θ‖ at the base mini model (a fresh adapter, one batch of training prompts, the
+    baseline's last-step gradient), scaled so compress has weight 1."""
+    import torch
+
+    import mini
+    import rewards
+    import rid
+
+    world = json.loads((mini.WORLD / "world.json").read_text())
+    prompts = (mini.WORLD / "prompts" / "train.txt").read_text().splitlines()[:n_prompts]
+    spec = rewards.load_spec(mini.REWARD_SPEC)
+    models = rid.load_models(mini.MODEL)
+    group = rid.inject(models.unet)
+    group.add_task("probe", generator=torch.Generator().manual_seed(seed))
+    cfg = rid.StepConfig(method="baseline", steps=int(world["steps"]), guidance=float(world["guidance"]))
+    noise = torch.randn(n_prompts, *models.latent_shape, generator=torch.Generator().manual_seed(seed))
+    norms = {}
+    for name in REWARDS:
+        group.flat.grad = None
+        loss, _ = rid.method_loss(models, group, rewards.get(name, spec), prompts, noise, cfg)
+        loss.backward()
+        norms[name] = float(group.flat.grad.norm())
+    return {name: norms["compress"] / norms[name] for name in REWARDS}
+
+
+#### MAIN ####
+
+def main(argv=None) -> int:
+    p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", default="0", help="comma list of training seeds per order (default: 0, as the paper)")
+    p.add_argument("--out", default="out/mini-table3", help="directory of the runs and the eval (default: out/mini-table3)")
+    p.add_argument("--doc", default="docs/mini_table3.md", help="report to write (default: docs/mini_table3.md)")
+    p.add_argument("--jobs", type=int, default=1, help="training runs at once, each on 1 CPU thread (default: 1)")
+    p.add_argument("--reuse", default="out/mini-experiment",
+                   help="where `python -m experiments.ril` keeps its runs; its finished seed runs stand for the "
+                        "AHC order (default: out/mini-experiment)")
+    p.add_argument("--train-args", default="", help="extra train.py flags, quoted (default: none)")
+    p.add_argument("--eval-args", default="", help="extra eval.py flags, quoted (default: none)")
+    args = p.parse_args(argv)
+    try:
+        seeds = sorted({int(s) for s in args.seeds.split(",") if s.strip()})
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: expected a comma list of integers ≥ 0, e.g. 0,1,2")
+    if not seeds or min(seeds) < 0:
+        p.error(f"--seeds {args.seeds!r}: expected a comma list of integers ≥ 0, e.g. 0,1,2")
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: must be ≥ 1")
+    out, log, t0 = ROOT / args.out, logger(PROG), time.time()
+    extra = args.train_args.split()
+
+    #### TRAIN: sequences, single-reward runs for the soup, the joint run ####
+    runs, todo = {}, []
+    for seed in seeds:
+        for order in ORDERS:
+            for method in METHODS:
+                d = out / run_name(method, order, seed)
+                runs[str(d)] = (method, order, seed)
+                reuse = ROOT / args.reuse / f"{method}-seed{seed}"
+                if order == "AHC" and not d.exists() and not extra and finished(reuse, 3):
+                    shutil.copytree(reuse, d, ignore=shutil.ignore_patterns("eval"))
+                    log(f"{d.name}: copied from {reuse} (the same train.py command)")
+                if not finished(d, 3):
+                    todo.append(train_cmd(d, ",".join(tasks_of(order)), method, seed, *extra))
+    singles = [out / f"baseline-{ABBREV[t]}-seed{seeds[0]}" for t in REWARDS]
+    for t, d in zip(REWARDS, singles):
+        if not finished(d, 1):
+            todo.append(train_cmd(d, t, "baseline", seeds[0], *extra))
+    weights_file = out / "joint_weights.json"
+    if weights_file.exists():
+        weights = json.loads(weights_file.read_text())
+    else:
+        log("measuring the joint weights (reward gradient norms at the base model)")
+        weights = joint_weights()
+        out.mkdir(parents=True, exist_ok=True)
+        weights_file.write_text(json.dumps(weights, indent=1) + "\n")
+    joint_dir = out / f"baseline-joint-seed{seeds[0]}"
+    if not finished(joint_dir, 1):
+        spec = ",".join(f"{r}:{w:.6g}" for r, w in weights.items())
+        cmd = train_cmd(joint_dir, None, "baseline", seeds[0], "--joint", spec, *extra)
+        todo.append(cmd)
+    log(f"{len(todo)} run(s) to train, {len(runs) + len(singles) + 1 - len(todo)} finished earlier")
+    run_parallel(todo, args.jobs, out, PROG, log)
+    t_train = time.time() - t0
+
+    #### EVALUATE everything side by side, the soup with it ####
+    ev = out / "eval"
+    run([sys.executable, "eval.py", "--ckpt", *runs, *singles, joint_dir, "--soup", *singles,
+         "--weights", *(["0.333333333333"] * 3), "--out", ev, *args.eval_args.split()], PROG, log)
+    timing_file = out / "experiment.json"
+    if todo or not timing_file.exists():
+        timing_file.write_text(json.dumps(common_timing(t0, t_train, len(todo), args.jobs), indent=1) + "\n")
+    timing = json.loads(timing_file.read_text())
+
+    #### REPORT ####
+    report = json.loads((ev / "report.json").read_text())
+    resolved = {str(Path(d).resolve()): v for d, v in runs.items()}
+    rows = [{**r, "run": str(Path(r["run"]).resolve())} for r in report["rows"]]
+    data = build_tables(rows, resolved, [str(d / f"stage1-{t}") for d, t in zip(singles, REWARDS)],
+                        str(joint_dir.resolve()))
+    doc = ROOT / args.doc
+    figure = doc.with_name(doc.stem + "_forgetting.png")
+    labelled = [{**r, "method": f"{resolved[r['run']][0]} {resolved[r['run']][1]}"} for r in rows if r["run"] in resolved]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    plots.forgetting_figure(evaluation.last_stage_rows(labelled), evaluation.METRICS, figure)
+    facts = [f"`{PROG} --seeds {args.seeds} --jobs {args.jobs}` ({timing['date']}). Wall time "
+             f"{timing['train_min']:.1f} min training ({timing['trained_runs']} runs, {timing['jobs']} at a time), "
+             f"{timing['total_min']:.1f} min with evaluation, on {timing['cpu']}; peak RSS of any one process "
+             f"{timing['peak_rss_gb']:.2f} GB. Every run uses train.py's mini preset unchanged (the schedule of "
+             "docs/mini_results.md), whatever the order."]
+    write_markdown(data, facts, doc, weights, figure.name)
+    log(f"wrote {doc.relative_to(ROOT) if doc.is_relative_to(ROOT) else doc} in {(time.time() - t0) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
