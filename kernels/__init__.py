@@ -2,7 +2,7 @@
 
     lora_group_linear(x, weight, bias, As, Bs, scales)  y = xWᵀ + b + Σ s_i (xA_iᵀ)B_iᵀ
     jpeg(img, quality)                                   differentiable JPEG round trip
-    ema_(teacher, student, alpha)                        teacher ← α·teacher + (1−α)·student
+    ema_(teacher, student, alpha)                        teacher ← α·teacher + (1−α)·student, flat buffers
 
 Dispatch is chosen by the environment variable RID_KERNELS:
     auto   (default) Triton for CUDA tensors, the plain-torch reference otherwise

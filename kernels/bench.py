@@ -1,18 +1,41 @@
-"""python -m kernels.bench — each kernel's dispatched path vs its reference vs the naive alternative.
+"""python -m kernels.bench [time | compile | gpu-check] — the kernels measured and checked.
 
-On CUDA the dispatched path is the Triton kernel; on a CPU it is the plain-torch reference (the
-interpreter is for correctness, not speed), so there the interesting ratio is reference vs naive.
-Validates before timing (llm.c habit), prints medians, ratios and the roofline unit.
+    time       (default) each kernel's dispatched path vs its reference vs the naive alternative,
+               on whatever device is here (on a CPU the dispatched path is the torch reference)
+    compile    no GPU needed: every Triton kernel × every autotune config it may try × dtype ×
+               aligned/odd widths, compiled for sm_80 and sm_90; registers, shared memory, spills
+    gpu-check  run once on a GPU: every kernel against its reference at SD-1.5 shapes, the
+               autotuner's picks, timings against the unfused alternatives
+
+Each validates before it times (llm.c's habit), prints medians, ratios and the roofline unit.
 """
 import argparse
+import importlib
+import json
+import math
+import os
+import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 
 import kernels
+from kernels import lora_group as lg
 from kernels.ema import ema_reference_
+
+
+class UsageError(Exception):
+    """A bad command line: main prints it as one line and exits 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{self.prog}: {message}")
 
 
 def timeit(fn, device, warmup=3, reps=20):
@@ -34,18 +57,34 @@ def path_name(*tensors):
     return "triton" if kernels.use_triton(*tensors) else "torch-reference"
 
 
-# ---------------------------------------------------------------- EMA -------------------------------
+def adapter_views(flat):
+    """An SD-1.5 attention adapter group at rank 4 as views of one flat buffer: 128 (A, B) pairs
+    (q, k, v, out of SD-1.5's 32 attention layers at widths 320/640/1280), 0.90 M values."""
+    shapes = [(4, 320), (320, 4)] * 32 + [(4, 640), (640, 4)] * 32 + [(4, 1280), (1280, 4)] * 64
+    if flat is None:
+        return sum(a * b for a, b in shapes)
+    views, o = [], 0
+    for a, b in shapes:
+        views.append(flat[o:o + a * b].view(a, b))
+        o += a * b
+    return views
+
+
+def naive_lora_loop(x, weight, bias, As, Bs, scales):
+    """What a stack of T peft-style LoRA layers does under autocast: base linear, then T shrink+expand pairs."""
+    dt = x.dtype
+    y = F.linear(x, weight, bias)
+    for A, B, s in zip(As, Bs, scales):
+        y = y + s * F.linear(F.linear(x, A.to(dt)), B.to(dt))
+    return y
+
+
+# ================================================================ time (any device) ===============
 def bench_ema(device, reps):
     print("\n== ema_: teacher <- a*teacher + (1-a)*student ==")
-    # An SD-1.5 attention adapter group at rank 4: 128 layers x 4 (q,k,v,out) x r(in+out) ≈ 3.2 M floats.
-    shapes = [(4, 320), (320, 4)] * 32 + [(4, 640), (640, 4)] * 32 + [(4, 1280), (1280, 4)] * 64
-    n = sum(a * b for a, b in shapes)
+    n = adapter_views(None)
     flat_t, flat_s = torch.randn(n, device=device), torch.randn(n, device=device)
-    views_t, views_s, o = [], [], 0
-    for a, b in shapes:
-        views_t.append(flat_t[o:o + a * b].view(a, b))
-        views_s.append(flat_s[o:o + a * b].view(a, b))
-        o += a * b
+    views_t, views_s = adapter_views(flat_t), adapter_views(flat_s)
 
     def naive():
         for t, s in zip(views_t, views_s):
@@ -55,21 +94,18 @@ def bench_ema(device, reps):
     ema_reference_(check_t, flat_s, 0.99)
     probe = flat_t.clone()
     kernels.ema_(probe, flat_s, 0.99)
-    assert torch.equal(probe, check_t), "ema_ does not match torch._foreach_lerp_"
-    print(f"All results match. {len(shapes)} tensors, {n / 1e6:.2f} M fp32 elements, device {device}.")
-    t_fused = timeit(lambda: kernels.ema_(views_t, views_s, 0.99), device, reps=reps)
-    t_ref = timeit(lambda: ema_reference_(views_t, views_s, 0.99), device, reps=reps)
+    assert torch.equal(probe, check_t), "ema_ does not match torch.lerp_"
+    print(f"All results match. {len(views_t)} adapter tensors in one buffer, {n / 1e6:.2f} M fp32 values, {device}.")
+    t_fused = timeit(lambda: kernels.ema_(flat_t, flat_s, 0.99), device, reps=reps)
+    t_each = timeit(lambda: torch._foreach_lerp_(views_t, views_s, 0.01), device, reps=reps)
     t_naive = timeit(naive, device, reps=reps)
     gbs = 3 * 4 * n / t_fused / 1e9  # read t, read s, write t
     print(f"dispatched ({path_name(flat_t)}) {t_fused * 1e3:8.3f} ms  {gbs:7.1f} GB/s")
-    print(f"_foreach_lerp_ reference   {t_ref * 1e3:8.3f} ms  ratio {t_ref / t_fused:5.2f}x")
+    print(f"_foreach_lerp_ per tensor  {t_each * 1e3:8.3f} ms  ratio {t_each / t_fused:5.2f}x")
     print(f"naive per-tensor loop      {t_naive * 1e3:8.3f} ms  ratio {t_naive / t_fused:5.2f}x")
 
 
-# ---------------------------------------------------------------- JPEG ------------------------------
 def bench_jpeg(device, reps, shape=(8, 3, 256, 256), quality=80):
-    import math
-
     print(f"\n== jpeg: differentiable round trip, fwd+bwd, {tuple(shape)} q{quality} ==")
     img, w = torch.rand(shape, device=device), torch.randn(shape, device=device)
 
@@ -100,15 +136,6 @@ def bench_jpeg(device, reps, shape=(8, 3, 256, 256), quality=80):
         t = timeit(fn, device, warmup=1, reps=max(3, reps // 3))
         base = base or t
         print(f"{name:34s} {t * 1e3:8.2f} ms {mpix / t:7.1f} Mpx/s  ratio {t / base:5.2f}x")
-
-
-# ---------------------------------------------------------------- LoRA group ------------------------
-def _naive_lora_loop(x, weight, bias, As, Bs, scales):
-    """What a stack of T peft-style LoRA layers does: base linear, then T shrink+expand pairs."""
-    y = F.linear(x, weight, bias)
-    for A, B, s in zip(As, Bs, scales):
-        y = y + s * F.linear(F.linear(x, A), B)
-    return y
 
 
 def bench_lora_group(device, reps, dtype=None, batch=2, tokens=1024, dim=320, rank=4, Ts=(1, 2, 4, 8)):
@@ -151,7 +178,7 @@ def bench_lora_group(device, reps, dtype=None, batch=2, tokens=1024, dim=320, ra
             return run
 
         outs = []  # validate before timing: op and reference vs the loop, forward and all grads
-        for fn in (kernels.lora_group_linear, kernels.lora_group_reference, _naive_lora_loop):
+        for fn in (kernels.lora_group_linear, kernels.lora_group_reference, naive_lora_loop):
             y = fn(xg, W, b, As, Bs, scales)
             outs.append([y.float(), *[t.float() for t in torch.autograd.grad(y, [xg, As[-1], Bs[-1]], dy)]])
         tol = 1e-4 if dtype == torch.float32 else 3e-2
@@ -161,7 +188,7 @@ def bench_lora_group(device, reps, dtype=None, batch=2, tokens=1024, dim=320, ra
                 assert err <= tol, f"lora_group {name} T={T}: rel err {err:.2e} > {tol}"
         t_op = timeit(step(kernels.lora_group_linear), device, reps=reps)
         t_ref = timeit(step(kernels.lora_group_reference), device, reps=reps)
-        t_loop = timeit(step(_naive_lora_loop), device, reps=reps)
+        t_loop = timeit(step(naive_lora_loop), device, reps=reps)
         flops = 2 * M * dim * dim * 2 + 2 * M * dim * rank * (2 * T + 2 * T + 2)
         print(f"{T:>3} {t_op * 1e3:9.2f} {t_ref * 1e3:9.2f} {t_loop * 1e3:9.2f} {t_loop / t_op:8.2f} "
               f"{t_op / t_base:10.2f} {flops / t_op / 1e12:11.4f}")
@@ -171,8 +198,9 @@ def bench_lora_group(device, reps, dtype=None, batch=2, tokens=1024, dim=320, ra
 SECTIONS = {"lora_group": bench_lora_group, "jpeg": bench_jpeg, "ema": bench_ema}
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def cmd_time(argv):
+    p = Parser(prog="python -m kernels.bench [time]", description=__doc__,
+               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)} (default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present")
     p.add_argument("--reps", type=int, default=20, help="timed repetitions per measurement (median reported)")
@@ -186,7 +214,384 @@ def main(argv=None):
           f"RID_KERNELS={kernels.kernel_mode()}")
     for name in names:
         SECTIONS[name](device, args.reps)
+    return 0
+
+
+# ================================================================ compile (no GPU) ================
+# triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", arch, 32))
+# runs Triton's whole pipeline (TTIR → TTGIR → LLVM → PTX → ptxas → cubin) for a GPU that is not
+# here; cuobjdump (shipped in triton's wheel beside ptxas) reads registers and stack off the cubin.
+# A nonzero stack is local memory: register spills. Shared memory is the launch's dynamic shared
+# memory, checked against the arch's opt-in maximum per block as Triton's launcher checks it.
+ARCHS = {80: 163 * 1024, 90: 227 * 1024}  # max shared memory per block (opt-in): A100, H100
+# (label, x/W dtype, adapter dtype, fp32 dot precision): what rid and DRaFT launch
+LORA_CASES = [("fp16", torch.float16, torch.float16, "ieee"), ("bf16", torch.bfloat16, torch.bfloat16, "ieee"),
+              ("bf16+fp32 LoRA", torch.bfloat16, torch.float32, "ieee"),
+              ("fp32", torch.float32, torch.float32, "ieee"), ("fp32 tf32", torch.float32, torch.float32, "tf32")]
+LORA_R = 12  # T = 3 adapters of rank 4 (the paper's three tasks): BLOCK_R = 16
+# Triton specialises a launch on which ints are multiples of 16 and which pointers are 16-byte
+# aligned. "aligned": every SD layer (widths multiples of 16, contiguous tensors) — 16-byte vector
+# loads, cp.async/TMA pipelining. "odd": other widths or offset views — a second kernel with
+# scalar loads and its own register use. (M, in, out) of each; M's divisibility changes nothing.
+LORA_LAYOUTS = {"aligned": (2 * 4096, 320, 320), "odd": (2 * 4096, 321, 319)}
+
+
+def _t(dtype, aligned=True):
+    return ("tensor", str(dtype).removeprefix("torch."), aligned)
+
+
+def _cfg_name(c):
+    return "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{w} s{s}".format(**c.kwargs, w=c.num_warps, s=c.num_stages)
+
+
+def lora_jobs(arch, layout, label, dt, adt, precision, configs, kept):
+    """Forward and backward-dx launches of _lora_group_kernel, one per config (tried: in kept)."""
+    M, K, N = LORA_LAYOUTS[layout]
+    R, al = LORA_R, layout == "aligned"
+    block_r = max(16, 1 << (R - 1).bit_length())
+    for cfg in configs:
+        for pas in ("fwd", "bwd"):  # forward; backward's dx: (dy, Wᵀ, B_catᵀ, A_catᵀ) views
+            f = pas == "fwd"
+            k, n = (K, N) if f else (N, K)  # the backward's dx maps out → in
+            args = dict(x_ptr=_t(dt, al), w_ptr=_t(dt, al), bias_ptr=_t(dt, al), a_ptr=_t(adt, al),
+                        b_ptr=_t(adt, al), s_ptr=_t(torch.float32), y_ptr=_t(dt, al), h_ptr=_t(dt, al),
+                        M=M, N=n, K=k, R=R, stride_xm=k, stride_xk=1,
+                        stride_wn=k if f else 1, stride_wk=1 if f else n,
+                        stride_ar=k if f else 1, stride_ak=1 if f else R,
+                        stride_bn=R if f else 1, stride_br=1 if f else n,
+                        stride_ym=n, stride_yn=1, stride_hm=R, stride_hr=1)
+            cx = dict(HAS_BIAS=f, HAS_LORA=True, STORE_H=True, DOT_F32=False, PRECISION=precision,
+                      BLOCK_R=block_r, **cfg.kwargs)
+            yield dict(kernel=f"lora_group {pas}", arch=arch, layout=layout, dtype=label, config=_cfg_name(cfg),
+                       tried=cfg in kept, module="kernels.lora_group", fn="_lora_group_kernel", args=args,
+                       constexprs=cx, options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+
+
+def compile_jobs(archs=tuple(ARCHS), everything=False):
+    """One dict per compilation: the kernel's launch arguments as the launcher passes them at an
+    SD-1.5 layer (sizes and strides decide Triton's specialisation), constexprs and options.
+    everything=True adds the LoRA-group tiles the pruning hook drops on that arch (tried=False)."""
+    jobs = []
+    for arch in archs:
+        for layout in LORA_LAYOUTS:
+            for label, dt, adt, precision in LORA_CASES:
+                kept = lg.configs_for(arch, ARCHS[arch], (dt, dt, adt), precision, 16, layout == "aligned")
+                jobs += lora_jobs(arch, layout, label, dt, adt, precision, lg.CONFIGS if everything else kept, kept)
+        jp = importlib.import_module("kernels.jpeg")  # the module (kernels.jpeg is the function)
+        n_blocks = 8 * 6144  # 8 images at 512²: 4096 luma + 2048 chroma blocks each
+        for name, ptrs in (("_jpeg_blocks_fwd_kernel", ("x_ptr", "out_ptr")),
+                           ("_jpeg_blocks_bwd_kernel", ("x_ptr", "g_ptr", "gx_ptr"))):
+            args = {p: _t(torch.float32) for p in ptrs + ("k_ptr", "q_ptr")}
+            args.update(n_blocks=n_blocks, n_luma=n_blocks * 2 // 3)
+            jobs.append(dict(kernel="jpeg " + name.split("_")[3], arch=arch, layout="aligned", dtype="fp32",
+                             tried=True, config=f"BB={jp._BB} w{jp._WARPS}", module="kernels.jpeg", fn=name,
+                             args=args, constexprs=dict(BB=jp._BB, PRECISION="tf32x3"),
+                             options=dict(num_warps=jp._WARPS)))
+        em = importlib.import_module("kernels.ema")
+        for label, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            args = dict(t_ptr=_t(dt), s_ptr=_t(dt), n=adapter_views(None), w=0.01, v=0.99)
+            jobs.append(dict(kernel="ema", arch=arch, layout="aligned", dtype=label, config=f"BLOCK={em._BLOCK} w4",
+                             tried=True, module="kernels.ema", fn="_ema_kernel", args=args,
+                             constexprs=dict(BLOCK=em._BLOCK, FMA64=False), options={}))
+    return jobs
+
+
+class _OffsetTensor:
+    """A stand-in tensor whose data pointer is not 16-byte aligned (a view at an odd offset)."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    @staticmethod
+    def data_ptr():
+        return 8
+
+
+def compile_one(job):
+    """Compile one job for its arch; returns the job with regs, stack (bytes), smem (bytes) or error."""
+    import triton
+    from triton.backends.compiler import BaseBackend, GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction, MockTensor, native_specialize_impl
+
+    fn = getattr(importlib.import_module(job["module"]), job["fn"])
+    while hasattr(fn, "fn") and not isinstance(fn, JITFunction):  # through the autotuner
+        fn = fn.fn
+    if not isinstance(fn, JITFunction):
+        raise RuntimeError("compile needs TRITON_INTERPRET=0 in the compiling process (kernels were interpreted)")
+    # Specialise each argument exactly as a launch would (ints equal to 1 become constants,
+    # multiples of 16 and 16-byte aligned pointers get divisibility hints).
+    signature, constexprs, attrs = {}, dict(job["constexprs"]), {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        value = job["args"][name]
+        if isinstance(value, (list, tuple)):
+            value = (MockTensor if value[2] else _OffsetTensor)(getattr(torch, value[1]))
+        kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[name] = value
+        elif isinstance(spec, str) and spec:
+            attrs[(i,)] = BaseBackend.parse_attr(spec)
+    t0 = time.perf_counter()
+    try:
+        k = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                           target=GPUTarget("cuda", job["arch"], 32), options=job["options"])
+    except Exception as e:  # a compile error is a result to report, not a crash of the table
+        return dict(job, error=(str(e).strip().splitlines() or [type(e).__name__])[-1][:200])
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+    return dict(job, regs=int(m[1]), stack=int(m[2]), smem=int(k.metadata.shared), secs=time.perf_counter() - t0)
+
+
+def problems(r):
+    """Why a compiled job would fail or run slowly on its arch ('' when it is fine)."""
+    if "error" in r:
+        return "compile error: " + r["error"]
+    out = []
+    if r["stack"]:
+        out.append(f"spills ({r['stack']} B stack)")
+    if r["smem"] > ARCHS[r["arch"]]:
+        out.append(f"shared memory {r['smem'] / 1024:.0f} KB > {ARCHS[r['arch']] // 1024} KB")
+    return ", ".join(out)
+
+
+def compile_all(jobs, workers):
+    """Compile in a process pool whose workers import the kernels with TRITON_INTERPRET=0 (set in
+    this process's environment, which they inherit: call it from a CLI, not from a test session)."""
+    import concurrent.futures
+    import multiprocessing
+
+    os.environ["TRITON_INTERPRET"] = "0"  # read by each spawned worker when it decorates the kernels
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+        return list(pool.map(compile_one, jobs))
+
+
+def cmd_compile(argv):
+    p = Parser(prog="python -m kernels.bench compile",
+               description="Compile every Triton kernel × autotune config × dtype for sm_80 and sm_90 (no GPU "
+                           "needed); exit 1 if any fails, spills or overflows shared memory.")
+    p.add_argument("--arch", default=",".join(map(str, ARCHS)), help="comma list of 80, 90 (default: both)")
+    p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: all cores)")
+    p.add_argument("--all", action="store_true", help="also compile the LoRA-group tiles pruned on that arch")
+    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    args = p.parse_args(argv)
+    try:
+        archs = [int(a) for a in args.arch.split(",")]
+    except ValueError:
+        archs = []
+    if not archs or any(a not in ARCHS for a in archs):
+        p.error(f"--arch {args.arch}: allowed: a comma list of {', '.join(map(str, ARCHS))}")
+    if args.jobs < 1:
+        p.error(f"--jobs {args.jobs}: allowed: an int ≥ 1")
+    t0 = time.perf_counter()
+    rows = compile_all(compile_jobs(archs, args.all), args.jobs)
+    wall = time.perf_counter() - t0
+    print(f"{'kernel':15} {'arch':5} {'shapes':7} {'dtype':14} {'config':17} {'regs':>4} {'smem KB':>7} "
+          f"{'spill B':>7}  status")
+    for r in rows:
+        status = problems(r) or "ok"
+        if not r["tried"]:
+            status = f"not tried here ({status})"
+        print(f"{r['kernel']:15} sm_{r['arch']:<2} {r['layout']:7} {r['dtype']:14} {r['config']:17} "
+              f"{r.get('regs', '-'):>4} {r.get('smem', 0) / 1024:7.1f} {r.get('stack', '-'):>7}  {status}")
+    bad = [r for r in rows if r["tried"] and problems(r)]
+    tried = sum(r["tried"] for r in rows)
+    print(f"{tried} compilations the autotuners may launch, {len(bad)} with problems; "
+          f"{wall:.0f} s with {args.jobs} jobs")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=0)
+    return 1 if bad else 0
+
+
+# ================================================================ gpu-check (once, on a GPU) ======
+# SD-1.5's attention projections at 512² (latent 64²) for one prompt with CFG (batch 2): where, M, in, out
+GPU_LORA_SHAPES = [("self-attn 64²", 4096, 320, 320), ("self-attn 32²", 1024, 640, 640),
+                   ("self-attn 16²", 256, 1280, 1280), ("self-attn 8² (mid)", 64, 1280, 1280),
+                   ("cross-attn k/v 64²", 77, 768, 320), ("cross-attn k/v 16²", 77, 768, 1280),
+                   ("odd widths (not in SD)", 1000, 321, 319)]
+GPU_LORA_CASES = [("bf16+fp32 LoRA", torch.bfloat16, torch.float32), ("fp16+fp32 LoRA", torch.float16, torch.float32),
+                  ("fp32", torch.float32, torch.float32)]
+GPU_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}  # max |Δ| / max |reference|
+
+
+def _rel(a, e):
+    return ((a.float() - e.float()).abs().max() / e.float().abs().max().clamp_min(1e-30)).item()
+
+
+def _lora_problem(batch, tokens, k, n, dt, adt, rank=4, T=3):
+    """Inputs as rid trains: x and the current (last) of T rank-r adapters require grad."""
+    g = torch.Generator().manual_seed(0)
+    dev = torch.device("cuda")
+    x = torch.randn(batch * tokens, k, generator=g).to(dev, dt).requires_grad_()
+    W = (torch.randn(n, k, generator=g) / k ** 0.5).to(dev, dt)
+    b = (torch.randn(n, generator=g) * 0.1).to(dev, dt)
+    As = [(torch.randn(rank, k, generator=g) / k ** 0.5).to(dev, adt) for _ in range(T)]
+    Bs = [(torch.randn(n, rank, generator=g) * 0.1).to(dev, adt) for _ in range(T)]
+    As[-1].requires_grad_()
+    Bs[-1].requires_grad_()
+    return x, W, b, As, Bs, [1.0] * T, torch.randn(batch * tokens, n, generator=g).to(dev, dt)
+
+
+def _fwd_bwd(fn, x, W, b, As, Bs, s, dy):
+    y = fn(x, W, b, As, Bs, s)
+    return [y, *torch.autograd.grad(y, [x, As[-1], Bs[-1]], dy)]
+
+
+def cmd_gpu_check(argv):
+    p = Parser(prog="python -m kernels.bench gpu-check",
+               description="Once, on a GPU: every kernel against its reference at SD-1.5 shapes, the autotuner's "
+                           "picks, timings against the unfused alternatives.")
+    p.add_argument("--batch", type=int, default=2, help="images per UNet call, CFG included (default 2)")
+    args = p.parse_args(argv)
+    if args.batch < 1:
+        p.error(f"--batch {args.batch}: allowed: an int ≥ 1")
+    if not torch.cuda.is_available():
+        print("gpu-check: no CUDA GPU is visible (torch.cuda.is_available() is False); "
+              "without one, run `python -m kernels.bench compile`", file=sys.stderr)
+        return 2
+    if kernels.INTERPRET or kernels.kernel_mode() == "torch":
+        print(f"gpu-check: TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} RID_KERNELS={kernels.kernel_mode()} "
+              "would bypass the compiled kernels; allowed: TRITON_INTERPRET unset or 0, RID_KERNELS auto or triton",
+              file=sys.stderr)
+        return 2
+    import triton
+    from triton.testing import do_bench
+
+    def bench_ms(fn):
+        return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    dev = torch.device("cuda")
+    print(f"{torch.cuda.get_device_name(dev)} (sm_{''.join(map(str, torch.cuda.get_device_capability(dev)))}), "
+          f"torch {torch.__version__}, triton {triton.__version__}, "
+          f"fp32 matmul precision {torch.get_float32_matmul_precision()}")
+    tuner = lg._lora_group_kernel
+    cap = torch.cuda.get_device_capability(dev)
+    precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"  # as lora_group._fused
+    tol = {**GPU_TOL, **({} if precision == "ieee" else {torch.float32: 5e-3})}
+    failures, picks = [], {}
+
+    # ---- validate everything first ----
+    for where, tokens, k, n in GPU_LORA_SHAPES:
+        for label, dt, adt in GPU_LORA_CASES:
+            prob = _lora_problem(args.batch, tokens, k, n, dt, adt)
+            y = kernels.lora_group_linear(*prob[:6])
+            fwd = tuner.best_config
+            got = [y, *torch.autograd.grad(y, [prob[0], prob[3][-1], prob[4][-1]], prob[6])]
+            picks[where, label] = (_cfg_name(fwd), _cfg_name(tuner.best_config))
+            ref = _fwd_bwd(kernels.lora_group_reference, *prob)
+            for name, a, e in zip(("y", "dx", "dA", "dB"), got, ref):
+                if not torch.isfinite(a).all() or _rel(a, e) > tol[dt]:
+                    failures.append(f"lora_group {where} {label}: {name} differs from the reference by "
+                                    f"{_rel(a, e):.2e} (allowed {tol[dt]:.0e})")
+    img = torch.rand(8, 3, 512, 512, device=dev, generator=torch.Generator(dev).manual_seed(0))
+    w = torch.randn(img.shape, device=dev, generator=torch.Generator(dev).manual_seed(1))
+    outs = []
+    for fn in (kernels.jpeg, kernels.jpeg_reference):
+        x = img.clone().requires_grad_()
+        out = fn(x, 80)
+        (out * w).sum().backward()
+        outs.append((out.detach(), x.grad))
+    psnr = 10 * math.log10(1 / ((outs[0][0] - outs[1][0]) ** 2).mean().clamp_min(1e-20).item())
+    if psnr < 60 or _rel(outs[0][1], outs[1][1]) > 1e-3:  # a coefficient at a rounding tie may flip
+        failures.append(f"jpeg 8×3×512×512 q80: {psnr:.1f} dB PSNR vs the reference (allowed ≥ 60), "
+                        f"gradient off by {_rel(outs[0][1], outs[1][1]):.2e} (allowed 1e-3)")
+    n_ema = adapter_views(None)
+    flat_t, flat_s = torch.randn(n_ema, device=dev), torch.randn(n_ema, device=dev)
+    views_t, views_s = adapter_views(flat_t), adapter_views(flat_s)
+    for alpha in (0.99, 0.3):  # both branches of lerp's formula
+        t, e = flat_t.clone(), adapter_views(flat_t.clone())
+        kernels.ema_(t, flat_s, alpha)
+        torch._foreach_lerp_(e, views_s, 1 - alpha)
+        if not torch.equal(t, torch.cat([v.reshape(-1) for v in e])):
+            failures.append(f"ema_ α={alpha}: not bit-identical to torch._foreach_lerp_")
+    if failures:
+        print("\n".join(failures))
+        return 1
+    print("All results match. Starting benchmarks.")
+
+    # ---- time ----
+    print(f"\n### LoRA group, T = 3 adapters of rank 4 (x and the last adapter train), fwd+bwd, batch {args.batch}\n")
+    for label, dt, adt in GPU_LORA_CASES:
+        for aligned in (True, False):
+            tiles = lg.configs_for(10 * cap[0] + cap[1], lg._max_smem(dev.index or 0), (dt, dt, adt), precision,
+                                   16, aligned)
+            print(f"{label}, {'widths multiples of 16' if aligned else 'odd widths'}: the autotuner tries "
+                  f"{len(tiles)} of {len(lg.CONFIGS)} tiles here: {', '.join(_cfg_name(c) for c in tiles)}")
+    print("\n| layer | x (M, in) → out | dtype | autotune pick fwd / bwd | fused ms | loop ms | loop/fused "
+          "| linear ms | fused/linear | fused TFLOP/s |")
+    print("|" + " --- |" * 10)
+    for where, tokens, k, n in GPU_LORA_SHAPES:
+        for label, dt, adt in GPU_LORA_CASES:
+            prob = _lora_problem(args.batch, tokens, k, n, dt, adt)
+            x, W, b = prob[:3]
+            t_op = bench_ms(lambda: _fwd_bwd(kernels.lora_group_linear, *prob))
+            t_loop = bench_ms(lambda: _fwd_bwd(naive_lora_loop, *prob))
+            t_lin = bench_ms(lambda: torch.autograd.grad(F.linear(x, W, b), x, prob[6]))
+            M = x.shape[0]
+            # base fwd + dx, then the group's shrink and expand (R = 12) in the forward and in dx, dA_t and dB_t (r = 4)
+            flops = 2 * M * k * n * 2 + 2 * M * (k + n) * (12 + 12 + 4)
+            fwd, bwd = picks[where, label]
+            print(f"| {where} | ({M}, {k}) → {n} | {label} | {fwd} / {bwd} | {t_op:.3f} | {t_loop:.3f} "
+                  f"| {t_loop / t_op:.2f}× | {t_lin:.3f} | {t_op / t_lin:.2f}× | {flops / t_op / 1e9:.1f} |")
+
+    print("\n### differentiable JPEG, 8×3×512×512 fp32, q80, fwd+bwd\n")
+    runs = {"triton": kernels.jpeg, "torch reference": kernels.jpeg_reference}
+    note = ""
+    try:
+        from kornia.enhance import jpeg_codec_differentiable as kjpeg
+
+        q = torch.tensor([80.0], device=dev)
+        runs["kornia jpeg_codec_differentiable"] = lambda x, quality: kjpeg(x, q)
+        mse = ((kjpeg(img, q) - outs[1][0]) ** 2).mean().item()
+        note = f"kornia vs ours: {10 * math.log10(1 / mse):.1f} dB PSNR (different rounding and chroma filters)"
+    except ImportError:
+        note = "kornia not installed: `pip install kornia` adds its differentiable JPEG to the table"
+    print("| path | ms | Mpx/s | ratio |\n| --- | --- | --- | --- |")
+    base = None
+    for name, fn in runs.items():
+        def run(fn=fn):
+            x = img.clone().requires_grad_()
+            (fn(x, 80) * w).sum().backward()
+        t = bench_ms(run)
+        base = base or t
+        print(f"| {name} | {t:.2f} | {8 * 512 * 512 / 1e3 / t:.0f} | {t / base:.2f}× |")
+    print(note)
+
+    print(f"\n### EMA over an SD-1.5 adapter group: {len(views_t)} tensors, {n_ema / 1e6:.2f} M fp32 values\n")
+    print("| path | ms | GB/s | ratio |\n| --- | --- | --- | --- |")
+    rows = [("triton, one flat buffer", lambda: kernels.ema_(flat_t, flat_s, 0.99)),
+            ("torch._foreach_lerp_ per tensor", lambda: torch._foreach_lerp_(views_t, views_s, 0.01)),
+            ("per-tensor mul_/add_ loop", lambda: [t.mul_(0.99).add_(s, alpha=0.01) for t, s in zip(views_t, views_s)])]
+    base = None
+    for name, fn in rows:
+        t = bench_ms(fn)
+        base = base or t
+        print(f"| {name} | {t:.4f} | {3 * 4 * n_ema / t / 1e6:.0f} | {t / base:.2f}× |")
+    return 0
+
+
+COMMANDS = {"time": cmd_time, "compile": cmd_compile, "gpu-check": cmd_gpu_check}
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cmd = argv.pop(0) if argv and argv[0] in COMMANDS else "time"
+    try:
+        return COMMANDS[cmd](argv)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -53,7 +53,7 @@ are computed in fp32 whatever their dtype), so the interpreter's bf16 tl.dot pit
 Precision: single TF32 (10-bit mantissa) would move a DCT coefficient near 1000 by up to ~0.5 and
 flip rounding decisions at quality 100, so on GPUs with TF32 the dot runs as "tf32x3" (three TF32
 MMAs, ≈ fp32 accuracy; ~96 tensor-FLOP/B, near an A100's TF32 ridge of ~100), elsewhere as "ieee"
-(fp32 FMA; compute-bound, ridge ~13 FLOP/B). Not yet measured on a GPU (this workplace has none).
+(fp32 FMA; compute-bound, ridge ~13 FLOP/B).
 
 Conventions: fp16/bf16/fp32 inputs are computed in fp32 and returned in the input dtype; fp64
 inputs are computed in fp64 by the reference (for gradcheck; the kernel is fp32 only). Tables
@@ -71,7 +71,11 @@ import torch.nn.functional as F
 from . import HAS_TRITON, INTERPRET, use_triton
 
 _RANGE_TOL = 1e-3
-_BB = 64  # blocks per Triton program: (64 × 64) fp32 tiles
+# Blocks per Triton program, and warps. Every program holds the 64×64 K (and Kᵀ) in registers
+# beside its (BB, 64) tiles, and tf32x3 splits each dot operand in two: at BB = 64 both kernels
+# spill kilobytes on sm_80 (4 or 8 warps); at BB = 16 with 8 warps neither spills on sm_80 or
+# sm_90 (python -m kernels.bench compile).
+_BB, _WARPS = 16, 8
 _MCU = 16  # 4:2:0 minimum coded unit: 16×16 pixels = 4 luma blocks + 1 Cb + 1 Cr
 
 # ITU-T T.81 Annex K.1 tables, natural (row-major) order, as libjpeg's jcparam.c has them.
@@ -180,7 +184,7 @@ class _JpegBlocks(torch.autograd.Function):
         out = torch.empty_like(x)
         n = x.shape[0]
         _jpeg_blocks_fwd_kernel[(triton.cdiv(n, _BB),)](x, out, k, q, n, n_luma, BB=_BB,
-                                                        PRECISION=_precision(x.device))
+                                                        PRECISION=_precision(x.device), num_warps=_WARPS)
         ctx.save_for_backward(x, q)
         ctx.n_luma = n_luma
         return out
@@ -193,7 +197,7 @@ class _JpegBlocks(torch.autograd.Function):
         gx = torch.empty_like(x)
         n = x.shape[0]
         _jpeg_blocks_bwd_kernel[(triton.cdiv(n, _BB),)](x, g, gx, k, q, n, ctx.n_luma, BB=_BB,
-                                                        PRECISION=_precision(x.device))
+                                                        PRECISION=_precision(x.device), num_warps=_WARPS)
         return gx, None, None
 
 

@@ -21,7 +21,7 @@ fp32 gradients.
 
 Measured (CPU, 1 thread, reference path, fp32, x (2, 1024, 320), r = 4, x and the current
 adapter training): fwd+bwd stays ~18–20 ms for T = 1..8 while a loop of T LoRA linears goes
-~20 → ~40 ms (2.1–2.35× slower at T = 8). GPU numbers: kernels/bench.py.
+~20 → ~40 ms (2.1–2.35× slower at T = 8). GPU numbers: `python -m kernels.bench gpu-check`.
 """
 import functools
 from typing import Optional, Sequence
@@ -35,23 +35,86 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    if INTERPRET:
-        # Autotuning under the interpreter re-runs every config in numpy: one small config.
-        _CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=1)]
-    else:
-        _CONFIGS = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in [
-                (128, 128, 32, 4, 4),
-                (128, 256, 64, 8, 3),
-                (128, 64, 32, 4, 4),
-                (64, 128, 32, 4, 4),
-                (64, 64, 64, 4, 3),
-                (32, 64, 32, 2, 5),  # small M (few tokens) or tiny layers
-            ]
-        ]
+    # Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) that compile without register spills,
+    # biggest first, per MMA family, operand kind and alignment: every candidate compiled for sm_80
+    # and sm_90 with triton 3.8 at R ≤ 16 (`python -m kernels.bench compile --all`;
+    # tests/test_compile.py keeps them honest). "mma" is Ampere's mma.sync, used on every GPU but
+    # Hopper; "wgmma" is Hopper's, whose accumulators cost fewer registers, so 128×256 tiles fit
+    # there and nowhere else. fp32 "ieee" dots run on CUDA cores (FMA) and need the most registers;
+    # "tf32" is torch's "high" precision. Aligned launches (widths multiples of 16, 16-byte aligned
+    # tensors: every SD layer) get 16-byte vector loads; other launches compile to scalar loads with
+    # more address registers, where only small tiles stay spill-free.
+    _TILES = {
+        ("mma", "half", True): [(128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 64, 32, 4, 4), (64, 64, 64, 4, 3),
+                                (64, 64, 32, 2, 5), (32, 64, 32, 2, 5)],
+        ("mma", "tf32", True): [(128, 128, 32, 8, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3),
+                                (64, 64, 32, 2, 5), (32, 64, 32, 2, 5)],
+        ("mma", "ieee", True): [(128, 128, 32, 8, 4), (64, 128, 32, 4, 4), (32, 64, 32, 2, 5)],
+        ("wgmma", "half", True): [(128, 256, 64, 8, 3), (256, 128, 32, 8, 3), (128, 128, 64, 8, 3),
+                                  (128, 128, 32, 8, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3),
+                                  (32, 64, 32, 2, 5)],
+        ("wgmma", "tf32", True): [(128, 256, 32, 8, 3), (256, 128, 32, 8, 3), (128, 128, 64, 8, 3),
+                                  (128, 128, 32, 8, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 64, 4, 3),
+                                  (32, 64, 32, 2, 5)],
+        ("wgmma", "ieee", True): [(128, 128, 32, 8, 4), (64, 64, 64, 4, 3), (32, 64, 32, 2, 5)],
+        ("mma", "half", False): [(64, 64, 32, 4, 4), (32, 64, 32, 4, 4)],
+        ("mma", "tf32", False): [(64, 64, 32, 4, 4), (32, 64, 32, 4, 4)],
+        ("mma", "ieee", False): [(32, 64, 32, 4, 4)],
+        ("wgmma", "half", False): [(128, 128, 32, 8, 4), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4),
+                                   (32, 64, 32, 4, 4)],
+        ("wgmma", "tf32", False): [(128, 128, 32, 8, 4), (64, 64, 32, 4, 4), (32, 64, 32, 4, 4)],
+        ("wgmma", "ieee", False): [(32, 64, 32, 4, 4)],
+    }
 
-    @triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "R"])
+    def _tile(c) -> tuple:
+        return c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps, c.num_stages
+
+    # Every tile any GPU may try, biggest first; configs_for picks this launch's share.
+    CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in sorted({t for ts in _TILES.values() for t in ts},
+                                       key=lambda t: (-t[0] * t[1], -t[2], -t[3], t[4]))
+    ]
+
+    def smem_bytes(cfg, all_stages: bool, sizes, block_r: int) -> int:
+        """Shared memory of the K-loop's pipeline: x, W and A_cat tiles (element sizes `sizes`) in
+        num_stages buffers when all_stages (Hopper's wgmma), one fewer on mma.sync and FMA (Triton
+        3.8's pipeliner; tests/test_compile.py checks that this bounds every compiled kernel's)."""
+        bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
+        return (cfg.num_stages - (not all_stages)) * bk * (bm * sizes[0] + bn * sizes[1] + block_r * sizes[2])
+
+    def configs_for(arch: int, max_smem: int, dtypes, precision: str, block_r: int, aligned: bool) -> list:
+        """The tiles the autotuner may try on a GPU of compute capability `arch` (80, 86, 90, ...)
+        with `max_smem` bytes of shared memory per block, for operands of dtypes (x, W, A_cat)."""
+        kind = "half" if dtypes[0].itemsize == 2 else precision
+        tiles = _TILES["wgmma" if arch == 90 else "mma", kind, aligned]
+        all_stages = arch >= 90 and kind != "ieee"  # archs after Hopper: assume its pipelining
+        sizes = [d.itemsize for d in dtypes]
+        fits = [c for c in CONFIGS if _tile(c) in tiles and smem_bytes(c, all_stages, sizes, block_r) <= max_smem]
+        return fits or [c for c in CONFIGS if _tile(c) == tiles[-1]]
+
+    def _prune(configs, named_args, **launch):
+        """The autotuner's early_config_prune: only this GPU's spill-free tiles that fit its shared memory."""
+        x = named_args["x_ptr"]
+        major, minor = torch.cuda.get_device_capability(x.device)
+        dtypes = (x.dtype, named_args["w_ptr"].dtype, named_args["a_ptr"].dtype)
+        # Triton's 16-byte specialisation of this launch (every SD layer has it): widths multiples of
+        # 16, x, W, A_cat and B_cat at 16-byte aligned addresses
+        aligned = (named_args["K"] % 16 == 0 and named_args["N"] % 16 == 0
+                   and all(named_args[p].data_ptr() % 16 == 0 for p in ("x_ptr", "w_ptr", "a_ptr", "b_ptr")))
+        keep = configs_for(10 * major + minor, _max_smem(x.device.index), dtypes, launch["PRECISION"],
+                           launch["BLOCK_R"], aligned)
+        return [c for c in configs if c in keep]
+
+    @functools.lru_cache(maxsize=None)
+    def _max_smem(device_index: int) -> int:
+        return triton.compiler.max_shared_mem(device_index)
+
+    # Under the interpreter autotuning would re-run every config in numpy: one small config.
+    _INTERPRET_CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4}, num_warps=1)]
+
+    @triton.autotune(configs=_INTERPRET_CONFIGS if INTERPRET else CONFIGS, key=["M", "N", "K", "R"],
+                     prune_configs_by={"early_config_prune": _prune})
     @triton.jit
     def _lora_group_kernel(
         x_ptr,  # (M, K) input rows; its dtype is the dot-operand dtype

@@ -134,8 +134,8 @@ def test_extreme_qualities_are_finite(quality):
 @pytest.mark.parametrize("quality", [1, 50, 100])
 def test_triton_matches_reference(monkeypatch, quality):
     monkeypatch.setenv("RID_KERNELS", "triton")
-    # 40×56 pads to 48×64: 48 luma + 24 chroma blocks = 72 > 64 per program, so two programs
-    # and a masked tail; continuous values keep coefficients off rounding ties
+    # 40×56 pads to 48×64: 48 luma + 24 chroma blocks = 72, several programs of jmod._BB blocks and
+    # a masked tail; continuous values keep coefficients off rounding ties
     g = torch.Generator().manual_seed(quality)
     img = torch.rand(1, 3, 40, 56, generator=g)
     w = torch.randn(1, 3, 40, 56, generator=g)  # a random upstream gradient

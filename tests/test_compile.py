@@ -1,0 +1,116 @@
+"""Every Triton kernel compiled for the GPUs users have, on a machine without one.
+
+`python -m kernels.bench compile` compiles each kernel × each autotune config its pruning hook lets
+it try on that arch × each dtype rid launches, for sm_80 (A100) and sm_90 (H100), through Triton's
+ahead-of-time path (ASTSource + GPUTarget; ptxas and cuobjdump ship in triton's wheel). Oracle: the
+cubin itself — stack 0 (no register spills) and shared memory within the arch's per-block maximum.
+
+It runs as a subprocess with TRITON_INTERPRET=0: this session decorated the kernels for the
+interpreter, whose objects cannot be compiled. Triton caches every cubin on disk, so only the first
+run after a kernel or config change pays the compile time (~4 min on 2 cores, see the README).
+"""
+import importlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")  # the compile path is Triton's own
+
+from kernels import bench, lora_group as lg  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("compile") / "rows.json"
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    proc = subprocess.run([sys.executable, "-m", "kernels.bench", "compile", "--json", str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), proc
+
+
+def test_every_config_compiles_without_spills_and_fits_shared_memory(rows):
+    rows, proc = rows
+    bad = [f"{r['kernel']} sm_{r['arch']} {r['layout']} {r['dtype']} {r['config']}: {bench.problems(r)}"
+           for r in rows if bench.problems(r)]
+    assert not bad, "\n".join(bad)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_covers_every_kernel_arch_dtype_and_every_config_the_autotuner_may_try(rows):
+    rows, _ = rows
+    # every Triton kernel in kernels/ (by the naming convention `_..._kernel`), on every arch
+    kernel_fns = {name for mod in ("kernels.lora_group", "kernels.jpeg", "kernels.ema")
+                  for name, obj in vars(importlib.import_module(mod)).items()
+                  if name.endswith("_kernel") and hasattr(obj, "run")}
+    assert kernel_fns == {"_lora_group_kernel", "_jpeg_blocks_fwd_kernel", "_jpeg_blocks_bwd_kernel", "_ema_kernel"}
+    for arch in bench.ARCHS:
+        assert {r["fn"] for r in rows if r["arch"] == arch} == kernel_fns
+        assert {r["dtype"] for r in rows if r["arch"] == arch and r["fn"] == "_ema_kernel"} == {"fp16", "bf16", "fp32"}
+        for layout in bench.LORA_LAYOUTS:
+            for label, dt, adt, precision in bench.LORA_CASES:
+                aligned = layout == "aligned"
+                may_try = lg.configs_for(arch, bench.ARCHS[arch], (dt, dt, adt), precision, 16, aligned)
+                assert len(may_try) >= 3 if aligned else may_try, f"sm_{arch} {layout} {label}: {len(may_try)} tiles"
+                for pas in ("fwd", "bwd"):
+                    got = [r["config"] for r in rows if r["arch"] == arch and r["layout"] == layout
+                           and r["dtype"] == label and r["kernel"] == f"lora_group {pas}"]
+                    assert sorted(got) == sorted(bench._cfg_name(c) for c in may_try), (arch, layout, label, pas)
+
+
+def test_big_tiles_kept_where_they_fit():
+    """128×256 tiles make the base GEMM fast; Hopper's wgmma compiles them without spills, Ampere's mma does not."""
+    bf16 = (torch.bfloat16, torch.bfloat16, torch.float32)
+    hopper = [bench._cfg_name(c) for c in lg.configs_for(90, bench.ARCHS[90], bf16, "ieee", 16, True)]
+    ampere = [bench._cfg_name(c) for c in lg.configs_for(80, bench.ARCHS[80], bf16, "ieee", 16, True)]
+    assert "128x256x64 w8 s3" in hopper and "128x128x64 w8 s3" in ampere
+    assert not any("256" in name for name in ampere)
+
+
+def test_shared_memory_formula_bounds_every_compiled_kernel(rows):
+    """configs_for prunes on lg.smem_bytes without compiling (for GPUs with less shared memory than an
+    A100, e.g. sm_86's 99 KB), so it must never underestimate what Triton allocates."""
+    rows, _ = rows
+    for r in rows:
+        if not r["fn"] == "_lora_group_kernel":
+            continue
+        cx = r["constexprs"]
+        cfg = triton.Config({k: cx[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}, **r["options"])
+        sizes = [getattr(torch, r["args"][p][1]).itemsize for p in ("x_ptr", "w_ptr", "a_ptr")]
+        all_stages = r["arch"] >= 90 and not (sizes[0] == 4 and cx["PRECISION"] == "ieee")
+        assert lg.smem_bytes(cfg, all_stages, sizes, cx["BLOCK_R"]) >= r["smem"], r["config"]
+
+
+def test_pruning_hook_is_the_autotuners_and_reads_the_device_and_the_launch(monkeypatch):
+    assert lg._lora_group_kernel.early_config_prune is lg._prune
+    bf16 = torch.empty(64, dtype=torch.bfloat16)
+    fp32 = torch.empty(64)
+    for cap, smem in [((8, 6), 99 * 1024), ((9, 0), 227 * 1024)]:  # an RTX 3090's shared memory, an H100's
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
+        monkeypatch.setattr(lg, "_max_smem", lambda index, smem=smem: smem)
+        for K, a, aligned in [(320, fp32, True), (321, fp32, False), (320, fp32[1:], False)]:
+            named = {"x_ptr": bf16, "w_ptr": bf16, "a_ptr": a, "b_ptr": fp32, "K": K, "N": 320}
+            kept = lg._prune(lg.CONFIGS, named, PRECISION="ieee", BLOCK_R=16)
+            assert kept == lg.configs_for(10 * cap[0] + cap[1], smem, (torch.bfloat16,) * 2 + (torch.float32,),
+                                          "ieee", 16, aligned)
+            assert kept and all(lg.smem_bytes(c, cap == (9, 0), (2, 2, 4), 16) <= smem for c in kept)
+
+
+def test_cli_errors_are_one_line(capsys):
+    assert bench.main(["compile", "--arch", "75"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--arch 75" in err and "80, 90" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gets")
+def test_gpu_check_without_a_gpu_says_so_in_one_line(capsys):
+    assert bench.main(["gpu-check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no CUDA GPU" in err
