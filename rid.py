@@ -193,6 +193,10 @@ class LoRALinear(nn.Module):
     Frozen tasks live pre-concatenated (a concatenation of adapters is itself one adapter), the
     current task is a view into the group's flat buffer, so the op always gets two entries:
         As = [A_frozen (T_f·r, in), A_t (r, in)],  Bs = [B_frozen·s_rep (out, T_f·r), B_t (out, r)].
+    The hot path (128 layers per UNet call at SD scale, N UNet calls per sample) does no work that
+    does not depend on x: the entries are checked when the adapters change, not per call, and on the
+    reference path their concatenation is cached while the buffer it reads is unchanged and no
+    gradient is recorded (a sampling loop's N−1 no-grad calls share one).
     """
 
     def __init__(self, base: nn.Linear, name: str, group: "AdapterGroup"):
@@ -204,6 +208,7 @@ class LoRALinear(nn.Module):
         self.register_buffer("A_frozen", w.new_zeros(0, base.in_features, dtype=torch.float32), persistent=False)
         self.register_buffer("B_frozen", w.new_zeros(base.out_features, 0, dtype=torch.float32), persistent=False)
         self.register_buffer("B_scaled", self.B_frozen, persistent=False)  # B_frozen ⊙ s_rep
+        self._cat_cache = None  # (key, (A_cat, B_cat, s_rep)) under no_grad
 
     # Attention processors read these (e.g. attn.to_q.weight.dtype).
     weight = property(lambda self: self.base.weight)
@@ -217,15 +222,41 @@ class LoRALinear(nn.Module):
         off = self.group._offsets[self.name]
         return buf[off:off + r * i].view(r, i), buf[off + r * i:off + r * i + o * r].view(o, r)
 
-    def forward(self, x):
+    def _entries(self, buf):
+        """(As, Bs, scales) of the op: the frozen block (scale 1, its scales folded into B_scaled) and
+        the current task's views into `buf`."""
         As, Bs, scales = [], [], []
         if self.A_frozen.shape[0]:
             As.append(self.A_frozen), Bs.append(self.B_scaled), scales.append(1.0)
-        buf = self.group._active
         if buf is not None:
             A_t, B_t = self.current(buf)
             As.append(A_t), Bs.append(B_t), scales.append(self.group.scales[-1])
-        return kernels.lora_group_linear(x, self.base.weight, self.base.bias, As, Bs, scales)
+        return As, Bs, tuple(scales)
+
+    def _concatenated(self, buf):
+        """(A_cat (R, in), B_cat (out, R), s_rep (R,)) for the reference path, or (None,)*3 without
+        adapters. Cached under no_grad until the buffer changes in place (its version counter) or the
+        group's tasks or scales change (group._epoch); built per call when a gradient is recorded."""
+        key = None
+        if not torch.is_grad_enabled():
+            key = (self.group._epoch, id(buf), None if buf is None else buf._version)
+            if self._cat_cache is not None and self._cat_cache[0] == key:
+                return self._cat_cache[1]
+        As, Bs, scales = self._entries(buf)
+        if not As:
+            out = (None, None, None)
+        else:
+            s_rep = torch.cat([torch.full((a.shape[0],), s, dtype=torch.float32) for a, s in zip(As, scales)])
+            out = (torch.cat(As), torch.cat(Bs, 1), s_rep.to(self.A_frozen.device))
+        if key is not None:
+            self._cat_cache = (key, out)
+        return out
+
+    def forward(self, x):
+        buf, w, b = self.group._active, self.base.weight, self.base.bias
+        if kernels.use_triton(x, w):  # the fused kernel concatenates inside its own launch path
+            return kernels.lora_group_linear(x, w, b, *self._entries(buf), check=False)
+        return kernels.lora_group_cat_reference(x, w, b, *self._concatenated(buf))
 
 
 class AdapterGroup:
@@ -242,6 +273,7 @@ class AdapterGroup:
         self._flat: nn.Parameter | None = None
         self._ema: torch.Tensor | None = None
         self._active: torch.Tensor | None = None  # what the wrapped layers read: flat, ema or None
+        self._epoch = 0  # bumped whenever tasks or scales change: the layers' cached concatenations expire
 
     def _layout(self):
         off = 0
@@ -348,6 +380,7 @@ class AdapterGroup:
 
     @torch.no_grad()
     def _refresh_scales(self):
+        self._epoch += 1
         n_frozen = len(self.tasks) - self.trainable
         s_rep = torch.tensor(self.scales[:n_frozen], dtype=torch.float32).repeat_interleave(self.rank)
         for layer in self.layers.values():

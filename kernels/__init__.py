@@ -59,11 +59,11 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 from .ema import ema_, ema_reference_  # noqa: E402
 from .jpeg import jpeg, jpeg_reference, quality_tables  # noqa: E402
-from .lora_group import lora_group_linear, lora_group_reference  # noqa: E402
+from .lora_group import lora_group_cat_reference, lora_group_linear, lora_group_reference  # noqa: E402
 
 __all__ = [
     "kernel_mode", "use_triton", "HAS_TRITON", "INTERPRET",
-    "lora_group_linear", "lora_group_reference",
+    "lora_group_linear", "lora_group_reference", "lora_group_cat_reference",
     "jpeg", "jpeg_reference", "quality_tables",
     "ema_", "ema_reference_",
 ]

@@ -365,14 +365,17 @@ def _validate(x, weight, bias, As, Bs, scales):
 
 def lora_group_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       As: Sequence[torch.Tensor], Bs: Sequence[torch.Tensor],
-                      scales: Sequence[float]) -> torch.Tensor:
+                      scales: Sequence[float], check: bool = True) -> torch.Tensor:
     """y = x Wᵀ + b + Σ_i s_i (x A_iᵀ) B_iᵀ.   x (..., in) → y (..., out) in x.dtype.
 
     weight (out, in); bias (out,) or None; As[i] (r_i, in); Bs[i] (out, r_i); scales: floats
     (not differentiated). Triton (fused, one pass over x) when kernels.use_triton says so, else
-    lora_group_reference. Gradients go only to inputs with requires_grad.
+    lora_group_reference. Gradients go only to inputs with requires_grad. check=False skips the
+    argument checks, for a caller that built the arguments itself (rid.LoRALinear: lists, a tuple of
+    floats, shapes fixed when its adapters change) and calls this 100+ times per UNet forward.
     """
-    As, Bs, scales = _validate(x, weight, bias, As, Bs, scales)
+    if check:
+        As, Bs, scales = _validate(x, weight, bias, As, Bs, scales)
     if x.numel() == 0 or not use_triton(x, weight):
         return _reference(x, weight, bias, As, Bs, scales)
     lead = x.shape[:-1]
@@ -382,15 +385,27 @@ def lora_group_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
 
 
 def _reference(x, weight, bias, As, Bs, scales):
+    if not As:
+        return lora_group_cat_reference(x, weight, bias, None, None, None)
+    A_cat = torch.cat(list(As), 0)  # (R, in)
+    B_cat = torch.cat(list(Bs), 1)  # (out, R)
+    s_rep = _scale_vector(tuple(scales), tuple(a.shape[0] for a in As), x.device)  # (R,)
+    return lora_group_cat_reference(x, weight, bias, A_cat, B_cat, s_rep)
+
+
+def lora_group_cat_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                             A_cat: Optional[torch.Tensor], B_cat: Optional[torch.Tensor],
+                             s_rep: Optional[torch.Tensor]) -> torch.Tensor:
+    """The reference on an already concatenated group: A_cat (R, in), B_cat (out, R), s_rep (R,)
+    fp32 (None, None, None: no adapters). No checks: rid.LoRALinear builds these once per change of
+    its adapters (under no_grad, once per optimizer step for the whole sampling loop)."""
     dt = x.dtype  # autocast's rule: operands in x.dtype; .to() is a no-op when dtypes agree
     y = F.linear(x, weight.to(dt), None if bias is None else bias.to(dt))  # (..., out)
-    if not As:
+    if A_cat is None:
         return y
-    A_cat = torch.cat([a.to(dt) for a in As], 0)  # (R, in)
-    B_cat = torch.cat([b.to(dt) for b in Bs], 1)  # (out, R)
-    s_rep = _scale_vector(tuple(scales), tuple(a.shape[0] for a in As), x.device).to(dt)  # (R,)
-    h = F.linear(x, A_cat)  # (..., R) one shrink for the whole group
-    return y + F.linear(h * s_rep, B_cat)  # one expand
+    # naive: y + sum(s_i * F.linear(F.linear(x, A_i), B_i) for A_i, B_i, s_i in the group)
+    h = F.linear(x, A_cat.to(dt))  # (..., R) one shrink for the whole group
+    return y + F.linear(h * s_rep.to(dt), B_cat.to(dt))  # one expand
 
 
 def lora_group_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -1,6 +1,6 @@
 """Planted bugs: one-line mutations of the product code, each with the tests that must catch it.
 
-    python tests/mutants.py                   every mutant (47: ≈ 20 min on 2 busy CPU cores)
+    python tests/mutants.py                   every mutant (62: ≈ 35 min on 2 busy CPU cores)
     python tests/mutants.py --only NAME ...   the named mutants (repeat or comma-separate)
     python tests/mutants.py --file rid.py     the mutants of one product file
     python tests/mutants.py --list            the list, and whether each still applies; nothing run
@@ -8,8 +8,9 @@
 For each mutant: copy the working tree (what `git ls-files --cached --others --exclude-standard`
 lists: committed and uncommitted work, not .venv/ or out/) into a temporary directory, check that
 the old text occurs exactly once in the file, replace it, and run the mutant's tests there with
-`python -m pytest -x -q` (TRITON_INTERPRET=1). Before that, each distinct set of tests runs once on
-the unmutated copy: a mutant only counts as caught when its tests pass without it.
+`python -m pytest -o addopts= -x -q` (one process: not pytest.ini's xdist workers; TRITON_INTERPRET=1).
+Before that, each distinct set of tests runs once on the unmutated copy: a mutant only counts as
+caught when its tests pass without it.
 
 Statuses: caught (a test failed; "how" says whether by an assertion — an oracle saw the bug — or by
 a crash, a weaker catch) · SURVIVED (every test passed: a bug the suite cannot see) ·
@@ -54,6 +55,16 @@ GUIDANCE = f"{T_METHODS}::test_guidance_is_uncond_plus_w_times_difference"
 TRUNCATED = f"{T_METHODS}::test_truncated_backprop_gradient_equals_unrolled_loop_detached_before_step_n_minus_k"
 LV = f"{T_METHODS}::test_draft_lv_is_the_mean_over_renoised_copies_with_the_generators_noise"
 REFL = f"{T_METHODS}::test_refl_reward_is_taken_at_the_generators_timestep"
+T_RID, T_INTEGRATION = "tests/test_rid.py", "tests/test_integration.py"
+DDP = f"{T_RID}::test_train_step_all_reduces_over_two_processes"
+SOUP = f"{T_RID}::test_soup_of_different_runs_is_the_weighted_sum_of_their_deltas"
+ROUND_TRIP = f"{T_RID}::test_checkpoint_round_trip_bit_exact"
+RESUME_BOUNDARY = f"{T_INTEGRATION}::test_resume_at_a_stage_boundary_is_bit_exact"
+JOINT = f"{T_INTEGRATION}::test_joint_reward_is_the_weighted_sum_of_three_rewards"
+FIRST_STEP = f"{T_INTEGRATION}::test_first_step_is_rid_train_step_and_ema_follows_the_flag"
+EVAL_OVERRIDES = f"{T_INTEGRATION}::test_eval_steps_and_guidance_override_the_runs_sampler"
+GUIDANCE_ZERO = f"{T_INTEGRATION}::test_eval_guidance_zero_is_used_as_zero"
+FORGETTING_EVAL = "tests/test_eval.py::test_forgetting_is_never_negative_and_zero_for_a_metric_that_only_improved"
 
 MUTANTS = [
     # -- rid.py: RID's teacher -------------------------------------------------------------------
@@ -146,8 +157,8 @@ MUTANTS = [
     M("ema-torch-weight-swapped", "kernels/ema.py", "teacher.lerp_(student, 1.0 - float(alpha))",
       "teacher.lerp_(student, float(alpha))", ("tests/test_ema.py::test_matches_formula", EMA_STEP),
       "CPU EMA path (what rid runs without a GPU): α and 1−α swapped"),
-    M("lora-scale-ignored-reference", "kernels/lora_group.py", "return y + F.linear(h * s_rep, B_cat)",
-      "return y + F.linear(h, B_cat)", ("tests/test_lora_group.py::test_forward_and_grads_match_oracles",),
+    M("lora-scale-ignored-reference", "kernels/lora_group.py", "return y + F.linear(h * s_rep.to(dt), B_cat.to(dt))",
+      "return y + F.linear(h, B_cat.to(dt))", ("tests/test_lora_group.py::test_forward_and_grads_match_oracles",),
       "reference LoRA ignores the per-task scale"),
     M("lora-scale-ignored-triton", "kernels/lora_group.py", "hs = (h * s[None, :]).to(cdt)", "hs = h.to(cdt)",
       ("tests/test_lora_group.py::test_forward_and_grads_match_oracles",), "fused LoRA ignores the per-task scale"),
@@ -171,6 +182,49 @@ MUTANTS = [
     M("joint-weights-ignored", "rewards.py", "return sum(w * fns[name](images, prompts)",
       "return sum(fns[name](images, prompts)", ("tests/test_rewards.py::test_joint_is_the_weighted_sum",),
       "joint reward ignores its weights"),
+    # -- rid.py: DDP ---------------------------------------------------------------------------
+    M("ddp-no-all-reduce", "rid.py", "torch.distributed.all_reduce(flat.grad)", "pass",
+      (DDP,), "each rank steps on its own gradient (halved)"),
+    M("ddp-sum-not-mean", "rid.py", "flat.grad.div_(torch.distributed.get_world_size())", "pass",
+      (DDP,), "ranks' gradients summed, not averaged"),
+    # -- checkpoint.py ---------------------------------------------------------------------------
+    M("soup-weights-reversed", "checkpoint.py", "in enumerate(zip(weights, saved)):",
+      "in enumerate(zip(weights[::-1], saved)):", (SOUP,), "run j gets the weight of run n−1−j"),
+    M("soup-reads-first-run-for-all", "checkpoint.py", "in enumerate(zip(weights, saved)):",
+      "in enumerate(zip(weights, [saved[0]] * len(saved))):", (SOUP,), "every soup entry is run 1"),
+    M("load-drops-ema", "checkpoint.py", 'group.ema.copy_(tensors["ema"])', "pass",
+      (ROUND_TRIP,), "a loaded group's teacher is zero, not the saved EMA"),
+    M("save-skips-first-task", "checkpoint.py", "for i in range(len(group.tasks)):\n        for name, (A, B)",
+      "for i in range(1, len(group.tasks)):\n        for name, (A, B)", (SOUP, ROUND_TRIP),
+      "adapters.safetensors lacks task 0"),
+    # -- train.py --------------------------------------------------------------------------------
+    M("lr-schedule-off-by-one", "train.py", "lr_now = lr_at(lr, step, total,", "lr_now = lr_at(lr, step + 1, total,",
+      (FIRST_STEP,), "step s runs at the lr of step s+1 (cosine: the last step at 0)"),
+    M("ema-flag-not-passed", "train.py", "for f in fields(rid.StepConfig)})",
+      'for f in fields(rid.StepConfig) if f.name != "ema"})', (FIRST_STEP,), "--ema ignored: always 0.99"),
+    M("resume-boundary-loads-first-stage", "train.py", 'Path(cfg.out) / f"stage{k - 1}-{cfg.tasks[k - 2]}")',
+      'Path(cfg.out) / f"stage1-{cfg.tasks[0]}")', (RESUME_BOUNDARY,),
+      "resuming at stage k loads stage 1's adapters, not stage k−1's"),
+    M("resume-boundary-starts-fresh", "train.py", "    if k == 1:\n        group = rid.group_of(",
+      "    if True:\n        group = rid.group_of(", (RESUME_BOUNDARY,),
+      "resuming at a stage boundary forgets the finished stages' adapters"),
+    M("train-joint-weights-dropped", "train.py", "rewards.joint(cfg.joint, spec, cfg.device)",
+      "rewards.joint(dict.fromkeys(cfg.joint, 1.0), spec, cfg.device)", (JOINT,), "--joint weights ignored"),
+    # -- eval.py ---------------------------------------------------------------------------------
+    M("forgetting-range-excludes-last", "eval.py",
+      "return max(m - last for m in values) if higher_is_better else max(last - m for m in values)",
+      "return max(m - last for m in values[:-1]) if higher_is_better else max(last - m for m in values[:-1])",
+      (EVAL_OVERRIDES, FORGETTING_EVAL),
+      "Eq. 3 over i < T only: F < 0 for a metric that improved"),
+    M("noise-seed-ignores-image-index", "eval.py", 'f"{seed}/{p}/{i}"', 'f"{seed}/{p}"', (EVAL_OVERRIDES,),
+      "every image of a prompt starts from the same noise"),
+    M("eval-steps-override-ignored", "eval.py",
+      "value = cfg.get(name, default) if getattr(s, name) is None else getattr(s, name)",
+      "value = cfg.get(name, default)", (EVAL_OVERRIDES,), "--steps / --guidance ignored: the run's own"),
+    M("eval-guidance-zero-replaced", "eval.py",
+      "value = cfg.get(name, default) if getattr(s, name) is None else getattr(s, name)",
+      "value = getattr(s, name) or cfg.get(name, default)", (GUIDANCE_ZERO,),
+      "--guidance 0 falls back to the run's guidance"),
 ]
 
 
@@ -218,7 +272,9 @@ def env_for(tree: Path) -> dict:
 
 def run_pytest(tree: Path, tests: tuple, timeout: float) -> tuple:
     """(return code or 'timeout', seconds, output tail)."""
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    # -o addopts=: not pytest.ini's `-n auto` (xdist workers for a handful of tests, and -x that does
+    # not stop the other worker); one process, the tests in the order given
+    cmd = [sys.executable, "-m", "pytest", "-o", "addopts=", "-x", "-q", "-p", "no:cacheprovider", *tests]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=tree, env=env_for(tree), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
