@@ -5,19 +5,29 @@ diffusers LoRA export) and the run-directory contract shared by train.py and eva
     <run>/train_prompts.txt, test_prompts.txt      the prompt split (paths in run.json are relative)
     <run>/stageK-<task>/            adapters.safetensors + adapters.json (all K adapters), config.json,
                                     metrics.jsonl, samples.png
-    <run>/stageK-<task>/ckpt/       resumable mid-task state while stage K runs (removed when it ends)
+    <run>/stageK-<task>/ckpt/       resumable mid-task state while stage K runs (removed when it ends);
+                                    ckpt.old/ the checkpoint before it, the fallback when ckpt/ is unreadable
     <run>/eval/                     eval.py's per-stage cache
+    <run>/.lock                     pid and host of the train.py writing the run (flock-held)
 
 Every file is written through `atomic_write` (a temp file unique to the process, then os.replace),
 every directory through `save_dir_atomic`: a reader never sees half a file, a kill never leaves one.
+Paths stored in run.json are relative to the run directory and never resolve outside it (`inside`).
+Every way a file can fail to load (truncated, garbage, missing keys, wrong shapes) surfaces as one
+UsageError naming the file (`reading`); adapters.json carries the sha256 of adapters.safetensors,
+checked on every load.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import pickle
 import shutil
+import socket
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -30,6 +40,76 @@ FORMAT_VERSION = 1
 class UsageError(ValueError):
     """Bad input at a boundary (a flag, a file the user pointed at): the CLIs print it as one line
     and exit 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse for train.py and eval.py: errors are one line (UsageError, exit 2), and a flag given an
+    empty or blank value is refused rather than read as "unset" and replaced by a default."""
+
+    def error(self, message):
+        raise UsageError(message)
+
+    def parse_args(self, args=None, namespace=None):
+        ns = super().parse_args(args, namespace)
+        for action in self._actions:
+            value = getattr(ns, action.dest, None)
+            for v in value if isinstance(value, list) else [value]:
+                if isinstance(v, str) and not v.strip():
+                    raise UsageError(f"{action.option_strings[0]} {v!r}: empty; give a value or leave the flag out")
+        return ns
+
+
+def check_device(flag: str, name: str) -> str:
+    """A device this machine has: cpu, cuda or cuda:N (N below the device count), mps."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"{flag} {name!r} is not allowed; allowed: cpu, cuda, cuda:N, mps")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{flag} {name}: no CUDA device is available here; use {flag} cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"{flag} {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"{flag} {name}: MPS is not available here; use {flag} cpu")
+    return name
+
+
+#### LOAD ERRORS: one place, one line ####
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, KeyError):
+        return f"missing key {e.args[0]!r}" if e.args else "missing key"
+    if isinstance(e, pickle.UnpicklingError):
+        return "not a weights-only torch file (UnpicklingError)"
+    if isinstance(e, EOFError):
+        return "truncated (EOFError)"
+    text = next((l.strip() for l in str(e).splitlines() if l.strip()), "")
+    text = getattr(e, "strerror", None) or text
+    return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+
+def load_errors() -> tuple:
+    """What reading a file we wrote can raise when it was truncated, overwritten or edited: OSError,
+    EOF/unpickling (torch.load), JSON, safetensors' own error, missing keys, shape mismatches
+    (RuntimeError from copy_/cat), wrong types."""
+    from safetensors import SafetensorError
+
+    return (OSError, EOFError, pickle.UnpicklingError, ValueError, KeyError, IndexError, TypeError,
+            AttributeError, RuntimeError, SafetensorError)
+
+
+@contextmanager
+def reading(what):
+    """Every load error inside -> UsageError("<what>: <why>"), one line. `what` names the file (and, when
+    it helps, what it is). UsageErrors pass through untouched (they already name their file)."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except load_errors() as e:
+        raise UsageError(f"{what}: unreadable or corrupt ({_why(e)})") from None
 
 
 #### ATOMIC WRITES ####
@@ -55,28 +135,197 @@ def write_json(path, obj) -> None:
     atomic_write(path, json.dumps(obj, indent=1) + "\n")
 
 
-def save_dir_atomic(path: Path, write) -> None:
-    """write(tmp_dir) then swap it in: a reader finds `path` (or, mid-swap, `path.old`) complete."""
-    tmp, old = path.with_name(f"{path.name}.tmp{os.getpid()}"), path.with_name(path.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+def save_dir_atomic(path: Path, write, keep_old: bool = False) -> None:
+    """write(tmp_dir) then swap it in: a reader finds `path` (or, mid-swap, `path.old`) complete. The temp
+    directory's name is unique to the call (mkdtemp). keep_old: the replaced `path` stays as `path.old`
+    (the previous checkpoint, a fallback when the new one turns out unreadable or non-finite)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    old = path.with_name(path.name + ".old")
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
         write(tmp)
-        shutil.rmtree(old, ignore_errors=True)
         if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
         os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+        if not keep_old:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_stale_temps(d: Path) -> None:
+    """Temp files/dirs a killed writer left in `d` (names from atomic_write/save_dir_atomic). Call only
+    while holding the run's lock: no other writer can own them."""
+    for p in Path(d).glob(".*.tmp") if Path(d).is_dir() else []:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+
+
+def ckpt_candidates(stage_dir: Path) -> list[Path]:
+    """The stage's mid-task checkpoints, newest first: ckpt/, then ckpt.old/ (the one before it, or the
+    only one when a kill fell between the two renames of a swap)."""
+    return [p for p in (stage_dir / "ckpt", stage_dir / "ckpt.old") if (p / "trainer.pt").exists()]
+
+
 def find_ckpt(stage_dir: Path) -> Path | None:
-    """The stage's mid-task checkpoint: ckpt/, or ckpt.old/ when a kill fell between the two renames."""
-    for p in (stage_dir / "ckpt", stage_dir / "ckpt.old"):
-        if (p / "trainer.pt").exists():
-            return p
-    return None
+    found = ckpt_candidates(stage_dir)
+    return found[0] if found else None
+
+
+def remove_ckpts(stage_dir: Path) -> None:
+    """Every mid-task checkpoint of a finished stage (ckpt/, ckpt.old/ and any set aside as unreadable)."""
+    for name in ("ckpt", "ckpt.old", "ckpt.unreadable", "ckpt.old.unreadable"):
+        shutil.rmtree(Path(stage_dir) / name, ignore_errors=True)
+
+
+def load_trainer(ckpt: Path) -> dict:
+    """trainer.pt of a mid-task checkpoint: {"step": int ≥ 1, "optimizer": AdamW state dict}."""
+    path = Path(ckpt) / "trainer.pt"
+    with reading(path):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not (isinstance(state, dict) and isinstance(state["step"], int) and state["step"] >= 1
+                and isinstance(state["optimizer"], dict)):
+            raise ValueError(f"expected {{'step': int >= 1, 'optimizer': dict}}, got {type(state).__name__}")
+    return state
+
+
+#### RUN DIRECTORY ####
+
+def inside(run_dir, value, what: str) -> Path:
+    """A path stored in run.json (`what` names its key), resolved inside the run directory: relative to
+    it, or absolute and within it (runs written before paths were relative). Anything that resolves
+    outside it (.., an absolute path elsewhere, a symlink out) is refused."""
+    root = Path(run_dir).resolve()
+    if not isinstance(value, str) or not value.strip():
+        raise UsageError(f"{Path(run_dir) / 'run.json'}: {what} {value!r} is not allowed; allowed: a path "
+                         "inside the run directory")
+    p = (root / value).resolve()  # an absolute value replaces root
+    if p == root or not p.is_relative_to(root):
+        raise UsageError(f"{Path(run_dir) / 'run.json'}: {what} {value!r} resolves outside the run directory "
+                         f"{root}; allowed: a path inside it")
+    return p
+
+
+def read_run(run_dir, need: tuple = ("model", "test_prompts")) -> dict:
+    """run.json, checked: a JSON object whose `need`ed keys are present, whose "stages" is a list of
+    paths inside the run, and whose prompt files ("train_prompts", "test_prompts") are inside it too."""
+    path = Path(run_dir) / "run.json"
+    with reading(path):
+        info = json.loads(path.read_text())
+        if not isinstance(info, dict):
+            raise ValueError(f"expected a JSON object, got {type(info).__name__}")
+        missing = [key for key in need if key not in info]
+        if missing:
+            raise KeyError(missing[0])
+        if not isinstance(info.get("stages", []), list):
+            raise ValueError(f"'stages' must be a list, got {info['stages']!r}")
+        if not isinstance(info.get("config", {}), dict):
+            raise ValueError(f"'config' must be an object, got {type(info['config']).__name__}")
+    for s in info.get("stages", []):
+        inside(run_dir, s, "stage")
+    for key in ("train_prompts", "test_prompts"):
+        if key in info:
+            inside(run_dir, info[key], key)
+    return info
+
+
+def read_metrics(path: Path, log=None) -> list[dict]:
+    """metrics.jsonl rows. The file is appended a line per step, so a kill can tear only its last line:
+    that one is dropped (with a message to `log`); an unreadable earlier line is an error."""
+    lines = Path(path).read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+            if not (isinstance(row, dict) and isinstance(row["step"], int) and isinstance(row["time"], (int, float))):
+                raise ValueError
+        except (ValueError, KeyError):
+            if i == len(lines) - 1:
+                if log:
+                    log(f"{path}: dropping its torn last line {line[:60]!r} (a kill while it was written)")
+                break
+            raise UsageError(f"{path}: line {i + 1} is not a metrics row ({line[:60]!r}); fix or delete "
+                             "the line") from None
+        rows.append(row)
+    return rows
+
+
+class RunLock:
+    """<out>/.lock: one train.py per run directory. The file holds {"pid", "host"} of its holder, and the
+    holder keeps an exclusive flock on it (the kernel drops it when the process dies, however it dies).
+    A lock whose holder is gone (flock free; on this host, pid not running) is taken over with a
+    message; a live holder means exit 2 with one line naming it."""
+
+    def __init__(self, out: Path, log=print):
+        import fcntl
+
+        self.path = Path(out) / ".lock"
+        me = {"pid": os.getpid(), "host": socket.gethostname()}
+        try:
+            Path(out).mkdir(parents=True, exist_ok=True)
+            while True:
+                self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    held = self._holder()
+                    os.close(self.fd)
+                    raise UsageError(f"--out {out} is in use by {self._who(held)} ({self.path}); wait for it "
+                                     "to finish or choose another --out") from None
+                try:  # the holder before us may have unlinked the file after we opened it: retry
+                    if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
+                        break
+                except FileNotFoundError:
+                    pass
+                os.close(self.fd)
+        except OSError as e:
+            raise UsageError(f"--out {out}: not writable ({e.strerror or e})") from None
+        held = self._holder()
+        if held and held != me:
+            if held.get("host") != me["host"] or _pid_running(held.get("pid")):
+                os.close(self.fd)  # flock free but the holder may be alive (another host; no flock there)
+                raise UsageError(f"--out {out} is locked by {self._who(held)} ({self.path}); if no train.py runs "
+                                 "there any more, delete the lock file")
+            log(f"{self.path}: taking over the lock of {self._who(held)}, which is no longer running")
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(me).encode(), 0)
+        os.fsync(self.fd)
+        self.me = me
+
+    def _holder(self) -> dict | None:
+        try:
+            held = json.loads(os.pread(self.fd, 4096, 0) or b"null")
+            return held if isinstance(held, dict) else None
+        except (OSError, ValueError):
+            return None
+
+    @staticmethod
+    def _who(held) -> str:
+        return f"pid {held.get('pid')} on host {held.get('host')}" if held else "another process"
+
+    def release(self) -> None:
+        """Remove the file (a later run then finds no stale lock) and drop the flock."""
+        if self.fd is None:
+            return
+        try:
+            if self._holder() == self.me:
+                self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _pid_running(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 #### ADAPTER GROUPS ####
@@ -108,8 +357,38 @@ def save(group: rid.AdapterGroup, dir, extra: dict | None = None) -> None:
             "rank": group.rank, "targets": list(group.targets), "layers": list(group.layers),
             "trainable": group.trainable, "base_model": group.base_model,
             "fingerprint": fingerprint(group), "extra": extra or {}}
-    atomic_write(os.path.join(dir, "adapters.safetensors"), lambda p: save_file(tensors, p))
-    atomic_write(os.path.join(dir, "adapters.json"), json.dumps(meta, indent=1))
+    digest = []
+
+    def write(tmp):  # the checksum of exactly the bytes that are renamed into place
+        save_file(tensors, tmp)
+        digest.append(file_sha256(tmp))
+    atomic_write(os.path.join(dir, "adapters.safetensors"), write)
+    atomic_write(os.path.join(dir, "adapters.json"), json.dumps({**meta, "sha256": digest[0]}, indent=1))
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(dir) -> str:
+    """sha256 of dir/adapters.safetensors, checked against the one adapters.json recorded at save (groups
+    saved before checksums existed have none: their safetensors header is checked instead). -> the hash."""
+    from safetensors import safe_open
+
+    meta, st = read_meta(dir), Path(dir) / "adapters.safetensors"
+    with reading(st):
+        digest = file_sha256(st)
+        if "sha256" not in meta:
+            with safe_open(str(st), "pt") as f:  # offsets within the file: catches truncation
+                f.keys()
+    if meta.get("sha256", digest) != digest:
+        raise UsageError(f"{st}: checksum mismatch (adapters.json recorded {str(meta['sha256'])[:12]}…, the file "
+                         f"hashes to {digest[:12]}…): it changed after it was saved")
+    return digest
 
 
 def export_lora(group: rid.AdapterGroup, path) -> str:
@@ -139,21 +418,34 @@ def read_meta(dir) -> dict:
     """adapters.json of a saved group, checked to be one (format and version)."""
     js = os.path.join(dir, "adapters.json")
     if not (os.path.isfile(js) and os.path.isfile(os.path.join(dir, "adapters.safetensors"))):
-        raise ValueError(f"dir={str(dir)!r} holds no adapter group; expected adapters.json + adapters.safetensors "
+        raise UsageError(f"dir={str(dir)!r} holds no adapter group; expected adapters.json + adapters.safetensors "
                          "(written by checkpoint.save)")
-    with open(js) as f:
-        meta = json.load(f)
+    with reading(js):
+        with open(js) as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict):
+            raise ValueError(f"expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != "rid-adapters" or meta.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{js} format/version {(meta.get('format'), meta.get('version'))!r} is not allowed; "
+        raise UsageError(f"{js} format/version {(meta.get('format'), meta.get('version'))!r} is not allowed; "
                          f"allowed: {('rid-adapters', FORMAT_VERSION)!r}")
+    with reading(js):
+        for key, kind in (("tasks", list), ("scales", list), ("rank", int), ("targets", list), ("layers", list),
+                          ("trainable", bool), ("base_model", object), ("fingerprint", str)):
+            if not isinstance(meta[key], kind):  # a missing key: KeyError, named by `reading`
+                raise ValueError(f"{key!r} must be a {kind.__name__}, got {meta[key]!r}")
+        if len(meta["tasks"]) != len(meta["scales"]):
+            raise ValueError(f"{len(meta['tasks'])} tasks but {len(meta['scales'])} scales")
     return meta
 
 
 def _read_saved(dir) -> tuple[dict, dict]:
+    """(adapters.json, adapters.safetensors' tensors), the checksum verified."""
     from safetensors.torch import load_file
 
+    verify(dir)
     meta = read_meta(dir)
-    return meta, load_file(os.path.join(dir, "adapters.safetensors"))
+    with reading(os.path.join(dir, "adapters.safetensors")):
+        return meta, load_file(os.path.join(dir, "adapters.safetensors"))
 
 
 def _task_adapters(tensors: dict, i: int, layers) -> dict:
@@ -182,17 +474,34 @@ def load(unet, dir) -> rid.AdapterGroup:
     meta, tensors = _read_saved(dir)
     group = _emptied_group(unet, meta, dir)
     n = len(meta["tasks"])
-    for i in range(n - bool(meta["trainable"])):
-        group.append_frozen(meta["tasks"][i], meta["scales"][i], _task_adapters(tensors, i, group.layers))
-    if meta["trainable"]:
-        group.start_task(meta["tasks"][-1])
-        with torch.no_grad():
-            for name, layer in group.layers.items():
-                A_t, B_t = layer.current(group.flat)
-                A_t.copy_(tensors[f"{n - 1}/{name}/A"]), B_t.copy_(tensors[f"{n - 1}/{name}/B"])
-            group.ema.copy_(tensors["ema"])
-        group.set_scale(-1, meta["scales"][-1])
+    with reading(os.path.join(dir, "adapters.safetensors")):  # missing keys, wrong shapes
+        _check_shapes(tensors, meta, group)
+        for i in range(n - bool(meta["trainable"])):
+            group.append_frozen(meta["tasks"][i], meta["scales"][i], _task_adapters(tensors, i, group.layers))
+        if meta["trainable"]:
+            group.start_task(meta["tasks"][-1])
+            with torch.no_grad():
+                for name, layer in group.layers.items():
+                    A_t, B_t = layer.current(group.flat)
+                    A_t.copy_(tensors[f"{n - 1}/{name}/A"]), B_t.copy_(tensors[f"{n - 1}/{name}/B"])
+                group.ema.copy_(tensors["ema"])
+            group.set_scale(-1, meta["scales"][-1])
     return group
+
+
+def _check_shapes(tensors: dict, meta: dict, group: rid.AdapterGroup) -> None:
+    """Every task's A (r, in) and B (out, r) per layer, and the EMA when trainable, present and shaped
+    to fit the UNet (copy_ would broadcast some wrong shapes silently)."""
+    r = group.rank
+    for i in range(len(meta["tasks"])):
+        for name, layer in group.layers.items():
+            for part, shape in (("A", (r, layer.base.in_features)), ("B", (layer.base.out_features, r))):
+                got = tuple(tensors[f"{i}/{name}/{part}"].shape)
+                if got != shape:
+                    raise ValueError(f"tensor {i}/{name}/{part} has shape {got}, this UNet needs {shape}")
+    numel = sum(r * (layer.base.in_features + layer.base.out_features) for layer in group.layers.values())
+    if meta["trainable"] and tuple(tensors["ema"].shape) != (numel,):
+        raise ValueError(f"tensor ema has shape {tuple(tensors['ema'].shape)}, this UNet needs ({numel},)")
 
 
 def soup(unet, dirs: list, weights: list | None = None) -> rid.AdapterGroup:
@@ -217,6 +526,8 @@ def soup(unet, dirs: list, weights: list | None = None) -> rid.AdapterGroup:
                              f"{first['base_model']!r}; runs must share the base model")
     group = _emptied_group(unet, first, dirs[0])
     for j, (w, (meta, tensors)) in enumerate(zip(weights, saved)):
-        for i, (name, s) in enumerate(zip(meta["tasks"], meta["scales"])):
-            group.append_frozen(f"{j}:{name}", float(w) * s, _task_adapters(tensors, i, group.layers))
+        with reading(os.path.join(dirs[j], "adapters.safetensors")):
+            _check_shapes(tensors, {**meta, "trainable": False}, group)
+            for i, (name, s) in enumerate(zip(meta["tasks"], meta["scales"])):
+                group.append_frozen(f"{j}:{name}", float(w) * s, _task_adapters(tensors, i, group.layers))
     return group

@@ -68,6 +68,8 @@ TARGET_OF = {"aesthetic": "aesthetic", "hps": "hps", "compress": "compress", "pn
 JPEG_QUALITY = 80  # the JPEG size metric's quality (rewards.DEFAULT_JPEG_QUALITY trains towards the same)
 CACHE_VERSION = 2  # bump when a metric's definition changes: old caches then miss
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_IMAGES_PER_PROMPT = 10_000  # 500 k images per stage at 50 prompts, far past FID's usual 30-50 k
+MAX_SEED = 2**63 - 1            # as train.py's: one range of seeds for both CLIs
 
 
 #### RUNS AND STAGES ####
@@ -95,29 +97,30 @@ class Stage:
 
 
 def load_run(path) -> Run:
+    """A train.py run directory, read through checkpoint's run-directory contract: run.json checked, its
+    stage and prompt paths resolved inside the run (run.info["stages"] then holds them relative)."""
     d = Path(path)
     if not (d / "run.json").is_file():
         raise UsageError(f"--ckpt {str(path)!r} is not a run directory (no run.json; train.py writes one)")
-    try:
-        info = json.loads((d / "run.json").read_text())
-        prompts_file = d / info.get("test_prompts", "test_prompts.txt")
-        prompts = [l.strip() for l in prompts_file.read_text().splitlines() if l.strip()]
-        model, stages = info["model"], list(info.get("stages", []))
-    except (json.JSONDecodeError, KeyError, OSError, TypeError) as e:
-        raise UsageError(f"--ckpt {str(path)!r}: unreadable run.json or test prompts ({type(e).__name__}: {e})") from None
+    info = checkpoint.read_run(d, need=("model",))
+    root = d.resolve()
+    info["stages"] = [checkpoint.inside(d, s, "stage").relative_to(root).as_posix() for s in info.get("stages", [])]
+    prompts_file = checkpoint.inside(d, info.get("test_prompts", "test_prompts.txt"), "test_prompts")
+    with checkpoint.reading(prompts_file):
+        prompts = [l.strip() for l in prompts_file.read_text(encoding="utf-8").splitlines() if l.strip()]
     if not prompts:
         raise UsageError(f"--ckpt {str(path)!r}: {prompts_file.name} holds no prompts")
-    for s in stages:
+    for s in info["stages"]:
         if not (d / s / "adapters.json").is_file():
             raise UsageError(f"--ckpt {str(path)!r}: run.json lists stage {s!r} but {d / s} has no adapters.json")
-    if not isinstance(model, str):
-        raise UsageError(f"--ckpt {str(path)!r}: run.json 'model' must be a string, got {model!r}")
+    if not isinstance(info["model"], str):
+        raise UsageError(f"--ckpt {str(path)!r}: run.json 'model' must be a string, got {info['model']!r}")
     return Run(d, info, prompts)
 
 
 def stages_of(run: Run) -> list[Stage]:
     out = [Stage(run, 0, "stage0-base", "base", cache_dir=run.dir / "eval")]
-    for k, s in enumerate(run.info.get("stages", []), 1):
+    for k, s in enumerate(run.info.get("stages", []), 1):  # relative to the run, inside it (load_run)
         out.append(Stage(run, k, s, run.label, (str(run.dir / s),), cache_dir=run.dir / "eval"))
     return out
 
@@ -166,21 +169,39 @@ def is_mini(run: Run) -> bool:
     return mini.is_model(run.info["model"])
 
 
+# The sampler's ranges, as rid.StepConfig declares them for training (one declaration per setting).
+SAMPLER = {f.name: f.metadata for f in dataclasses.fields(rid.StepConfig) if f.name in ("steps", "guidance")}
+
+
 def stage_config(stage: Stage, s: Settings) -> dict:
     """Everything that changes a stage's numbers (hashed into its cache key)."""
     run, cfg = stage.run, stage.run.info.get("config", {})
-    spec_path = s.reward_spec or run.info.get("reward_spec")
+    spec_path = run.info.get("reward_spec") if s.reward_spec is None else s.reward_spec
     spec = rewards.load_spec(spec_path)
     in_mini = is_mini(run)
     features = s.fid_features or ("clip" if in_mini else "inception")
-    ref = s.fid_ref or (str(Path(mini.WORLD) / "fid_ref.safetensors") if in_mini else None)
-    prompts = run.prompts[: s.max_prompts] if s.max_prompts else run.prompts
+    ref = s.fid_ref if s.fid_ref is not None else (str(Path(mini.WORLD) / "fid_ref.safetensors") if in_mini else None)
+    prompts = run.prompts if s.max_prompts is None else run.prompts[: s.max_prompts]
+    fid = {"features": features, "ref": _ref_id(ref)}
+    n = len(prompts) * s.images_per_prompt
+    if ref is not None and n < 2:  # a Frechet distance needs a covariance: 2 images at least
+        why = (f"FID needs at least 2 images per stage, and {len(prompts)} prompt(s) x --images-per-prompt "
+               f"{s.images_per_prompt} make {n}")
+        if s.fid_ref is not None:
+            raise UsageError(f"--fid-ref given, but {why}; raise --images-per-prompt or --max-prompts")
+        fid = {"features": features, "ref": None, "why": why}
+    sampler = {}
+    for name, default in (("steps", 50), ("guidance", 7.5)):  # the run's own, unless a flag says otherwise
+        value = cfg.get(name, default) if getattr(s, name) is None else getattr(s, name)
+        if not SAMPLER[name]["check"](value):
+            raise UsageError(f"{run.dir / 'run.json'}: config {name} {value!r} is not allowed; allowed: "
+                             f"{SAMPLER[name]['allowed']} (or pass --{name})")
+        sampler[name] = value
     return {
         "version": CACHE_VERSION, "model": run.info["model"], "prompts": prompts, "seed": s.seed,
         "images_per_prompt": s.images_per_prompt, "dtype": s.dtype,
-        "steps": int(cfg.get("steps", 50) if s.steps is None else s.steps),
-        "guidance": float(cfg.get("guidance", 7.5) if s.guidance is None else s.guidance),
-        "spec": dataclasses.asdict(spec), "fid": {"features": features, "ref": _ref_id(ref)},
+        "steps": int(sampler["steps"]), "guidance": float(sampler["guidance"]),
+        "spec": dataclasses.asdict(spec), "fid": fid,
         "jpeg_quality": JPEG_QUALITY, "grid_prompts": s.grid_prompts,
     }
 
@@ -194,22 +215,14 @@ def _ref_id(ref):
     return {"file": str(p.resolve()), "size": p.stat().st_size if p.exists() else None}
 
 
-def _file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def stage_key(stage: Stage, config: dict) -> str:
-    adapters = [_file_hash(Path(d) / "adapters.safetensors") for d in stage.dirs]
+    adapters = [checkpoint.verify(d) for d in stage.dirs]  # the checksum saved with them, checked
     blob = json.dumps({"config": config, "adapters": adapters, "weights": stage.weights}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def _cache_paths(stage: Stage) -> tuple[Path, Path]:
-    stem = f"{stage.name}.{stage.key}"
+    stem = f"{stage.name.replace('/', '_')}.{stage.key}"  # flat in the cache dir, whatever the stage's path
     return stage.cache_dir / f"{stem}.json", stage.cache_dir / f"{stem}.png"
 
 
@@ -217,14 +230,27 @@ def find_cached(stage: Stage, dirs: list, enabled: set) -> dict | None:
     """A cached result for this key (in any run's eval/ dir) that has every enabled metric."""
     for d in [stage.cache_dir, *dirs]:
         for f in sorted(Path(d).glob(f"*.{stage.key}.json")) if Path(d).is_dir() else []:
-            try:
-                res = json.loads(f.read_text())
-            except (OSError, json.JSONDecodeError):
-                continue  # a garbled cache entry is a miss
-            if isinstance(res, dict) and res.get("key") == stage.key and isinstance(res.get("metrics"), dict) and enabled <= set(res["metrics"]) and f.with_suffix(".png").is_file():
-                res["strip"] = str(f.with_suffix(".png"))
-                return res
+            res = _cached_result(f, stage.key, enabled)
+            if res is not None:
+                return {**res, "strip": str(f.with_suffix(".png"))}
     return None
+
+
+def _cached_result(f: Path, key: str, enabled: set) -> dict | None:
+    """A cache file's result when it is whole: JSON with this key, a finite number for every enabled
+    metric, and a readable sample strip beside it. Anything else (garbled, torn, missing keys or the
+    PNG) is a cache miss, recomputed and rewritten."""
+    try:
+        res = json.loads(f.read_text())
+        metrics = res["metrics"]
+        ok = (res["key"] == key and enabled <= set(metrics)
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                      for v in metrics.values()))
+        with Image.open(f.with_suffix(".png")) as im:
+            im.verify()
+    except Exception:  # whatever is wrong with it, the entry is a miss
+        return None
+    return res if ok else None
 
 
 #### FORGETTING (Eq. 3) ####
@@ -296,35 +322,46 @@ def reference_batches(ref: str, size: tuple, batch: int = 64):
         yield torch.stack(out).float() / 255
 
 
-def _count_reference(ref: str) -> int:
+def count_reference(ref: str) -> int:
+    """Images in an FID reference (a folder, or a .safetensors with uint8 "images" (N, 3, H, W)); a
+    missing or malformed one is a UsageError naming it."""
     p = Path(ref)
-    if not p.exists():
-        return 0
-    if p.suffix == ".safetensors":
-        from safetensors import safe_open
+    if p.is_dir():
+        return sum(1 for x in p.iterdir() if x.suffix.lower() in IMAGE_SUFFIXES)
+    if not (p.is_file() and p.suffix == ".safetensors"):
+        raise UsageError(f"--fid-ref {ref!r} is not allowed; allowed: a folder of images or a .safetensors file "
+                         'with a uint8 tensor "images" (N, 3, H, W)')
+    from safetensors import safe_open
 
-        with safe_open(str(p), "pt") as f:
-            return f.get_slice("images").get_shape()[0] if "images" in f.keys() else 0
-    return sum(1 for x in p.iterdir() if x.suffix.lower() in IMAGE_SUFFIXES) if p.is_dir() else 0
+    with checkpoint.reading(f"--fid-ref {ref}"), safe_open(str(p), "pt") as f:
+        images = f.get_slice("images")
+        shape, dtype = images.get_shape(), images.get_dtype()
+        if dtype != "U8" or len(shape) != 4 or shape[1] != 3:
+            raise ValueError(f'"images" is {dtype} {shape}; expected uint8 (N, 3, H, W)')
+        return shape[0]
 
 
 class Scorer:
-    """The metrics of one (reward spec, FID setting). Every model loads here, once: what cannot load
-    is skipped with one line saying how to supply it, never a crash in the middle of a run."""
+    """The metrics of one (reward spec, FID setting). Every model loads here, once, before any image:
+    what is missing is skipped with one line saying how to supply it; a weight file that is there but
+    unreadable (truncated, garbage) is bad input, a UsageError naming it."""
 
     def __init__(self, config: dict, spec_path: str | None, device: str, log):
         self.spec, self.device, self.config = rewards.load_spec(spec_path), device, config
         self.fns, self.skipped, self.fid, self.fid_ready = {}, {}, None, False
+        spec = f" (reward spec {spec_path})" if spec_path else ""
         for name in ("aesthetic", "hps", "compress"):
+            with checkpoint.reading(f"{name} weights{spec}"):
+                try:
+                    self.fns[name] = rewards.get(name, self.spec, device)
+                except ValueError as e:
+                    self.skipped[name] = str(e)
+        with checkpoint.reading(f"CLIP weights{spec}"):
             try:
-                self.fns[name] = rewards.get(name, self.spec, device)
+                rewards.clip_features(torch.zeros(1, 3, 8, 8), self.spec, device)  # loads the CLIP once
+                self.fns["clip"] = lambda x, p: rewards.clip_score(x, p, self.spec, device)
             except ValueError as e:
-                self.skipped[name] = str(e)
-        try:
-            rewards.clip_features(torch.zeros(1, 3, 8, 8), self.spec, device)  # loads the CLIP once
-            self.fns["clip"] = lambda x, p: rewards.clip_score(x, p, self.spec, device)
-        except ValueError as e:
-            self.skipped["clip"] = str(e)
+                self.skipped["clip"] = str(e)
         self._setup_fid(config["fid"])
         for name, why in self.skipped.items():
             log(f"skipping {name}: {why}")
@@ -334,11 +371,15 @@ class Scorer:
         """torchmetrics' FrechetInceptionDistance: Inception v3 (torch-fidelity's FID weights, fetched on
         first use) or rewards.clip_features as its custom feature extractor."""
         if fid["ref"] is None:
-            self.skipped["fid"] = "no reference images; pass --fid-ref DIR (the paper: MS-COCO images)"
+            self.skipped["fid"] = fid.get("why", "no reference images; pass --fid-ref DIR (the paper: MS-COCO images)")
             return
         self.fid_ref = fid["ref"].get("dir") or fid["ref"].get("file")
-        if _count_reference(self.fid_ref) < 2:
-            self.skipped["fid"] = f"--fid-ref {self.fid_ref!r} holds fewer than 2 images"
+        try:  # main() has checked an explicit --fid-ref; this is the mini world's own reference set
+            n = count_reference(self.fid_ref)
+        except UsageError as e:
+            n, self.skipped["fid"] = 0, str(e)
+        if n < 2:
+            self.skipped.setdefault("fid", f"--fid-ref {self.fid_ref!r} holds fewer than 2 images")
             return
         if fid["features"] == "clip" and "clip" in self.skipped:
             self.skipped["fid"] = "--fid-features clip needs the CLIP model: " + self.skipped["clip"]
@@ -355,8 +396,9 @@ class Scorer:
 
     def _fid_update(self, images):
         if not self.fid_ready:  # reference statistics once; reset() keeps them (reset_real_features=False)
-            for x in reference_batches(self.fid_ref, tuple(images.shape[-2:])):
-                self.fid.update(x.to(self.device), real=True)
+            with checkpoint.reading(f"--fid-ref {self.fid_ref}"):  # an unreadable image among them
+                for x in reference_batches(self.fid_ref, tuple(images.shape[-2:])):
+                    self.fid.update(x.to(self.device), real=True)
             self.fid_ready = True
         self.fid.update(images.float().to(self.device), real=False)
 
@@ -490,10 +532,12 @@ def evaluate(ckpts: list, soup: list | None = None, weights: list | None = None,
         return scorers[key]
 
     def load(st):
-        try:
-            loaded[st.run.info["model"]] = (rid.load_models(st.run.info["model"], device=s.device, dtype=dtype), None)
-        except ValueError as e:
-            raise UsageError(f"{st.run.dir / 'run.json'}: {e}") from None
+        model = st.run.info["model"]
+        with checkpoint.reading(f"{st.run.dir / 'run.json'}: model {model}"):  # garbage weight files
+            try:
+                loaded[model] = (rid.load_models(model, device=s.device, dtype=dtype), None)
+            except ValueError as e:  # not a model directory or hub id: rid says why
+                raise UsageError(f"{st.run.dir / 'run.json'}: {e}") from None
 
     def models_for(st):
         """The run's base model; reloaded only when a stage needs another adapter layout, or the base
@@ -655,21 +699,17 @@ def write_grid(rows: list, path: Path, label_w: int = 160):
 
 #### CLI ####
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (main), instead of usage + message
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = Settings()
-    p = _Parser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = checkpoint.Parser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--ckpt", nargs="+", default=[], help="run directories written by train.py (several: side by side)")
     a("--soup", nargs="+", help="runs (or stage dirs) to average into one model soup, evaluated like a stage")
     a("--weights", nargs="+", type=float, help="soup weights, one per --soup entry (default: equal)")
     a("--out", help="report directory (default: the --ckpt dir; a new eval-<names> dir beside it for several)")
-    a("--images-per-prompt", type=int, default=d.images_per_prompt, help=f"images per test prompt (default: {d.images_per_prompt})")
-    a("--seed", type=int, default=d.seed, help=f"noise seed shared by every stage and method (default: {d.seed})")
+    a("--images-per-prompt", type=int, default=d.images_per_prompt,
+      help=f"images per test prompt, 1 to {MAX_IMAGES_PER_PROMPT} (default: {d.images_per_prompt})")
+    a("--seed", type=int, default=d.seed, help=f"noise seed shared by every stage and method, 0 to 2**63-1 (default: {d.seed})")
     a("--batch", type=int, default=d.batch, help=f"images per sampling batch (default: {d.batch}); the noise per image is fixed, so images "
                                                   "agree up to float rounding")
     a("--steps", type=int, help="DDIM steps (default: the run's)")
@@ -683,27 +723,51 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_settings(args) -> None:
+    """Every numeric flag, up front: integers in range, floats finite. --steps and --guidance take
+    the range rid.StepConfig declares for them (the training sampler's)."""
+    ints = {"images_per_prompt": (1, MAX_IMAGES_PER_PROMPT), "batch": (1, None), "max_prompts": (1, None),
+            "seed": (0, MAX_SEED)}
+    for name, (lo, hi) in ints.items():
+        v = getattr(args, name)
+        if v is not None and not (lo <= v and (hi is None or v <= hi)):
+            allowed = f"an integer in [{lo}, {hi}]" if hi is not None else f"an integer >= {lo}"
+            raise UsageError(f"--{name.replace('_', '-')} {v} is not allowed; allowed: {allowed}")
+    for name in ("steps", "guidance"):
+        v = getattr(args, name)
+        if v is not None and not SAMPLER[name]["check"](v):
+            raise UsageError(f"--{name} {v} is not allowed; allowed: {SAMPLER[name]['allowed']}")
+    for w in args.weights or []:
+        if not (math.isfinite(w) and w > 0):
+            raise UsageError(f"--weights {w} is not allowed; allowed: finite numbers > 0, one per --soup entry")
+
+
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = checkpoint.check_device("--device", args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         s = Settings(images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
                      guidance=args.guidance, dtype=args.dtype or ("fp16" if device.startswith("cuda") else "fp32"),
                      device=device, batch=args.batch, reward_spec=args.reward_spec, fid_ref=args.fid_ref,
                      fid_features=args.fid_features, max_prompts=args.max_prompts)
-        for name in ("images_per_prompt", "batch", "steps", "max_prompts"):
-            v = getattr(args, name)
-            if v is not None and v < 1:
-                raise UsageError(f"--{name.replace('_', '-')} {v} is not allowed; use an integer >= 1")
-        if args.guidance is not None and not (math.isfinite(args.guidance) and args.guidance >= 0):
-            raise UsageError(f"--guidance {args.guidance} is not allowed; use a finite number >= 0")
+        check_settings(args)
         if not args.ckpt and not args.soup:
             raise UsageError("nothing to evaluate: pass --ckpt RUN_DIR [...] and/or --soup RUN_DIR [...]")
         if args.weights and not args.soup:
             raise UsageError("--weights applies to --soup; pass the soup runs with --soup")
-        if args.fid_ref and not Path(args.fid_ref).exists():
-            raise UsageError(f"--fid-ref {args.fid_ref!r} does not exist; pass a folder of reference images")
-        evaluate(args.ckpt, args.soup, args.weights, s, Path(args.out) if args.out else None, log=tqdm.write)
+        if args.fid_ref is not None:
+            if not Path(args.fid_ref).exists():
+                raise UsageError(f"--fid-ref {args.fid_ref!r} does not exist; pass a folder of reference images")
+            n = count_reference(args.fid_ref)
+            if n < 2:
+                raise UsageError(f"--fid-ref {args.fid_ref!r} holds {n} image(s); FID needs at least 2")
+        if args.out is not None:
+            try:
+                Path(args.out).mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise UsageError(f"--out {args.out!r}: not a writable directory ({e.strerror or e})") from None
+        evaluate(args.ckpt, args.soup, args.weights, s, Path(args.out) if args.out is not None else None,
+                 log=tqdm.write)
     except UsageError as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2

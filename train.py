@@ -11,7 +11,9 @@ teacher), the optimizer and the step are written atomically; --resume continues 
 with bit-identical adapters: every random draw comes from a generator seeded by (seed, stage, step,
 process), see seed_of, so the RNG state is a function of the step; the prompt order of epoch e is a
 permutation seeded by (seed, e).
-Exit codes: 0 done, 2 bad input (one line on stderr), 3 non-finite loss (the last good checkpoint stays).
+Exit codes: 0 done, 2 bad input (one line on stderr), 3 non-finite loss, adapters or samples (the last
+good checkpoint stays). One train.py per --out (<out>/.lock); docs/reliability.md lists every failure
+handled and its test.
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ import mini
 import plots
 import rewards
 import rid
-from checkpoint import UsageError, find_ckpt, write_json
+from checkpoint import UsageError, reading, write_json
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -64,7 +66,8 @@ ANIMALS = ("cat dog horse monkey rabbit zebra spider bird sheep deer cow goat li
            "chicken duck goose bee pig turkey fly llama camel bat gorilla hedgehog kangaroo").split()
 
 class NonFiniteLoss(Exception):
-    """The loss went nan/inf: main() exits 3 and the last good checkpoint stays."""
+    """The loss, the adapters after an update, or the stage's samples went nan/inf: main() exits 3 and
+    the last good checkpoint stays (one whose weights gave a finite loss)."""
 
 
 #### CONFIG ####
@@ -96,10 +99,12 @@ class Config(rid.StepConfig):
     weight_decay: float = 0.1  # DRaFT's value; decoupled, so at lr 5e-5 a weight shrinks 5e-6 per step
     clip_grad: float = 1.0     # max global grad norm (DRaFT clips throughout)
     seed: int = 0              # split, prompt order, LoRA init, noise: everything random derives from it
-    # -- runtime: memory/IO knobs that do not change what is computed; --resume may change them --
+    # How a step's batch splits into micro-batches sets the order the gradient is summed in (adapters
+    # differ by ~1e-6), so --resume refuses to change these two (and the world size).
     micro_batch: int | None = 8  # prompts per forward/backward on one process
     grad_accum: int | None = None  # alternatively: micro-batches per step per process (sets micro_batch)
     dtype: str = "fp32"        # fp32, or bf16 (bf16 frozen base, fp32 LoRA: DRaFT's recipe)
+    # -- runtime: knobs that do not change what is computed; --resume may change them --
     ckpt_every: int = 100      # optimizer steps between mid-task checkpoints
     n_samples: int = 8         # test prompts in each stage's samples.png
     report_to: str = "none"    # "tensorboard": metrics.jsonl's scalars and samples.png also to <out>/tensorboard
@@ -107,8 +112,13 @@ class Config(rid.StepConfig):
     device: str = ""           # "" = cuda if available (cuda:LOCAL_RANK under torchrun), else cpu
 
 
-RUNTIME = ("micro_batch", "grad_accum", "gradient_checkpointing", "ckpt_every", "out", "device", "report_to")
+RUNTIME = ("gradient_checkpointing", "ckpt_every", "out", "device", "report_to")
 REPORT_TO = ("none", "tensorboard")
+# Upper bounds of the integer flags that size tensors or loops (seeds feed 64-bit generators):
+# beyond them a value fails only mid-run (an allocation, an overflow) instead of up front.
+MAX_SEED = 2**63 - 1
+MAX_RANK = 1024        # SD-1.5's adapted layers are at most 1280 wide: a larger rank is not low-rank
+MAX_BATCH = 65536      # prompts per optimizer step (the paper's largest is 128)
 
 
 def paper(cfg: Config) -> Config:
@@ -144,15 +154,10 @@ def mini_world(cfg: Config) -> Config:
 
 #### CLI ####
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (main), instead of usage + message
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = Config()
     head, examples = __doc__.split("\n\n")[:2]
-    p = _Parser(prog="train.py", description=head, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = checkpoint.Parser(prog="train.py", description=head, formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog=f"examples:\n{examples}\n\nexit codes: 0 done, 2 bad input, 3 non-finite loss (the last "
                 "good checkpoint stays). Run directory layout: see the top of train.py.")
     a = p.add_argument
@@ -169,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{d.n_train} train / {d.n_test} test (default: mini world's train/test files; "
                         "for SD a built-in list of simple animal prompts)")
     a("--out", help=f"run directory (default: {d.out})")
-    a("--seed", type=int, help=f"seed of the split, prompt order, LoRA init and noise (default: {d.seed})")
-    a("--rank", type=int, help=f"LoRA rank per task (default: {d.rank})")
+    a("--seed", type=int, help=f"seed of the split, prompt order, LoRA init and noise, 0 to 2**63-1 "
+                               f"(default: {d.seed})")
+    a("--rank", type=int, help=f"LoRA rank per task, 1 to {MAX_RANK} (default: {d.rank})")
     add_method_flags(p, d)
     a("--epochs", help="passes over the training prompts: N for every task or task=N[,task=N] "
                        f"(default, the paper: {', '.join(f'{k} {v}' for k, v in PAPER_EPOCHS.items())}; "
@@ -184,19 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
                             "constant, as the paper; mini world: "
                             f"{', '.join(f'{k} {v}' for k, v in MINI_LR_SCHEDULE.items())}, "
                             f"but rid hps {MINI_RID['lr_schedule']['hps']})")
-    a("--batch", help=f"global batch per optimizer step, N or task=N[,...] (default: rid {PAPER_RID['batch']}, "
-                      f"other methods {PAPER_BASELINE['batch']} by gradient accumulation; mini world: "
+    a("--batch", help=f"global batch per optimizer step (1 to {MAX_BATCH}), N or task=N[,...] (default: rid "
+                      f"{PAPER_RID['batch']}, other methods {PAPER_BASELINE['batch']} by gradient accumulation; mini world: "
                       f"{MINI_BATCH} for every method)")
     a("--micro-batch", type=int, help=f"prompts per forward/backward on one process; micro-batches per step "
-                                      f"= batch / world size / micro-batch (default: {d.micro_batch})")
+                                      f"= batch / world size / micro-batch; it sets the order the gradient sums in, "
+                                      f"so --resume keeps it (default: {d.micro_batch})")
     a("--grad-accum", type=int, help="micro-batches per step per process; sets the micro-batch size "
                                      "instead of --micro-batch (default: from --micro-batch)")
     a("--max-steps", type=int, help="cap on optimizer steps per task, for smoke runs (default: none)")
     a("--dtype", choices=("fp32", "bf16"), help="fp32, or a bf16 frozen base with fp32 LoRA as DRaFT did "
                                                 f"(default: {d.dtype})")
     a("--ckpt-every", type=int, help=f"optimizer steps between mid-task checkpoints (default: {d.ckpt_every})")
-    a("--resume", action="store_true", help="continue the run in --out from its last checkpoint (same "
-                                            "settings required); starts fresh if --out holds no run")
+    a("--resume", action="store_true", help="continue the run in --out from its last readable checkpoint (same "
+                                            "settings required, but for --ckpt-every, --device, --report-to and "
+                                            "--gradient-checkpointing); starts fresh if --out holds no run")
     a("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     a("--report-to", choices=REPORT_TO, help="also log every step's metrics and each stage's samples to "
                                              "<out>/tensorboard (needs the tensorboard package; default: none)")
@@ -222,17 +230,20 @@ def add_method_flags(p: argparse.ArgumentParser, d: Config) -> None:
             p.add_argument(flag, type=kinds[f.type], metavar=meta.get("metavar"), help=help)
 
 
-def _positive(flag, value, cast=int):
+def _positive(flag, value, cast=int, top=None):
+    """None (flag not given) or the value, checked: > 0 and finite, and ≤ top when given."""
     if value is None:
         return None
-    if not value > 0:
-        raise UsageError(f"{flag} {value}: must be > 0")
+    if top is not None and not 0 < value <= top:
+        raise UsageError(f"{flag} {value} is not allowed; allowed: an integer in [1, {top}]")
+    if not (value > 0 and math.isfinite(value)):
+        raise UsageError(f"{flag} {value}: must be > 0 and finite")
     return cast(value)
 
 
-def parse_per_task(flag: str, text: str, tasks: list, cast, choices: tuple = ()) -> dict:
-    """'--epochs 10' (every task) or '--epochs hps=120,compress=5' -> {task: value}. Numbers must be > 0;
-    with choices, values are names from it instead."""
+def parse_per_task(flag: str, text: str, tasks: list, cast, choices: tuple = (), top=None) -> dict:
+    """'--epochs 10' (every task) or '--epochs hps=120,compress=5' -> {task: value}. Numbers must be
+    finite and > 0 (and ≤ top when given); with choices, values are names from it instead."""
     out = {}
     for item in text.split(","):
         key, sep, val = item.strip().rpartition("=")
@@ -249,8 +260,10 @@ def parse_per_task(flag: str, text: str, tasks: list, cast, choices: tuple = ())
             except ValueError:
                 kind = "a whole number" if cast is int else "a number"
                 raise UsageError(f"{flag} {text!r}: {val!r} is not {kind}; use N or task=N[,task=N]") from None
-            if not value > 0:
-                raise UsageError(f"{flag} {text!r}: {val!r} must be > 0")
+            if not (value > 0 and math.isfinite(value)):
+                raise UsageError(f"{flag} {text!r}: {val!r} must be > 0 and finite")
+            if top is not None and value > top:
+                raise UsageError(f"{flag} {text!r}: {val!r} is not allowed; allowed: 1 to {top}")
         out.update({t: value for t in ([key] if sep else tasks)})
     return out
 
@@ -294,26 +307,20 @@ def resolve(args) -> tuple[Config, bool]:
         cfg.check(lambda name: "--" + name.replace("_", "-"))
     except ValueError as e:
         raise UsageError(str(e)) from None
-    for name in ("rank", "max_steps", "ckpt_every", "micro_batch"):
-        value = _positive("--" + name.replace("_", "-"), getattr(args, name))
+    for name, top in (("rank", MAX_RANK), ("max_steps", None), ("ckpt_every", None), ("micro_batch", None)):
+        value = _positive("--" + name.replace("_", "-"), getattr(args, name), top=top)
         if value is not None:
             setattr(cfg, name, value)
     if args.grad_accum is not None:
         cfg.grad_accum, cfg.micro_batch = _positive("--grad-accum", args.grad_accum), None
-    for flag, cast in (("epochs", int), ("lr", float), ("batch", int)):
+    for flag, cast, top in (("epochs", int, None), ("lr", float, None), ("batch", int, MAX_BATCH)):
         if getattr(args, flag) is not None:
-            getattr(cfg, flag).update(parse_per_task("--" + flag, getattr(args, flag), cfg.tasks, cast))
+            getattr(cfg, flag).update(parse_per_task("--" + flag, getattr(args, flag), cfg.tasks, cast, top=top))
     if args.lr_schedule is not None:
         cfg.lr_schedule.update(parse_per_task("--lr-schedule", args.lr_schedule, cfg.tasks, str, LR_SCHEDULES))
-    if cfg.seed < 0:
-        raise UsageError(f"--seed {cfg.seed}: must be ≥ 0")
-    cfg.device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(cfg.device)
-    except RuntimeError:
-        raise UsageError(f"--device {cfg.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {cfg.device}: no CUDA device is available here; use --device cpu")
+    if not 0 <= cfg.seed <= MAX_SEED:
+        raise UsageError(f"--seed {cfg.seed} is not allowed; allowed: an integer in [0, 2**63-1]")
+    cfg.device = checkpoint.check_device("--device", cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     return cfg, is_mini
 
 
@@ -398,7 +405,7 @@ def config_diff(old: dict, new: dict) -> list[str]:
             if k not in RUNTIME and old.get(k) != new.get(k)]
 
 
-def open_run(cfg: Config, resume: bool) -> tuple[dict, list, list]:
+def open_run(cfg: Config, resume: bool, world: int = 1) -> tuple[dict, list, list]:
     """Read-only: the run in --out (--resume; settings must match) or a new one. -> (run.json, train, test).
     Nothing is written until the model and the rewards have loaded (create_run)."""
     out = Path(cfg.out)
@@ -406,20 +413,17 @@ def open_run(cfg: Config, resume: bool) -> tuple[dict, list, list]:
     if run_path.exists():
         if not resume:
             raise UsageError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
-        run = json.loads(run_path.read_text())
+        run = checkpoint.read_run(out, need=("config", "stages", "train_prompts", "test_prompts"))
         # runs from before --lr-schedule existed trained at a constant lr
         run["config"].setdefault("lr_schedule", dict.fromkeys(run["config"].get("tasks", []), "constant"))
         diff = config_diff(run["config"], config_dict(cfg))
+        if run.get("world_size", world) != world:  # runs from before it was recorded: not checked
+            diff.append(f"world size: was {run['world_size']} process(es), now {world}")
         if diff:
-            raise UsageError(f"--resume: {out} was trained with other settings ({'; '.join(diff)})")
-        return run, read_prompts(str(out / run["train_prompts"])), read_prompts(str(out / run["test_prompts"]))
-    try:  # a cheap probe now rather than a failure after loading the model
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-probe{os.getpid()}"
-        checkpoint.atomic_write(probe, "")
-        os.remove(probe)
-    except OSError as e:
-        raise UsageError(f"--out {out}: not writable ({e.strerror or e})") from None
+            raise UsageError(f"--resume: {out} was trained with other settings ({'; '.join(diff)}); these change "
+                             "the numbers, so resume with the old values or choose another --out")
+        return run, *(read_prompts(str(checkpoint.inside(out, run[key], key)), f"{run_path} {key}")
+                      for key in ("train_prompts", "test_prompts"))
     prompts = read_prompts(cfg.prompts) if cfg.prompts else [f"a photo of a {a}" for a in ANIMALS]
     if cfg.test_prompts:
         train, test = prompts[:cfg.n_train], read_prompts(cfg.test_prompts, "test prompts")[:cfg.n_test]
@@ -427,7 +431,7 @@ def open_run(cfg: Config, resume: bool) -> tuple[dict, list, list]:
         train, test = split_prompts(prompts, cfg.n_train, cfg.n_test, cfg.seed)
     run = {"tasks": cfg.tasks, "method": cfg.method, "model": cfg.model, "reward_spec": cfg.reward_spec,
            "stages": [], "test_prompts": "test_prompts.txt", "train_prompts": "train_prompts.txt",
-           "seed": cfg.seed, "config": config_dict(cfg)}
+           "seed": cfg.seed, "world_size": world, "config": config_dict(cfg)}
     return run, train, test
 
 
@@ -501,8 +505,57 @@ def lr_at(peak: float, step: int, total: int, schedule: str) -> float:
 
 def stage_steps(cfg: Config, task: str, n_train: int) -> int:
     """Optimizer steps of a task: its epochs over the training prompts at its batch, capped by --max-steps."""
-    total = math.ceil(cfg.epochs[task] * n_train / cfg.batch[task])
-    return min(total, cfg.max_steps or total)
+    total = -(-cfg.epochs[task] * n_train // cfg.batch[task])  # ceil, in integers (no float overflow)
+    return total if cfg.max_steps is None else min(total, cfg.max_steps)
+
+
+def _stage_start(k: int, models, group, cfg: Config):
+    """The adapter group as stage k starts, before its own adapter joins: the previous stage's (in memory,
+    or read back from its directory after a restart), or an empty group for stage 1."""
+    if group is not None:
+        return group
+    if k == 1:
+        group = rid.group_of(models.unet)  # a failed checkpoint load may have filled it
+        if group is None:
+            return rid.inject(models.unet, rank=cfg.rank)
+        group.clear()
+        return group
+    with bad_input():  # the finished stages' adapters (checksum verified)
+        return checkpoint.load(models.unet, Path(cfg.out) / f"stage{k - 1}-{cfg.tasks[k - 2]}")
+
+
+def _resume_from(ckpt: Path, k: int, models, cfg: Config, total: int):
+    """-> (group, optimizer, step) from a mid-task checkpoint; UsageError when anything in it is
+    unreadable or does not belong to this stage."""
+    state = checkpoint.load_trainer(ckpt)
+    with bad_input():
+        group = checkpoint.load(models.unet, ckpt)
+    if group.tasks != cfg.tasks[:k] or not group.trainable:
+        raise UsageError(f"{ckpt}: holds tasks {group.tasks} (trainable: {group.trainable}); stage {k} "
+                         f"trains {cfg.tasks[k - 1]!r} after {cfg.tasks[:k - 1]}")
+    if not state["step"] < total:
+        raise UsageError(f"{ckpt / 'trainer.pt'}: step {state['step']} is not in [1, {total - 1}]")
+    optimizer = _optimizer(group, cfg, cfg.tasks[k - 1])
+    with reading(ckpt / "trainer.pt"):
+        for entry in state["optimizer"]["state"].values():  # load_state_dict checks no tensor shape
+            for name, t in entry.items():
+                if t.dim() and t.shape != group.flat.shape:
+                    raise ValueError(f"optimizer {name} has shape {tuple(t.shape)}, the adapters "
+                                     f"{tuple(group.flat.shape)}")
+        optimizer.load_state_dict(state["optimizer"])
+    return group, optimizer, state["step"]
+
+
+def _optimizer(group, cfg: Config, task: str) -> torch.optim.AdamW:
+    return torch.optim.AdamW([group.flat], lr=cfg.lr[task], betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+
+
+def _finite(group, step_cfg) -> bool:
+    """The trainable adapters (and RID's EMA teacher) hold no nan/inf: one reduction each, one sync."""
+    ok = torch.isfinite(group.flat).all()
+    if step_cfg.method == "rid":
+        ok = ok & torch.isfinite(group.ema).all()
+    return bool(ok)
 
 
 def train_stage(k: int, task: str, models, group, reward, train: list, test: list, cfg: Config,
@@ -517,28 +570,38 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
     offset = sum(stage_steps(cfg, t, len(train)) for t in cfg.tasks[:k - 1])  # steps of the earlier stages
     stage_cfg = {**config_dict(cfg), "stage": k, "task": task, "total_steps": total, "world_size": world,
                  "micro_batch_resolved": micro, "grad_accum_resolved": accum}
-    ckpt = find_ckpt(sdir)
-    if ckpt is not None:  # resume: the group with this task's adapter, its EMA and the optimizer
-        with bad_input():
-            group = checkpoint.load(models.unet, ckpt)
-    else:
-        if group is None:
-            group = rid.inject(models.unet, rank=cfg.rank)
+
+    #### RESUME: the newest readable checkpoint (ckpt/, then ckpt.old/), else the stage's start ####
+    start, optimizer, saved = 0, None, None  # saved: the step of the newest checkpoint on disk
+    for ckpt in checkpoint.ckpt_candidates(sdir):
+        try:
+            group, optimizer, start = _resume_from(ckpt, k, models, cfg, total)
+            saved = start
+            log(f"stage {k} {task}: resuming at step {start}/{total} from {ckpt}")
+            break
+        except UsageError as e:
+            rest = [p for p in checkpoint.ckpt_candidates(sdir) if p != ckpt]
+            aside = ckpt.with_name(ckpt.name + ".unreadable")  # kept for a look until the stage ends
+            log(f"stage {k} {task}: skipping checkpoint {ckpt} ({e}); moved to {aside}; "
+                f"{f'trying {rest[0]}' if rest else 'starting the stage over'}")
+            if dist.is_initialized():
+                dist.barrier()  # every process is done reading it
+            if rank == 0:
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(ckpt, aside)
+            group = None  # the failed load emptied the UNet's group: rebuild the stage's start
+    if optimizer is None:
+        group = _stage_start(k, models, group, cfg)
         init = torch.Generator(models.device).manual_seed(seed_of(cfg.seed, k, INIT))
         group.add_task(task, generator=init)  # the new adapter's LoRA init
-    optimizer = torch.optim.AdamW([group.flat], lr=lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
-    start = 0
-    if ckpt is not None:
-        state = torch.load(ckpt / "trainer.pt", map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        start = state["step"]
-        log(f"stage {k} {task}: resuming at step {start}/{total} from {ckpt}")
+        optimizer = _optimizer(group, cfg, task)
 
     metrics, elapsed = sdir / "metrics.jsonl", 0.0  # elapsed: stage time before a resume
     if rank == 0:
         sdir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_stale_temps(sdir)  # a killed checkpoint write's temp dir (we hold the lock)
         write_json(sdir / "config.json", stage_cfg)
-        rows = [json.loads(l) for l in metrics.read_text().splitlines()] if start and metrics.exists() else []
+        rows = checkpoint.read_metrics(metrics, log) if start and metrics.exists() else []
         rows = [r for r in rows if r["step"] <= start]  # drop steps logged after the checkpoint
         checkpoint.atomic_write(metrics, "".join(json.dumps(r) + "\n" for r in rows))
         elapsed = rows[-1]["time"] if rows else 0.0
@@ -548,8 +611,19 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
             checkpoint.save(group, tmp, extra={"task": task, "stage": k, "step": step})
             torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "trainer.pt")
             write_json(tmp / "config.json", stage_cfg)
-        if rank == 0:
-            checkpoint.save_dir_atomic(sdir / "ckpt", write)
+        if rank == 0:  # the replaced checkpoint stays as ckpt.old until this one has proved good
+            checkpoint.save_dir_atomic(sdir / "ckpt", write, keep_old=True)
+
+    def stop(what: str, from_saved: bool = False):
+        """from_saved: the newest checkpoint holds exactly the weights `what` was computed from."""
+        bar.close()  # the error goes on a line of its own
+        found = checkpoint.ckpt_candidates(sdir)
+        where = f"Last good checkpoint: {found[0] if found else 'none, the stage starts over'}"
+        if from_saved and found:
+            where = (f"The last checkpoint, {found[0]} (step {saved}), holds the weights this was computed "
+                     f"from; the one before it: {found[1] if len(found) > 1 else 'none'}")
+        return NonFiniteLoss(f"{what} at stage {k} ({task}); adapters not saved. {where}. "
+                             f"Try a lower --lr {task}=... in a new --out")
 
     t0 = time.time()
     bar = tqdm(total=total, initial=start, desc=f"stage {k}/{len(cfg.tasks)} {task}", disable=rank != 0,
@@ -574,11 +648,12 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
         logs = rid.train_step(models, group, reward, micro_batches, optimizer, step_cfg,
                               clip_grad=cfg.clip_grad, generator=method_gen)
         logs = _mean_across_ranks({k_: float(v) for k_, v in logs.items()}, models.device)
-        if not math.isfinite(logs["loss"]):
-            last = find_ckpt(sdir)
-            raise NonFiniteLoss(f"loss is {logs['loss']} at stage {k} ({task}) step {step + 1}; adapters not "
-                                f"saved. Last good checkpoint: {last or 'none, the stage starts over'}. "
-                                f"Try a lower --lr {task}=... in a new --out")
+        #### FINITE CHECKS, before anything is saved ####
+        if not math.isfinite(logs["loss"]):  # computed from the weights after `step` updates
+            raise stop(f"loss is {logs['loss']} at step {step + 1}", from_saved=saved == step)
+        if not _finite(group, step_cfg):
+            raise stop(f"the update of step {step + 1} made the adapters non-finite (grad norm "
+                       f"{logs['grad_norm']:.4g}, lr {lr_now:g})")
         if rank == 0:
             row = {"step": step + 1, "epoch": step * batch // len(train), **logs, "lr": lr_now,
                    "time": round(elapsed + time.time() - t0, 3)}
@@ -590,6 +665,7 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
         bar.set_postfix(reward=f"{logs['reward']:.4g}", loss=f"{logs['loss']:.4g}")
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < total:
             save_ckpt(step + 1)
+            saved = step + 1  # the one it replaced stays as ckpt.old
     bar.close()
 
     #### STAGE END: samples, adapters, run.json (the stage counts as finished from here) ####
@@ -597,18 +673,20 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
         gen = torch.Generator().manual_seed(cfg.seed)
         shown = test[:cfg.n_samples]
         noise = torch.randn((len(shown), *models.latent_shape), generator=gen).to(models.device)
-        save_grid(rid.sample(models, shown, noise, steps=cfg.steps, guidance=cfg.guidance, group=group),
-                  sdir / "samples.png")
+        images = rid.sample(models, shown, noise, steps=cfg.steps, guidance=cfg.guidance, group=group)
+        if not torch.isfinite(images).all():  # the last update's weights, never run forward in training
+            raise stop(f"the samples after the last step ({total}) are non-finite")
+        save_grid(images, sdir / "samples.png")
         checkpoint.save(group, sdir, extra={"task": task, "stage": k, "step": total, "config": stage_cfg})
         run_path = out / "run.json"
-        run = json.loads(run_path.read_text())
+        run = checkpoint.read_run(out, need=("stages",))
         run["stages"] = [s for s in run["stages"] if s != sdir.name] + [sdir.name]
         write_json(run_path, run)
-        shutil.rmtree(sdir / "ckpt", ignore_errors=True)
+        checkpoint.remove_ckpts(sdir)
         plots.training_figure(out, out / "training.png")  # every stage so far, continuous across resumes
         if tb is not None:
             tb.image(f"stage{k}-{task}/samples", offset + total, sdir / "samples.png")
-        rows = [json.loads(l) for l in metrics.read_text().splitlines()]
+        rows = checkpoint.read_metrics(metrics)
         if rows:
             n = max(1, min(10, len(rows) // 10))
             r0, r1 = (sum(r["reward"] for r in part) / len(part) for part in (rows[:n], rows[-n:]))
@@ -629,6 +707,17 @@ def bad_input():
 
 
 def run(cfg: Config, is_mini: bool, model_given: bool, resume: bool, world: int) -> None:
+    lock = checkpoint.RunLock(Path(cfg.out), log=log) if _rank() == 0 else None  # before anything is read
+    try:
+        if lock is not None:
+            checkpoint.remove_stale_temps(Path(cfg.out))  # what a killed run's atomic writes left
+        _run(cfg, is_mini, model_given, resume, world)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: Config, is_mini: bool, model_given: bool, resume: bool, world: int) -> None:
     if is_mini:
         log(f"{'no --model given: ' * (not model_given)}training in the mini world ({cfg.model}, CPU-scale); "
             f"for the paper's setting pass --model {SD15}")
@@ -639,13 +728,19 @@ def run(cfg: Config, is_mini: bool, model_given: bool, resume: bool, world: int)
     hf_logging.disable_progress_bar()  # transformers' per-load "Loading weights" bar ...
     enable_progress_bars()  # ... but keep the hub's download bars (SD-1.5's first download takes minutes)
     with bad_input():
-        run_info, train, test = open_run(cfg, resume)
+        run_info, train, test = open_run(cfg, resume, world)
         step_cfg = step_config(cfg)
         for task in cfg.tasks:
             micro_plan(cfg, task, world)
+    with reading(f"--model {cfg.model}"), bad_input():  # a weight file in it may be truncated or garbage
         models = rid.load_models(cfg.model, device=cfg.device,
                                  dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
-        reward_fns = {task: reward_fn(task, cfg) for task in cfg.tasks}  # all weights, up front
+    reward_fns = {}
+    for task in cfg.tasks:  # all weights, up front
+        spec = f" (reward spec {cfg.reward_spec})" if cfg.reward_spec else ""
+        with reading(f"reward {task!r}{spec}: its weights"), bad_input():
+            reward_fns[task] = reward_fn(task, cfg)
+    with bad_input():
         if cfg.report_to == "tensorboard":
             plots.TensorBoardLogger.writer_class()  # fails here, with one line, when tensorboard is missing
     if dist.is_initialized():  # every rank has looked at --out before rank 0 writes to it
@@ -658,13 +753,11 @@ def run(cfg: Config, is_mini: bool, model_given: bool, resume: bool, world: int)
     #### STAGES ####
     group, done = None, run_info["stages"]
     for k, task in enumerate(cfg.tasks, 1):
-        if f"stage{k}-{task}" in done:
-            if _rank() == 0:  # a crash between run.json and the clean-up leaves it
-                shutil.rmtree(Path(cfg.out) / f"stage{k}-{task}" / "ckpt", ignore_errors=True)
+        if f"stage{k}-{task}" in done:  # done only if its adapters are still what was saved
+            checkpoint.verify(Path(cfg.out) / f"stage{k}-{task}")
+            if _rank() == 0:  # a crash between run.json and the clean-up leaves them
+                checkpoint.remove_ckpts(Path(cfg.out) / f"stage{k}-{task}")
             continue
-        if group is None and k > 1 and find_ckpt(Path(cfg.out) / f"stage{k}-{task}") is None:
-            with bad_input():  # resuming at a stage boundary: the finished stages' adapters
-                group = checkpoint.load(models.unet, Path(cfg.out) / f"stage{k - 1}-{cfg.tasks[k - 2]}")
         group = train_stage(k, task, models, group, reward_fns[task], train, test, cfg, step_cfg, world, tb)
     if tb is not None:
         tb.close()

@@ -341,3 +341,16 @@ def test_cli_bad_model_in_run_json(world, tmp_path, capsys):
     assert ev.main(["--ckpt", str(run), "--fid-features", "clip", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no-model" in err[0]
+
+
+def test_cli_crafted_run_json_sampler_exits_2_before_the_model_loads(world, tmp_path, capsys, monkeypatch):
+    """run.json's sampler settings are checked against rid.StepConfig's declared ranges (2**70 DDIM steps
+    would hang rid.sample after the model loaded)."""
+    run = make_run(tmp_path / "run", world, tasks=("aesthetic",))
+    info = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**info, "config": {"steps": 2**70, "guidance": 3.0}}))
+    monkeypatch.setattr(rid, "load_models", lambda *a, **k: pytest.fail("the model loaded"))
+    capsys.readouterr()
+    assert ev.main(["--ckpt", str(run), "--fid-features", "clip", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(run / "run.json") in err[0] and "config steps" in err[0] and "[1, 1000]" in err[0]

@@ -478,6 +478,137 @@ def test_nan_loss_exits_3_and_keeps_the_checkpoint(world, tmp_path, monkeypatch,
     assert json.loads((out / "run.json").read_text())["stages"] == []
 
 
+class Crash(Exception):
+    """Stands for a kill: raised from the reward, it leaves the run directory as the crash would."""
+
+
+def crash_at(call):
+    """tiny.toy_reward that raises Crash at its `call`-th call (2 calls per step in tiny_args)."""
+    calls = [0]
+
+    def reward(images, prompts):
+        calls[0] += 1
+        if calls[0] == call:
+            raise Crash
+        return tiny.toy_reward(images, prompts)
+    return reward
+
+
+def crashed_in_stage_2(world, out, monkeypatch):
+    """A tiny_args run stopped in step 4 (stage 2, step 2): stage 2's step-1 checkpoint is on disk."""
+    monkeypatch.setattr(train, "reward_fn", lambda task, cfg: reward)
+    reward = crash_at(7)
+    with pytest.raises(Crash):
+        train.main(tiny_args(world, out, *COSINE))
+    assert (out / "stage2-compress" / "ckpt" / "trainer.pt").exists()
+    assert json.loads((out / "run.json").read_text())["stages"] == ["stage1-aesthetic"]
+
+
+def assert_same_adapters(ref_run, run, stages=("stage1-aesthetic", "stage2-compress")):
+    for stage in stages:
+        ref, got = adapters(ref_run / stage), adapters(run / stage)
+        assert ref.keys() == got.keys()
+        for key in ref:
+            assert torch.equal(ref[key], got[key]), (stage, key)
+
+
+def test_torn_metrics_line_is_dropped_on_resume(world, full_run, tmp_path, monkeypatch, capsys):
+    """A kill while a metrics row was appended leaves half a line; it blocked every later resume."""
+    out = tmp_path / "torn"
+    crashed_in_stage_2(world, out, monkeypatch)
+    with open(out / "stage2-compress" / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2, "epoch": 0, "rew')
+    capsys.readouterr()
+    assert run_main(monkeypatch, tiny_args(world, out, *COSINE, "--resume")) == 0
+    assert "dropping its torn last line" in capsys.readouterr().out
+    assert_same_adapters(full_run, out)
+    rows = [json.loads(l) for l in (out / "stage2-compress" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+
+
+def test_unreadable_checkpoint_starts_the_stage_over_bit_exactly(world, full_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "garbled"
+    crashed_in_stage_2(world, out, monkeypatch)
+    (out / "stage2-compress" / "ckpt" / "trainer.pt").write_bytes(b"\x00" * 100)  # was: a torch.load traceback
+    leftovers = [out / "stage2-compress" / ".ckpt.x1.tmp", out / ".run.json.x2.tmp"]  # a kill mid-write
+    leftovers[0].mkdir(), leftovers[1].write_text("{")
+    capsys.readouterr()
+    assert run_main(monkeypatch, tiny_args(world, out, *COSINE, "--resume")) == 0
+    said = capsys.readouterr().out
+    assert "skipping checkpoint" in said and "trainer.pt" in said and "starting the stage over" in said
+    assert_same_adapters(full_run, out)  # stage 2 retrained from stage 1's saved adapters: the same numbers
+    assert sorted(p.name for p in (out / "stage2-compress").iterdir() if p.name.startswith("ckpt")) == []
+    assert not any(p.exists() for p in leftovers)  # removed under the lock
+
+
+def test_unreadable_checkpoint_falls_back_to_the_previous_one(world, tmp_path, monkeypatch, capsys):
+    """Three steps, a checkpoint after steps 1 and 2, a crash in step 3, then ckpt/ (step 2) damaged:
+    the resume takes ckpt.old/ (step 1) and ends bit-identical to an uninterrupted run."""
+    argv = lambda out, *x: tiny_args(world, out, "--max-steps", "3", *x, tasks="compress")  # noqa: E731
+    assert run_main(monkeypatch, argv(tmp_path / "ref")) == 0
+    out = tmp_path / "fallback"
+    monkeypatch.setattr(train, "reward_fn", lambda task, cfg: reward)
+    reward = crash_at(5)
+    with pytest.raises(Crash):
+        train.main(argv(out))
+    stage = out / "stage1-compress"
+    assert [checkpoint.load_trainer(stage / d)["step"] for d in ("ckpt", "ckpt.old")] == [2, 1]
+    data = bytearray((stage / "ckpt" / "adapters.safetensors").read_bytes())
+    data[-5] ^= 1  # one flipped bit in a tensor: only the checksum notices
+    (stage / "ckpt" / "adapters.safetensors").write_bytes(bytes(data))
+    capsys.readouterr()
+    assert run_main(monkeypatch, argv(out, "--resume")) == 0
+    said = capsys.readouterr().out
+    assert "checksum mismatch" in said and f"trying {stage / 'ckpt.old'}" in said
+    assert f"resuming at step 1/3 from {stage / 'ckpt.old'}" in said
+    assert_same_adapters(tmp_path / "ref", out, stages=("stage1-compress",))
+
+
+def test_resume_verifies_finished_stages(world, full_run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "copy"
+    shutil.copytree(full_run, out)
+    st = out / "stage1-aesthetic" / "adapters.safetensors"
+    data = bytearray(st.read_bytes())
+    data[-5] ^= 1
+    st.write_bytes(bytes(data))
+    assert run_main(monkeypatch, tiny_args(world, out, *COSINE, "--resume")) == 2  # was: "done", exit 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(st) in err[0] and "checksum mismatch" in err[0]
+
+
+def test_resume_refuses_settings_that_change_the_numbers(world, full_run, tmp_path, monkeypatch, capsys):
+    """--micro-batch/--grad-accum (and the world size) set the order the gradient sums in: adapters differ
+    by ~1e-6, so a resume must keep them (they were documented as free to change)."""
+    out = tmp_path / "copy"
+    shutil.copytree(full_run, out)
+    base = tiny_args(world, out, *COSINE, "--resume")  # batch 2 as 2 micro-batches of 1
+    mb = base.index("--micro-batch")
+    for argv, words in ((base[:mb + 1] + ["2"] + base[mb + 2:], "micro_batch: was 1, now 2"),  # 1 of 2
+                        (base[:mb] + base[mb + 2:] + ["--grad-accum", "1"], "grad_accum: was None, now 1")):
+        assert run_main(monkeypatch, argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and words in err[0], err
+    run = json.loads((out / "run.json").read_text())
+    (out / "run.json").write_text(json.dumps({**run, "world_size": 2}))
+    assert run_main(monkeypatch, tiny_args(world, out, *COSINE, "--resume")) == 2
+    assert "world size: was 2 process(es), now 1" in capsys.readouterr().err
+    (out / "run.json").write_text(json.dumps(run))
+    assert run_main(monkeypatch, tiny_args(world, out, *COSINE, "--resume", "--ckpt-every", "5")) == 0  # runtime only
+
+
+def test_gradient_checkpointing_does_not_change_the_numbers(world, tmp_path, monkeypatch):
+    """Why --resume may switch --gradient-checkpointing: recomputing the activations in the backward
+    pass gives bit-identical adapters (draft-k with 2 gradient steps, where it recomputes)."""
+    got = []
+    for flag in ([], ["--gradient-checkpointing"]):
+        out = tmp_path / f"gc{len(flag)}"
+        argv = tiny_args(world, out, "--method", "draft-k", "--steps", "3", "--truncate", "2", *flag, tasks="aesthetic")
+        assert run_main(monkeypatch, argv) == 0
+        got.append(adapters(out / "stage1-aesthetic"))
+    assert got[0].keys() == got[1].keys() and all(torch.equal(got[0][k], got[1][k]) for k in got[0])
+    assert "gradient_checkpointing" in train.RUNTIME
+
+
 def test_atomic_directory_swap(tmp_path):
     ckpt = tmp_path / "ckpt"
     for step in (1, 2):
