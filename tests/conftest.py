@@ -16,3 +16,40 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # One intra-op thread per pytest-xdist worker (the workers already fill the cores), else up to two.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads())))
+
+
+import copy  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module of tiny-model runs, and for its subprocesses (they inherit the
+    count through OMP_NUM_THREADS): bit-exact comparisons across processes, and much faster than
+    contended OpenMP threads on a shared machine. Modules opt in with usefixtures("one_thread")."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sd_path(tmp_path_factory):
+    """tests/tiny.py's tiny SD, saved once per module."""
+    from tiny import tiny_sd
+
+    return tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="module")
+def _loaded(sd_path):
+    import rid
+
+    return rid.load_models(sd_path)
+
+
+@pytest.fixture
+def models(_loaded):
+    """A fresh copy of the tiny SD per test (tests inject adapters in place)."""
+    return copy.deepcopy(_loaded)

@@ -42,21 +42,13 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = str(ROOT / "tests" / "train_launcher.py")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread here and in the subprocess: bit-exact comparisons across processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("world")
-    prompts = d / "prompts.txt"
-    words = ["cat", "dog", "car", "tree", "house"]
-    prompts.write_text("\n".join(f"a {c} {w}" for c in ("red", "blue") for w in words) + "\n")  # 10 prompts
+    prompts = tiny.write_prompts(d / "prompts.txt")
     (d / "spec").mkdir()
     tiny_spec(d / "spec")
     return SimpleNamespace(dir=d, sd=tiny.tiny_sd(d / "sd"), prompts=str(prompts),

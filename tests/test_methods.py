@@ -28,7 +28,6 @@ tests/mutants.py plants one-line bugs in rid.py that these tests must catch.
 Tiny SD (tests/tiny.py), 2–4 DDIM steps, batch 1–2, fp32.
 """
 import contextlib
-import copy
 import os
 import sys
 
@@ -38,28 +37,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import rid  # noqa: E402
-from tiny import tiny_sd, toy_reward  # noqa: E402
+from tiny import toy_reward  # noqa: E402
 
 torch.set_num_threads(1)
 PROMPTS = ["a photo of a cat", "a red car"]
 W = 3.0  # guidance of the method tests: not 7.5 (the paper) nor 5 (the mini world)
 STEPS = 3
-
-
-@pytest.fixture(scope="module")
-def sd_path(tmp_path_factory):
-    return tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
-
-
-@pytest.fixture(scope="module")
-def _loaded(sd_path):
-    return rid.load_models(sd_path)
-
-
-@pytest.fixture
-def models(_loaded):
-    """A fresh copy per test (tests inject adapters in place)."""
-    return copy.deepcopy(_loaded)
 
 
 def gen(seed):

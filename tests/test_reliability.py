@@ -32,21 +32,14 @@ from test_rewards import tiny_spec
 HOSTILE = ["", "   ", "nan", "inf", "-inf", "0", "-1", str(2**70), "<file>", "<dir>"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """A tiny SD, 10 prompts (train.py splits 8/2), a 2-prompt file, a tiny reward spec, FID references."""
     d = tmp_path_factory.mktemp("reliability")
-    prompts = d / "prompts.txt"
-    words = ["cat", "dog", "car", "tree", "house"]
-    prompts.write_text("\n".join(f"a {c} {w}" for c in ("red", "blue") for w in words) + "\n")
+    prompts = tiny.write_prompts(d / "prompts.txt")
     (d / "two.txt").write_text("a red cat\na blue dog\n")  # split 1 train / 1 test: one step per epoch at batch 1
     (d / "spec").mkdir()
     tiny_spec(d / "spec")

@@ -15,28 +15,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import checkpoint  # noqa: E402
 import rid  # noqa: E402
-from tiny import tiny_sd, toy_reward  # noqa: E402
+from tiny import toy_reward  # noqa: E402
 
 torch.set_num_threads(1)
 PROMPTS = ["a photo of a cat", "a red car"]
-
-
-@pytest.fixture(scope="module")
-def sd_path(tmp_path_factory):
-    return tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
-
-
-@pytest.fixture(scope="module")
-def _loaded(sd_path):
-    return rid.load_models(sd_path)
-
-
-@pytest.fixture
-def models(_loaded):
-    """A fresh copy per test (tests inject adapters in place)."""
-    m = copy.deepcopy(_loaded)
-    m.unet.rid_base_model = _loaded.unet.rid_base_model
-    return m
 
 
 def unet_out(m, seed=0):

@@ -55,22 +55,13 @@ def nan_from_second_step(images, prompts):
     return r * float("nan") if _calls[0] > 2 else r
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny shapes on a shared machine: one intra-op thread is several times faster than contended
-    OpenMP threads, and subprocesses get the same count (bit-exact comparisons across processes)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     d = tmp_path_factory.mktemp("train")
-    prompts = d / "prompts.txt"
-    words = ["cat", "dog", "car", "tree", "house"]
-    prompts.write_text("\n".join(f"a {c} {w}" for c in ("red", "blue") for w in words) + "\n")  # 10 prompts
+    prompts = tiny.write_prompts(d / "prompts.txt")
     return SimpleNamespace(dir=d, sd=tiny.tiny_sd(d / "sd"), prompts=str(prompts))
 
 

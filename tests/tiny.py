@@ -100,3 +100,11 @@ def tiny_sd(path) -> str:
 def toy_reward(images: torch.Tensor, prompts) -> torch.Tensor:
     """(N, 3, H, W) in [0, 1] → (N,): mean brightness of the red channel (higher is better)."""
     return images[:, 0].mean(dim=(1, 2))
+
+
+def write_prompts(path) -> str:
+    """Ten simple prompts, one a line (train.py splits them 8 train / 2 test); returns the path."""
+    words = ["cat", "dog", "car", "tree", "house"]
+    with open(path, "w") as f:
+        f.write("\n".join(f"a {c} {w}" for c in ("red", "blue") for w in words) + "\n")
+    return str(path)
