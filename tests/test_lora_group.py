@@ -5,18 +5,11 @@ loop over adapters) in float64 — and against each other.
 Shapes are deliberately awkward (in=37, out=53, ranks 3/13/4 so R=20 > 16 needs a 32-wide rank
 block, tokens 2×5×7 = 70 rows over three 32-row blocks) and tiny: the interpreter runs in numpy.
 """
-import os
+import pytest
+import torch
 
-# kernels decides whether it may run Triton on CPU when it is imported (the interpreter flag is
-# read when the kernels are decorated), so this must come before `import kernels`.
-os.environ.setdefault("RID_KERNELS", "triton")
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import kernels  # noqa: E402
-from kernels import lora_group_linear, lora_group_reference  # noqa: E402
+import kernels  # conftest.py has set TRITON_INTERPRET=1 before this import on a machine without a GPU
+from kernels import lora_group_linear, lora_group_reference
 
 IN, OUT, LEAD = 37, 53, (2, 5, 7)
 RANKS = {0: (), 1: (4,), 3: (3, 13, 4)}  # T → ranks; the middle 13 stands for a pre-concatenated frozen block

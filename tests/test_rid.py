@@ -543,6 +543,7 @@ def test_hot_path_does_no_input_independent_work_per_call(models, monkeypatch):
     in-place change of the flat buffer) or the teacher's buffer rebuilds it once, with the new values."""
     import kernels.lora_group as lg
 
+    monkeypatch.setenv("RID_KERNELS", "torch")  # the reference path's cache, whatever another file set
     plain = copy.deepcopy(models)  # the UNet's own torch.cat calls (skip connections) are the floor
     group = rid.inject(models.unet)
     for t in ("a", "b"):
