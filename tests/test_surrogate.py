@@ -1,0 +1,199 @@
+"""surrogate.py: the black-box rewards against PIL's own encoder, the Bradley–Terry loss and Kendall τ
+against hand-worked values, the latent surrogate learning a known function of the latent, plugin
+errors in one line, and a bit-exact continuation from the surrogate's state_dict."""
+import io
+import math
+import sys
+import textwrap
+
+import pytest
+import torch
+from PIL import Image
+
+import rid
+import surrogate as S
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def images(n=3, seed=0, size=16):
+    g = torch.Generator().manual_seed(seed)
+    smooth = torch.nn.functional.interpolate(torch.rand(n, 3, 4, 4, generator=g), size=size, mode="bilinear")
+    return (smooth + 0.2 * torch.rand(n, 3, size, size, generator=g)).clamp(0, 1)
+
+
+def test_jpeg_and_png_kb_are_the_negated_pil_sizes():
+    x = images()
+    arr = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for task, fmt, kw in (("jpeg-kb", "JPEG", {"quality": 80}), ("png-kb", "PNG", {})):
+        want = []
+        for a in arr:
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, format=fmt, **kw)
+            want.append(-len(buf.getvalue()) / 1000)
+        got = S.true_scores(task, S.black_box(task), x, ["p"] * 3)
+        assert got.tolist() == want and len(set(want)) > 1
+
+
+def test_bradley_terry_on_a_hand_worked_example():
+    s = torch.tensor([0.0, math.log(3), 0.0, 5.0])
+    r = torch.tensor([1.0, 2.0, 1.5, -9.0])
+    pid = torch.tensor([0, 0, 0, 1])  # sample 3 is another prompt's: never paired
+    pairs = S.same_prompt_pairs(pid, r)
+    assert pairs.tolist() == [[0, 1], [0, 2], [1, 2]]
+    # (0,1): 1 wins, −log σ(ln3 − 0) = ln(4/3); (0,2): 2 wins, −log σ(0) = ln 2; (1,2): 1 wins, ln(4/3)
+    want = (2 * math.log(4 / 3) + math.log(2)) / 3
+    assert S.bradley_terry(s, r, pairs).item() == pytest.approx(want, rel=1e-6)
+    assert S.pair_accuracy(s, r, pairs) == pytest.approx(2 / 3)  # (0,2) is a tie in s: not a correct order
+    assert len(S.same_prompt_pairs(pid, torch.tensor([1.0, 1.0, 1.0, 0.0]))) == 0  # equal rewards: no pair
+
+
+def test_kendall_tau_hand_worked():
+    assert S.kendall_tau([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(4 / 6)  # 5 concordant, 1 discordant
+    assert S.kendall_tau([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    # one tie in x: τ-b = (C − D) / √((n0 − n1)(n0 − n2)) = (4 − 1) / √(5 · 6)
+    assert S.kendall_tau([1, 1, 2, 3], [1, 2, 3, 0]) == pytest.approx((2 - 3) / math.sqrt(5 * 6))
+    assert math.isnan(S.kendall_tau([1, 1, 1], [1, 2, 3]))
+
+
+def latent_data(n, seed, shape):
+    """Latents with a per-sample offset; the true reward is the latent's mean (a known monotone function)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, *shape, generator=g) * 0.5 + torch.randn(n, 1, 1, 1, generator=g)
+    pid = torch.arange(n) % 4
+    return z, pid, z.mean((1, 2, 3)).double()
+
+
+PROMPTS = ["a red circle", "a blue square", "two green dots", "a yellow line"]
+
+
+def test_surrogate_learns_a_known_function_of_the_latent(models):
+    shape, emb = models.latent_shape, rid.encode_prompts(models, PROMPTS)
+    sur = S.Surrogate(models.unet, S.SurrogateConfig(hidden=32, lr=3e-3, pair_batch=32, buffer=192), emb, seed=1)
+    z, pid, r = latent_data(192, 0, shape)
+    sur.add(z, pid, r)
+    zt, pidt, rt = latent_data(96, 1, shape)  # held out: other latents (the same prompts' embeddings)
+    before = sur.evaluate(zt, emb[pidt], pidt, rt)
+    sur.fit(100)
+    after = sur.evaluate(zt, emb[pidt], pidt, rt)
+    assert after["pair_acc"] > 0.95 and after["kendall_tau"] > 0.8, (before, after)
+    # the backbone is frozen and the base model's: no gradient into it, adapters stripped
+    assert not any(p.requires_grad for p in sur.model.encoder.parameters())
+    # the generator's reward is differentiable in the latent and normalised by the buffer's statistics
+    zg = zt[:4].clone().requires_grad_(True)
+    out = sur(zg, pidt[:4])
+    out.sum().backward()
+    assert zg.grad is not None and zg.grad.abs().sum() > 0
+    with torch.no_grad():
+        s_all = sur.score(torch.stack(sur.buf["z"]), torch.stack(sur.buf["pid"]))
+    assert sur.stats.mean == pytest.approx(s_all.double().mean().item(), rel=1e-5, abs=1e-6)
+
+
+def test_backbone_is_the_base_model_without_adapters(models):
+    emb = rid.encode_prompts(models, ["x", "y"])
+    z = torch.randn(2, *models.latent_shape, generator=torch.Generator().manual_seed(0))
+    plain = S.LatentSurrogate(models.unet, 16, torch.Generator().manual_seed(0))
+    group = rid.inject(models.unet)
+    group.add_task("a")
+    with torch.no_grad():
+        group.flat.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    wrapped = S.LatentSurrogate(models.unet, 16, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(plain(z, emb), wrapped(z, emb))
+    assert not any(isinstance(m, rid.LoRALinear) for m in wrapped.modules())
+
+
+def test_buffer_is_fifo_and_bounded(models):
+    sur = S.Surrogate(models.unet, S.SurrogateConfig(hidden=8, buffer=5), torch.zeros(1, 2, 4))
+    for k in range(3):
+        sur.add(torch.full((3, 1), float(k)), torch.zeros(3), torch.tensor([k, k, k], dtype=torch.float64))
+    assert [float(v) for v in sur.buf["r"]] == [1, 1, 2, 2, 2]
+    # pairs: only within a prompt, only with different true scores (prompt 1's two samples tie)
+    sur = S.Surrogate(models.unet, S.SurrogateConfig(hidden=8), rid.encode_prompts(models, PROMPTS))
+    sur.add(torch.zeros(5, *models.latent_shape), torch.tensor([0, 1, 0, 1, 2]), torch.tensor([1.0, 3.0, 2.0, 3.0, 4.0]))
+    idx, pairs = sur._pairs(16)
+    assert idx.tolist() == [0, 2] and pairs.tolist() == [[0, 1]]
+    sur.buf["r"][2] = torch.tensor(1.0, dtype=torch.float64)
+    assert sur._pairs(4) is None and math.isnan(sur.fit(3))  # nothing to rank: no step, no error
+
+
+def test_state_dict_continues_bit_exactly(models):
+    shape, emb = models.latent_shape, rid.encode_prompts(models, PROMPTS)
+    cfg = S.SurrogateConfig(hidden=16, pair_batch=8, buffer=40, adapt_every=2, adapt_steps=3)
+    z, pid, r = latent_data(64, 3, shape)
+
+    def run(sur, chunks):
+        for c in chunks:
+            sur.observe(z[8 * c:8 * c + 8], pid[8 * c:8 * c + 8], r[8 * c:8 * c + 8])
+
+    a = S.Surrogate(models.unet, cfg, emb, seed=5)
+    run(a, range(8))
+    b = S.Surrogate(models.unet, cfg, emb, seed=5)
+    run(b, range(3))
+    c = S.Surrogate(models.unet, cfg, emb, seed=99)  # a fresh object, then the saved state
+    c.load_state_dict(b.state_dict())
+    run(c, range(3, 8))
+    for x, y in zip(a.model.head.parameters(), c.model.head.parameters()):
+        assert torch.equal(x, y)
+    assert a.stats.state_dict() == c.stats.state_dict() and a.steps == c.steps == 8
+    assert all(torch.equal(x, y) for k in ("z", "pid", "r") for x, y in zip(a.buf[k], c.buf[k]))
+    assert len(a.buf["r"]) == 40  # bounded
+    frozen = S.Surrogate(models.unet, S.SurrogateConfig(hidden=16, adapt_every=0), emb, seed=5)
+    head0 = [p.clone() for p in frozen.model.head.parameters()]
+    run(frozen, range(4))  # adapt_every 0: the frozen-after-pre-training ablation never adapts
+    assert all(torch.equal(p, q) for p, q in zip(head0, frozen.model.head.parameters()))
+
+
+def test_plugin_rewards_and_their_errors(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+        def brightness(images, prompts):
+            return [sum(im.convert("L").getdata()) / (im.width * im.height) for im in images]
+        def short(images, prompts):
+            return [1.0]
+        def nan(images, prompts):
+            return [float("nan")] * len(images)
+        def boom(images, prompts):
+            raise RuntimeError("service down")
+        not_callable = 3
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("my_rewards", None)
+    x = images(2)
+    got = S.true_scores("my_rewards:brightness", S.black_box("my_rewards:brightness"), x, ["a", "b"])
+    gray = [sum(im.convert("L").getdata()) / 256 for im in S.to_pil(x)]
+    assert got.tolist() == pytest.approx(gray)
+    assert S.is_black_box("my_rewards:brightness") and S.is_black_box("jpeg-kb") and not S.is_black_box("hps")
+    for task, match in (("nowhere_mod:f", "could not be imported"), ("my_rewards:missing", "no callable"),
+                        ("my_rewards:not_callable", "no callable"), (":f", "not a black-box")):
+        with pytest.raises(ValueError, match=match) as e:
+            S.black_box(task)
+        assert repr(task) in str(e.value) and "\n" not in str(e.value)
+    for task, match in (("my_rewards:short", "1 scores for 2 images"), ("my_rewards:nan", "non-finite"),
+                        ("my_rewards:boom", "RuntimeError: service down")):
+        with pytest.raises(ValueError, match=match) as e:
+            S.true_scores(task, S.black_box(task), x, ["a", "b"])
+        assert repr(task) in str(e.value)
+
+
+def test_surrogate_task_scores_the_latents_it_was_given_with_the_true_reward(models):
+    prompts = PROMPTS[:3]
+    cfg = S.SurrogateConfig(hidden=8, pretrain_noises=2, pretrain_steps=2, pair_batch=4, adapt_every=1, adapt_steps=1)
+    task = S.SurrogateTask("jpeg-kb", S.black_box("jpeg-kb"), models, prompts, cfg, seed=0)
+    noise = torch.randn(6, *models.latent_shape, generator=torch.Generator().manual_seed(0))
+    logs = task.pretrain(noise, steps=2, guidance=2.0)
+    assert logs["pretrain_samples"] == 6 and len(task.sur.buf["r"]) == 6
+    # the buffer's scores are the true reward of the decoded final latents, in prompt-major order
+    z = torch.stack(task.sur.buf["z"])
+    want = S.true_scores("jpeg-kb", S.black_box("jpeg-kb"), rid.decode(models, z), [])  # prompts unused
+    assert torch.equal(torch.stack(task.sur.buf["r"]), want)
+    assert torch.stack(task.sur.buf["pid"]).tolist() == [0, 0, 1, 1, 2, 2]
+    # as the methods call it: on latents, differentiable; after the step the same latents are scored
+    zs = z[[1, 4]].clone().requires_grad_(True)
+    out = task(zs, [prompts[0], prompts[2]])
+    out.sum().backward()
+    assert zs.grad.abs().sum() > 0
+    logs = task.after_step()
+    assert logs["true_reward"] == pytest.approx(float(want[[1, 4]].mean()))
+    assert logs["adapted"] == 1.0 and len(task.sur.buf["r"]) == 8 and task._seen == []
+    held = task.heldout(PROMPTS[3:], torch.randn(3, *models.latent_shape), steps=2, guidance=2.0, reps=3)
+    assert set(held) == {"pair_acc", "kendall_tau", "true_reward"}
