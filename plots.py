@@ -281,6 +281,43 @@ def training_figure(run_dir, path) -> dict:
     return _save(fig, data, path)
 
 
+#### CURVES AGAINST COMPUTE ####
+
+def curves_figure(panels: dict, path, title: str = "", hline: tuple | None = None) -> dict:
+    """One panel per entry of panels {title: (x label, {method: {"x", "mean", "std"}})}: a line per
+    method with a ±std band where std > 0 (experiments.draft: reward against UNet calls and wall time).
+    hline: (label, y), a dashed reference level drawn in every panel whose title says "test".
+    Returns (and writes as <stem>.json) {"title", "hline", "panels": {title: {"xlabel", "lines"}}}."""
+    data = {"title": title, "hline": list(hline) if hline else None,
+            "panels": {t: {"xlabel": xl, "lines": lines} for t, (xl, lines) in panels.items()}}
+    fig, axes = _panels(len(panels), panel_w=5.0, panel_h=3.4, ncols=2)
+    for ax, (t, (xlabel, lines)) in zip(axes, panels.items()):
+        for i, (method, c) in enumerate(lines.items()):
+            if not c["x"]:
+                continue
+            st = _style(i)
+            ax.plot(c["x"], c["mean"], color=st["color"], linestyle=st["linestyle"], marker=st["marker"],
+                    markersize=4, label=method)
+            if any(s > 0 for s in c["std"]):
+                ax.fill_between(c["x"], np.subtract(c["mean"], c["std"]), np.add(c["mean"], c["std"]),
+                                color=st["color"], alpha=0.15, linewidth=0)
+        if hline and "test" in t:
+            ax.axhline(hline[1], color="black", linestyle="--", linewidth=0.8, label=hline[0])
+        ax.set_title(t)
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
+    handles, labels = [], []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h), labels.append(lab)
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 4), frameon=False, fontsize=8)
+    if title:
+        fig.suptitle(title, y=0.02, va="bottom", fontsize=9)
+    fig.tight_layout(rect=(0, 0.03, 1, 1 - 0.75 / fig.get_figheight()))
+    return _save(fig, data, path)
+
+
 #### TENSORBOARD ####
 
 class TensorBoardLogger:
