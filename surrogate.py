@@ -210,39 +210,67 @@ class SurrogateConfig:
     """LaSRO's knobs (train.py's --surrogate-* flags)."""
     hidden: int = 128          # head width
     lr: float = 1e-3           # the head's Adam lr
-    pretrain_noises: int = 8   # N_s: initial noises per training prompt in pre-training
+    pretrain_prompts: int = 0  # training prompts explored in pre-training (0: all of them)
+    pretrain_noises: int = 8   # N_s: initial noises per explored prompt in pre-training
     pretrain_steps: int = 200  # Bradley–Terry steps of pre-training
     adapt_every: int = 1       # k: online adaptation every k generator steps (0: never; the frozen ablation)
-    adapt_steps: int = 4       # m: surrogate steps per adaptation
+    adapt_steps: int = 2       # m: surrogate steps per adaptation
     buffer: int = 512          # replay buffer size (samples, FIFO)
-    pair_batch: int = 64       # same-prompt pairs per Bradley–Terry step (drawn from the buffer)
+    pair_batch: int = 32       # pairs per Bradley–Terry step (drawn from the buffer)
+    pairs: str = "prompt"      # "prompt": pairs of the same prompt (the paper); "any": any two samples
+    stats_momentum: float = 0.9  # EMA of the score statistics the generator's reward is normalised by
+
+    def __post_init__(self):
+        for name in ("hidden", "pretrain_noises", "adapt_steps", "buffer", "pair_batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"surrogate {name} {v!r} is not allowed; allowed: an integer ≥ 1")
+        for name in ("pretrain_prompts", "pretrain_steps", "adapt_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"surrogate {name} {v!r} is not allowed; allowed: an integer ≥ 0")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"surrogate lr {self.lr!r} is not allowed; allowed: a finite number > 0")
+        if not (isinstance(self.stats_momentum, (int, float)) and 0 <= self.stats_momentum < 1):
+            raise ValueError(f"surrogate stats_momentum {self.stats_momentum!r} is not allowed; allowed: a number in [0, 1)")
+        if self.pairs not in ("prompt", "any"):
+            raise ValueError(f"surrogate pairs {self.pairs!r} is not allowed; allowed: prompt, any")
 
 
 class RunningStats:
-    """Mean and variance of a stream of scores (Welford), to normalise the generator's reward."""
+    """Mean and variance of the surrogate's scores, to normalise the generator's reward: set from the
+    whole buffer after pre-training (`reset`), then tracked as an exponential moving average of each
+    step's batch (`track`), so they follow the surrogate as it adapts without re-scoring the buffer."""
 
     def __init__(self):
-        self.n, self.mean, self.m2 = 0, 0.0, 0.0
+        self.n, self.mean, self.var = 0, 0.0, 1.0
 
-    def update(self, x: torch.Tensor):
-        for v in x.detach().double().view(-1).tolist():
-            self.n += 1
-            d = v - self.mean
-            self.mean += d / self.n
-            self.m2 += d * (v - self.mean)
+    def reset(self, x: torch.Tensor):
+        x = x.detach().double().view(-1)
+        self.n, self.mean = len(x), float(x.mean()) if len(x) else 0.0
+        self.var = float(x.var()) if len(x) > 1 else 1.0
+
+    def track(self, x: torch.Tensor, momentum: float):
+        if self.n == 0:
+            return self.reset(x)
+        x = x.detach().double().view(-1)
+        self.n += len(x)
+        self.mean = momentum * self.mean + (1 - momentum) * float(x.mean())
+        if len(x) > 1:
+            self.var = momentum * self.var + (1 - momentum) * float(x.var())
 
     @property
     def std(self) -> float:
-        return math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else 1.0
+        return math.sqrt(self.var)
 
     def normalise(self, s: torch.Tensor) -> torch.Tensor:
         return (s - self.mean) / max(self.std, 1e-6)
 
     def state_dict(self) -> dict:
-        return {"n": self.n, "mean": self.mean, "m2": self.m2}
+        return {"n": self.n, "mean": self.mean, "var": self.var}
 
     def load_state_dict(self, d: dict):
-        self.n, self.mean, self.m2 = int(d["n"]), float(d["mean"]), float(d["m2"])
+        self.n, self.mean, self.var = int(d["n"]), float(d["mean"]), float(d["var"])
 
 
 class Surrogate:
@@ -282,7 +310,7 @@ class Surrogate:
         r = torch.stack(self.buf["r"]).tolist()
         by_prompt: dict = {}
         for i, p in enumerate(pid):
-            by_prompt.setdefault(p, []).append(i)
+            by_prompt.setdefault(p if self.cfg.pairs == "prompt" else 0, []).append(i)
         groups = [ix for _, ix in sorted(by_prompt.items()) if len({r[i] for i in ix}) > 1]
         if not groups:
             return None
@@ -318,21 +346,22 @@ class Surrogate:
             self.opt.step()
             loss = float(l_bt.detach())
         self.model.eval()
-        self.refresh_stats()
         return loss
 
     @torch.no_grad()
     def refresh_stats(self):
-        """Running statistics of the current surrogate's scores over the whole buffer."""
-        self.stats = RunningStats()
-        device = next(self.model.parameters()).device
+        """The statistics of the current surrogate's scores over the whole buffer (after pre-training)."""
+        device, scores = next(self.model.parameters()).device, []
         for i in range(0, len(self.buf["r"]), 64):
             z = torch.stack(self.buf["z"][i:i + 64]).to(device)
-            self.stats.update(self.score(z, torch.stack(self.buf["pid"][i:i + 64])))
+            scores.append(self.score(z, torch.stack(self.buf["pid"][i:i + 64])).cpu())
+        self.stats.reset(torch.cat(scores) if scores else torch.zeros(0))
 
-    def observe(self, z, pid, r) -> bool:
-        """A generator step's samples with their true scores: into the buffer; adapt every k steps.
-        Returns whether it adapted."""
+    def observe(self, z, pid, r, scores: torch.Tensor | None = None) -> bool:
+        """A generator step's samples with their true scores: into the buffer; adapt every k steps;
+        `scores` (the surrogate's raw scores of z) move the running statistics. Returns whether it adapted."""
+        if scores is not None:
+            self.stats.track(scores, self.cfg.stats_momentum)
         self.add(z, pid, r)
         self.steps += 1
         k = self.cfg.adapt_every
@@ -397,6 +426,8 @@ class SurrogateTask:
         self.sur = Surrogate(models.unet, cfg, rid.encode_prompts(models, self.prompts), seed)
         self.sur.model.to(models.device)
         self._seen: list = []
+        self.held: dict | None = None  # pre-training samples of held-out explored prompts: never trained on
+        self.pair_acc = float("nan")  # the surrogate's pair accuracy on them, after its latest fit
 
     def __call__(self, z: torch.Tensor, prompts: list) -> torch.Tensor:
         pid = torch.tensor([self.index[p] for p in prompts])
@@ -410,16 +441,40 @@ class SurrogateTask:
             images = torch.cat([rid.decode(self.models, z[i:i + 16].to(self.models.dtype)) for i in range(0, len(z), 16)])
         return true_scores(self.task, self.fn, images, prompts)
 
-    def pretrain(self, noise: torch.Tensor, steps: int, guidance: float) -> dict:
-        """Stage 1: cfg.pretrain_noises samples of every training prompt from the current model (`noise`:
-        (N_s · P, ...), prompt-major), scored by the true reward, then cfg.pretrain_steps fits."""
+    def explored(self, generator: torch.Generator) -> list:
+        """The training prompts pre-training explores: cfg.pretrain_prompts of them (0: all), drawn."""
+        k = self.sur.cfg.pretrain_prompts
+        if not k or k >= len(self.prompts):
+            return list(self.prompts)
+        return [self.prompts[i] for i in sorted(torch.randperm(len(self.prompts), generator=generator)[:k].tolist())]
+
+    def pretrain(self, prompts: list, noise: torch.Tensor, steps: int, guidance: float) -> dict:
+        """Stage 1: cfg.pretrain_noises samples of each of `prompts` from the current model (`noise`:
+        (N_s · P, ...), prompt-major), scored by the true reward, then cfg.pretrain_steps fits.
+        The last fifth of the explored prompts (at least one, when there are two) is held out: its
+        samples never enter the buffer and give the pair accuracy logged after every fit."""
         n = self.sur.cfg.pretrain_noises
-        prompts = [p for p in self.prompts for _ in range(n)]
-        z = explore(self.models, prompts, noise, steps, guidance)
-        r = self._true(z, prompts)
-        self.sur.add(z, torch.tensor([self.index[p] for p in prompts]), r)
+        n_held = len(prompts) // 5 or (1 if len(prompts) > 1 else 0)
+        many = [p for p in prompts for _ in range(n)]
+        z = explore(self.models, many, noise, steps, guidance)
+        r = self._true(z, many)
+        pid = torch.tensor([self.index[p] for p in many])
+        cut = (len(prompts) - n_held) * n
+        self.sur.add(z[:cut], pid[:cut], r[:cut])
+        self.held = {"z": z[cut:], "pid": pid[cut:], "r": r[cut:]}
         loss = self.sur.fit(self.sur.cfg.pretrain_steps)
-        return {"pretrain_samples": len(prompts), "pretrain_loss": loss, "true_reward": float(r.mean())}
+        self.sur.refresh_stats()
+        self._held_acc()
+        return {"pretrain_samples": len(many), "pretrain_loss": loss, "true_reward": float(r.mean()),
+                "pair_acc": self.pair_acc}
+
+    def _held_acc(self):
+        h = self.held
+        if h is not None and len(h["r"]):
+            with torch.no_grad():
+                s = self.sur.score(h["z"].to(self.models.device), h["pid"]).double().cpu()
+            pairs = same_prompt_pairs(h["pid"] if self.sur.cfg.pairs == "prompt" else torch.zeros_like(h["pid"]), h["r"])
+            self.pair_acc = pair_accuracy(s, h["r"], pairs)
 
     def after_step(self) -> dict:
         """Stage 2, after each optimizer step: the step's samples → true reward → buffer; adapt every k."""
@@ -429,8 +484,9 @@ class SurrogateTask:
         with torch.no_grad():
             raw = self.sur.score(z, pid)
         r = self._true(z, [self.prompts[i] for i in pid.tolist()])
-        adapted = self.sur.observe(z, pid, r)
-        return {"true_reward": float(r.mean()), "surrogate": float(raw.double().mean()), "adapted": float(adapted)}
+        if self.sur.observe(z, pid, r, raw):
+            self._held_acc()
+        return {"true_reward": float(r.mean()), "surrogate": float(raw.double().mean()), "pair_acc": self.pair_acc}
 
     def heldout(self, prompts: list, noise: torch.Tensor, steps: int, guidance: float, reps: int) -> dict:
         """Pair accuracy and Kendall τ on `reps` samples of each held-out prompt from the current model."""
@@ -444,7 +500,8 @@ class SurrogateTask:
         return {**self.sur.evaluate(z, emb, pid, r), "true_reward": float(r.mean())}
 
     def state_dict(self) -> dict:
-        return self.sur.state_dict()
+        return {**self.sur.state_dict(), "held": self.held, "pair_acc": self.pair_acc}
 
     def load_state_dict(self, d: dict):
         self.sur.load_state_dict(d)
+        self.held, self.pair_acc = d["held"], float(d["pair_acc"])

@@ -2,9 +2,12 @@
 against hand-worked values, the latent surrogate learning a known function of the latent, plugin
 errors in one line, and a bit-exact continuation from the surrogate's state_dict."""
 import io
+import json
 import math
+import os
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,7 @@ import rid
 import surrogate as S
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def images(n=3, seed=0, size=16):
@@ -84,9 +88,18 @@ def test_surrogate_learns_a_known_function_of_the_latent(models):
     out = sur(zg, pidt[:4])
     out.sum().backward()
     assert zg.grad is not None and zg.grad.abs().sum() > 0
+    sur.refresh_stats()
     with torch.no_grad():
-        s_all = sur.score(torch.stack(sur.buf["z"]), torch.stack(sur.buf["pid"]))
-    assert sur.stats.mean == pytest.approx(s_all.double().mean().item(), rel=1e-5, abs=1e-6)
+        s_all = sur.score(torch.stack(sur.buf["z"]), torch.stack(sur.buf["pid"])).double()
+    assert sur.stats.mean == pytest.approx(s_all.mean().item(), rel=1e-6, abs=1e-9)
+    assert sur.stats.std == pytest.approx(s_all.std().item(), rel=1e-6)
+    assert torch.allclose(sur(zg.detach(), pidt[:4]).double(),
+                          (sur.score(zg.detach(), pidt[:4]).double() - s_all.mean()) / s_all.std())
+    before = (sur.stats.mean, sur.stats.var)
+    batch = torch.tensor([1.0, 3.0])
+    sur.stats.track(batch, 0.9)  # EMA: 0.9 · old + 0.1 · the batch's
+    assert sur.stats.mean == pytest.approx(0.9 * before[0] + 0.1 * 2.0)
+    assert sur.stats.var == pytest.approx(0.9 * before[1] + 0.1 * 2.0)
 
 
 def test_backbone_is_the_base_model_without_adapters(models):
@@ -115,6 +128,16 @@ def test_buffer_is_fifo_and_bounded(models):
     assert idx.tolist() == [0, 2] and pairs.tolist() == [[0, 1]]
     sur.buf["r"][2] = torch.tensor(1.0, dtype=torch.float64)
     assert sur._pairs(4) is None and math.isnan(sur.fit(3))  # nothing to rank: no step, no error
+    sur.cfg.pairs = "any"  # any two samples with different scores, whatever their prompts
+    idx, pairs = sur._pairs(64)
+    assert idx.tolist() == [0, 1, 2, 3, 4] and len(pairs) == 8  # C(5,2) = 10 minus the ties (0, 2) and (1, 3)
+
+
+def test_config_checks_every_knob():
+    for bad in ({"hidden": 0}, {"lr": float("nan")}, {"pairs": "all"}, {"adapt_every": -1}, {"buffer": True},
+                {"stats_momentum": 1.0}):
+        with pytest.raises(ValueError, match=f"surrogate {next(iter(bad))}"):
+            S.SurrogateConfig(**bad)
 
 
 def test_state_dict_continues_bit_exactly(models):
@@ -163,6 +186,8 @@ def test_plugin_rewards_and_their_errors(tmp_path, monkeypatch):
     gray = [sum(im.convert("L").getdata()) / 256 for im in S.to_pil(x)]
     assert got.tolist() == pytest.approx(gray)
     assert S.is_black_box("my_rewards:brightness") and S.is_black_box("jpeg-kb") and not S.is_black_box("hps")
+    dark = S.true_scores("examples.black_box:darkness", S.black_box("examples.black_box:darkness"), x, ["a", "b"])
+    assert dark.tolist() == pytest.approx([1 - g / 255 for g in gray])  # the README's worked example
     for task, match in (("nowhere_mod:f", "could not be imported"), ("my_rewards:missing", "no callable"),
                         ("my_rewards:not_callable", "no callable"), (":f", "not a black-box")):
         with pytest.raises(ValueError, match=match) as e:
@@ -180,13 +205,14 @@ def test_surrogate_task_scores_the_latents_it_was_given_with_the_true_reward(mod
     cfg = S.SurrogateConfig(hidden=8, pretrain_noises=2, pretrain_steps=2, pair_batch=4, adapt_every=1, adapt_steps=1)
     task = S.SurrogateTask("jpeg-kb", S.black_box("jpeg-kb"), models, prompts, cfg, seed=0)
     noise = torch.randn(6, *models.latent_shape, generator=torch.Generator().manual_seed(0))
-    logs = task.pretrain(noise, steps=2, guidance=2.0)
-    assert logs["pretrain_samples"] == 6 and len(task.sur.buf["r"]) == 6
+    assert task.explored(torch.Generator()) == prompts  # pretrain_prompts 0: all
+    logs = task.pretrain(prompts, noise, steps=2, guidance=2.0)
+    assert logs["pretrain_samples"] == 6 and len(task.sur.buf["r"]) == 4  # the last prompt is held out
     # the buffer's scores are the true reward of the decoded final latents, in prompt-major order
-    z = torch.stack(task.sur.buf["z"])
+    z = torch.cat([torch.stack(task.sur.buf["z"]), task.held["z"]])
     want = S.true_scores("jpeg-kb", S.black_box("jpeg-kb"), rid.decode(models, z), [])  # prompts unused
-    assert torch.equal(torch.stack(task.sur.buf["r"]), want)
-    assert torch.stack(task.sur.buf["pid"]).tolist() == [0, 0, 1, 1, 2, 2]
+    assert torch.equal(torch.cat([torch.stack(task.sur.buf["r"]), task.held["r"]]), want)
+    assert torch.stack(task.sur.buf["pid"]).tolist() == [0, 0, 1, 1] and task.held["pid"].tolist() == [2, 2]
     # as the methods call it: on latents, differentiable; after the step the same latents are scored
     zs = z[[1, 4]].clone().requires_grad_(True)
     out = task(zs, [prompts[0], prompts[2]])
@@ -194,6 +220,70 @@ def test_surrogate_task_scores_the_latents_it_was_given_with_the_true_reward(mod
     assert zs.grad.abs().sum() > 0
     logs = task.after_step()
     assert logs["true_reward"] == pytest.approx(float(want[[1, 4]].mean()))
-    assert logs["adapted"] == 1.0 and len(task.sur.buf["r"]) == 8 and task._seen == []
+    assert len(task.sur.buf["r"]) == 6 and task._seen == [] and 0 <= logs["pair_acc"] <= 1
     held = task.heldout(PROMPTS[3:], torch.randn(3, *models.latent_shape), steps=2, guidance=2.0, reps=3)
     assert set(held) == {"pair_acc", "kendall_tau", "true_reward"}
+
+
+#### train.py with a black-box task ####
+
+def bb_args(sd, prompts, out, *extra):
+    """One jpeg-kb task (no reward weights needed) × 4 steps, DDIM 2, batch 2, a checkpoint every step."""
+    return ["--model", sd, "--prompts", prompts, "--tasks", "jpeg-kb", "--steps", "2", "--batch", "2",
+            "--max-steps", "4", "--lr", "1e-2", "--ckpt-every", "1", "--device", "cpu", "--out", str(out),
+            "--surrogate-pretrain-prompts", "4", "--surrogate-pretrain-noises", "2", "--surrogate-pretrain-steps", "3",
+            "--surrogate-hidden", "8", "--surrogate-pair-batch", "4", "--surrogate-adapt-steps", "2", *extra]
+
+
+def test_black_box_task_trains_and_resumes_bit_exactly(sd_path, tmp_path):
+    import subprocess
+
+    from safetensors.torch import load_file
+    from tiny import write_prompts
+
+    import train
+
+    prompts = write_prompts(tmp_path / "prompts.txt")
+    full = tmp_path / "full"
+    assert train.main(bb_args(sd_path, prompts, full)) == 0
+    sdir = full / "stage1-jpeg-kb"
+    rows = [json.loads(line) for line in (sdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all({"true_reward", "surrogate", "pair_acc"} <= set(r) for r in rows)
+    report = json.loads((sdir / "surrogate.json").read_text())
+    assert report["pretrain"]["pretrain_samples"] == 8 and set(report["final"]) == {"pair_acc", "kendall_tau", "true_reward"}
+
+    crashed = tmp_path / "crashed"  # killed as step 3 starts (steps 1-2 and their checkpoint written)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+               OMP_NUM_THREADS=str(torch.get_num_threads()))
+    p = subprocess.run([sys.executable, str(ROOT / "tests" / "train_launcher.py"), "--die-after-step", "2", "--",
+                        *bb_args(sd_path, prompts, crashed)], capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 17, p.stderr[-2000:]
+    assert (crashed / "stage1-jpeg-kb" / "ckpt" / "surrogate.pt").exists()
+    assert train.main(bb_args(sd_path, prompts, crashed, "--resume")) == 0
+    a, b = load_file(str(sdir / "adapters.safetensors")), load_file(str(crashed / "stage1-jpeg-kb" / "adapters.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    got = [json.loads(line) for line in (crashed / "stage1-jpeg-kb" / "metrics.jsonl").read_text().splitlines()]
+    drop = lambda r: {k: v for k, v in r.items() if k != "time"}  # noqa: E731
+    assert [drop(r) for r in got] == [drop(r) for r in rows]  # surrogate scores, true rewards, accuracies too
+    assert json.loads((crashed / "stage1-jpeg-kb" / "surrogate.json").read_text())["final"] == report["final"]
+
+
+def test_black_box_cli_errors_are_one_line(sd_path, tmp_path, capsys, monkeypatch):
+    import train
+    from tiny import write_prompts
+
+    prompts = write_prompts(tmp_path / "prompts.txt")
+    (tmp_path / "bad_boxes.py").write_text("def short(images, prompts):\n    return [0.0]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cases = [(["--tasks", "nowhere_mod:f"], "could not be imported"),
+             (["--tasks", "bad_boxes:short"], "1 scores for"),
+             (["--surrogate-pairs", "all"], "--surrogate-pairs 'all' is not allowed"),
+             (["--surrogate-hidden", "x"], "--surrogate-hidden 'x' is not allowed"),
+             (["--surrogate-adapt-every", "-1"], "--surrogate-adapt-every -1 is not allowed"),
+             (["--method", "r0"], "--method r0 needs differentiable rewards")]
+    for extra, match in cases:
+        out = tmp_path / f"o{len(extra[1])}"
+        assert train.main(bb_args(sd_path, prompts, out, *extra)) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert match in err[-1] and "Traceback" not in "\n".join(err), (extra, err)
