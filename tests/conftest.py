@@ -9,12 +9,20 @@ import os
 # MKL's GEMMs may round differently depending on buffer alignment (no Conditional Numerical
 # Reproducibility by default); the bit-exact resume tests need run-to-run identical matmuls.
 os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+# One OpenMP thread per process, for every process the tests start too (train.py, eval.py, torchrun
+# workers inherit it): the pytest-xdist workers already fill the cores, and OpenMP threads that spin
+# on an oversubscribed machine (or a container whose CPU quota is below its visible core count) make
+# a tiny-model run 10-50x slower. Measured: eval.py at 0.16 img/s with 2 threads beside 4 busy
+# processes on 2 cores, 13 img/s with 1.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# One intra-op thread per pytest-xdist worker (the workers already fill the cores), else up to two.
+# One intra-op thread per pytest-xdist worker; a single-process run (-n 0) takes up to two when
+# OMP_NUM_THREADS says so.
 torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, torch.get_num_threads())))
 
 
