@@ -144,6 +144,8 @@ def main(argv=None) -> int:
     else:
         run_parallel(todo, args.jobs, out, PROG, log)
         t_train = time.time() - t0
+        if todo:  # stored now, so an evaluation killed and rerun still reports the training it followed
+            timing_file.write_text(json.dumps(common_timing(t0, t_train, len(todo), args.jobs), indent=1) + "\n")
 
         #### EVALUATE all runs side by side ####
         run([sys.executable, "eval.py", "--ckpt", *dirs, "--out", ev, *args.eval_args.split()], PROG, log)
