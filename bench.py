@@ -6,7 +6,9 @@
 Validates, then times, interleaving the variants so load from other processes hits all alike:
   1. a training step of rid vs baseline (UNet calls and VAE decodes counted with hooks);
   2. the EMA teacher's memory (one flat buffer) vs a deep-copied UNet, here and at SD-1.5's size;
-  3. a UNet forward with an adapter group of T = 3 tasks (2 frozen, 1 trainable) vs the plain UNet.
+  3. a UNet forward with an adapter group of T = 3 tasks (2 frozen, 1 trainable) vs the plain UNet;
+  4. a training step of r0 vs draft at K = 4 steps, both with gradient through every step (r0 adds random
+     η with fresh noise, per-reward normalised image-gradients and the weight regularizer).
 """
 from __future__ import annotations
 
@@ -120,6 +122,55 @@ def group_overhead(base: rid.Models, batch: int, reps: int, tasks: int = 3, log=
     return {"ms": ms}
 
 
+def r0_vs_draft(base: rid.Models, batch: int, reps: int, K: int = 4, log=print) -> dict:
+    """One optimizer step of r0 vs draft at K DDIM steps, full backprop in both, the same reward: in the
+    mini world R0's mix hps + aesthetic + clip (one part per reward, as r0 normalises each), else a
+    cheap differentiable one. Validates first: both steps move the adapters, r0's logs every part."""
+    import rewards
+
+    prompts = (["a photo of a cat", "a red car", "a dog on the house", "the blue tree"] * batch)[:batch]
+    if mini.is_model(str(getattr(base.unet, "rid_base_model", ""))):
+        reward = rewards.joint({"hps": 1.0, "aesthetic": 1.0, "clip": 1.0}, rewards.load_spec(mini.REWARD_SPEC))
+    else:
+        cheap = lambda img, p: img[:, 0].mean(dim=(1, 2))  # noqa: E731
+        reward = rewards_joint_like({"red": cheap, "green": lambda img, p: img[:, 1].mean(dim=(1, 2))})
+    runs, calls = {}, {}
+    for method in ("draft", "r0"):
+        m = copy.deepcopy(base)
+        group = rid.inject(m.unet)
+        group.add_task("bench", generator=torch.Generator().manual_seed(0))
+        count = {"unet": 0, "decode": 0}
+        m.unet.register_forward_pre_hook(lambda *a, c=count: c.__setitem__("unet", c["unet"] + 1))
+        dec = m.vae.decode
+        m.vae.decode = lambda *a, c=count, d=dec, **k: (c.__setitem__("decode", c["decode"] + 1), d(*a, **k))[1]
+        opt = torch.optim.AdamW(group.parameters(), lr=1e-4)
+        cfg = rid.StepConfig(method=method, steps=K)
+        noise = torch.randn(batch, *m.latent_shape, generator=torch.Generator().manual_seed(0)).to(m.device)
+        gen = torch.Generator(m.device).manual_seed(0)
+        runs[method] = lambda m=m, g=group, o=opt, c=cfg, n=noise, r=gen: rid.train_step(
+            m, g, reward, [(prompts, n)], o, c, generator=r)
+        before = group.flat.detach().clone()
+        logs = runs[method]()
+        if not (group.flat.detach() != before).any() or not logs["grad_norm"] > 0:
+            raise RuntimeError(f"bench: the {method} step did not move the adapters")
+        calls[method] = dict(count)
+    if calls["r0"] != calls["draft"]:
+        raise RuntimeError(f"bench: r0 and draft should make the same UNet calls and decodes, got {calls}")
+    ms = _interleaved_ms(runs, reps)
+    log(f"  draft {ms['draft']:9.1f} ms/step   r0 {ms['r0']:9.1f} ms/step   r0 / draft = "
+        f"{ms['r0'] / ms['draft']:.3f}   (K = {K}, batch {batch}, {len(rid.reward_parts(reward))} reward part(s); "
+        f"both {calls['r0']['unet']} CFG-batched UNet calls and {calls['r0']['decode']} VAE decode)")
+    return {"ms": ms, "calls": calls}
+
+
+def rewards_joint_like(fns: dict):
+    """A weighted sum with .parts, as rewards.joint builds one, of plain functions (weight 1 each)."""
+    def total(img, p):
+        return sum(fn(img, p) for fn in fns.values())
+    total.parts = {name: (1.0, fn) for name, fn in fns.items()}
+    return total
+
+
 def main(argv=None) -> int:
     class Parser(argparse.ArgumentParser):
         def error(self, message):  # one line, exit 2, no usage dump
@@ -146,6 +197,8 @@ def main(argv=None) -> int:
     teacher_memory(base)
     print(f"== UNet forward: adapter group vs plain (CFG batch {2 * a.batch}) ==")
     group_overhead(base, a.batch, a.reps * 4)
+    print(f"== per training step: r0 vs draft at K = 4, full backprop (batch {a.batch}) ==")
+    r0_vs_draft(base, a.batch, a.reps)
     return 0
 
 

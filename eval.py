@@ -5,7 +5,9 @@
     python eval.py --soup out/a out/b out/c          model soup of independently trained runs
 
 Stage 0 is the base model; stage k is the adapter group after task k (out/stageK-<task>/, listed in
-out/run.json). Every stage and method samples the same test prompts from the same initial noise:
+out/run.json). Every stage samples at the run's DDIM steps (--steps overrides); an r0 run's few-step
+generator is thus evaluated at its own K, and its base model both at K ("stage0-base-Ksteps") and at
+its usual steps (the mini world's 20, SD's 50: "stage0-base-Nsteps", method "base (N steps)"). Every stage and method samples the same test prompts from the same initial noise:
 image i of prompt p starts from noise drawn with a generator seeded by (--seed, p, i), whatever the
 batch size. Metrics per stage (direction in brackets):
 
@@ -50,6 +52,7 @@ import mini
 import plots
 import rewards
 import rid
+import surrogate
 from checkpoint import UsageError
 
 # name: (column label, higher is better, decimals)
@@ -65,7 +68,9 @@ METRICS = {
 # The task whose reward targets each metric; the others (CLIP, FID) measure general quality.
 TARGET_OF = {"aesthetic": "aesthetic", "hps": "hps", "compress": "compress", "png_kb": "compress",
              "jpeg_kb": "compress"}
-JPEG_QUALITY = 80  # the JPEG size metric's quality (rewards.DEFAULT_JPEG_QUALITY trains towards the same)
+# The black-box tasks whose true reward is a metric's negation (surrogate.py), targeting it too.
+BLACK_BOX_TARGET = {"jpeg_kb": "jpeg-kb", "png_kb": "png-kb"}
+JPEG_QUALITY = surrogate.JPEG_QUALITY  # the JPEG size metric's quality (rewards.DEFAULT_JPEG_QUALITY trains towards the same)
 CACHE_VERSION = 2  # bump when a metric's definition changes: old caches then miss
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_IMAGES_PER_PROMPT = 10_000  # 500 k images per stage at 50 prompts, far past FID's usual 30-50 k
@@ -91,6 +96,7 @@ class Stage:
     dirs: tuple = ()              # adapter dirs: () base, (dir,) a stage, several for a soup
     weights: tuple | None = None  # soup weights
     cache_dir: Path | None = None
+    steps: int | None = None      # DDIM steps of this stage alone (the base at its usual steps); None: as all
     config: dict | None = field(default=None, repr=False)  # stage_config(): everything that changes a number
     key: str = ""                                          # hash of config + adapters (the cache key)
     result: dict | None = field(default=None, repr=False)
@@ -116,6 +122,20 @@ def load_run(path) -> Run:
     if not isinstance(info["model"], str):
         raise UsageError(f"--ckpt {str(path)!r}: run.json 'model' must be a string, got {info['model']!r}")
     return Run(d, info, prompts)
+
+
+def usual_steps(run: Run) -> int:
+    """The base model's own DDIM steps: the mini world's (world.json), else SD-1.5's 50 (rid.StepConfig)."""
+    if is_mini(run):
+        world = Path(mini.WORLD) / "world.json"
+        with checkpoint.reading(world):
+            return int(json.loads(world.read_text()).get("steps", rid.StepConfig.steps))
+    return rid.StepConfig.steps
+
+
+def few_step(run: Run) -> bool:
+    """An r0 run: a K-step generator, compared with its base model at K and at its usual steps."""
+    return run.info.get("method") == "r0"
 
 
 def stages_of(run: Run) -> list[Stage]:
@@ -163,6 +183,7 @@ class Settings:
     fid_features: str | None = None  # inception | clip | None (auto: clip in the mini world)
     max_prompts: int | None = None
     grid_prompts: int = 8
+    resolution: int | None = None  # None: the run's own (train.py --resolution), else the model's
 
 
 def is_mini(run: Run) -> bool:
@@ -193,6 +214,8 @@ def stage_config(stage: Stage, s: Settings) -> dict:
     sampler = {}
     for name, default in (("steps", 50), ("guidance", 7.5)):  # the run's own, unless a flag says otherwise
         value = cfg.get(name, default) if getattr(s, name) is None else getattr(s, name)
+        if name == "steps" and stage.steps is not None:
+            value = stage.steps
         if not SAMPLER[name]["check"](value):
             raise UsageError(f"{run.dir / 'run.json'}: config {name} {value!r} is not allowed; allowed: "
                              f"{SAMPLER[name]['allowed']} (or pass --{name})")
@@ -203,6 +226,7 @@ def stage_config(stage: Stage, s: Settings) -> dict:
         "steps": int(sampler["steps"]), "guidance": float(sampler["guidance"]),
         "spec": dataclasses.asdict(spec), "fid": fid,
         "jpeg_quality": JPEG_QUALITY, "grid_prompts": s.grid_prompts,
+        **({"resolution": res} if (res := cfg.get("resolution") if s.resolution is None else s.resolution) else {}),
     }
 
 
@@ -268,20 +292,16 @@ def forgetting_shown(trained_before: list) -> list:
     """The metrics whose forgetting the paper prints at a stage, given the tasks trained before it
     (a joint task counts as each of its rewards): CLIP and FID always, a target metric once its
     task was trained before this stage ("(-)" otherwise: Table 2, HPS after the aesthetic stage)."""
-    return [m for m in METRICS if m not in TARGET_OF or TARGET_OF[m] in trained_before]
+    return [m for m in METRICS if m not in TARGET_OF or TARGET_OF[m] in trained_before
+            or BLACK_BOX_TARGET.get(m) in trained_before]
 
 
 #### METRICS ####
 
 def file_kb(images: torch.Tensor, fmt: str) -> list[float]:
-    """Encoded size in kB (1000 bytes) per image, PIL, as DDPO measures compressibility."""
-    arr = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    sizes = []
-    for a in arr:
-        buf = io.BytesIO()
-        Image.fromarray(a).save(buf, format=fmt, **({"quality": JPEG_QUALITY} if fmt == "JPEG" else {}))
-        sizes.append(buf.tell() / 1000)
-    return sizes
+    """Encoded size in kB (1000 bytes) per image, PIL, as DDPO measures compressibility: the definition
+    the black-box rewards jpeg-kb / png-kb negate (surrogate.encoded_kb)."""
+    return surrogate.encoded_kb(surrogate.to_pil(images), fmt)
 
 
 class _ClipFeatures(torch.nn.Module):
@@ -487,6 +507,9 @@ def plan(ckpts: list, soup: list | None, weights: list | None, s: Settings, out:
         out = first if len(ckpts) == 1 and not soup else first.resolve().parent / ("eval-" + "+".join(
             Path(p).resolve().name for p in [*ckpts, *(soup or [])]))
     chains = [stages_of(r) for r in runs]
+    for r in (r for r in runs if few_step(r)):  # the base at its usual steps: a chain of its own
+        n = usual_steps(r)
+        chains.append([Stage(r, 0, f"stage0-base-{n}steps", f"base ({n} steps)", cache_dir=r.dir / "eval", steps=n)])
     if soup:
         sp = soup_stage(soup, weights, out / "eval")
         chains.append([Stage(sp.run, 0, "stage0-base", "base", cache_dir=sp.run.dir / "eval"), sp])
@@ -496,6 +519,8 @@ def plan(ckpts: list, soup: list | None, weights: list | None, s: Settings, out:
         except ValueError as e:
             raise UsageError(str(e)) from None
         st.key = stage_key(st, st.config)
+        if st.index == 0 and few_step(st.run) and st.steps is None:  # the base at the generator's K
+            st.name = f"stage0-base-{st.config['steps']}steps"
     return chains, out, runs
 
 
@@ -558,11 +583,17 @@ def evaluate(ckpts: list, soup: list | None = None, weights: list | None = None,
     for st in order:  # load the base models up front: a bad model id fails before any progress bar
         if st.run.info["model"] not in loaded:
             load(st)
+    for st in order:  # and every stage's image size against its model's
+        try:
+            loaded[st.run.info["model"]][0].set_resolution(st.config.get("resolution"), "--resolution")
+        except ValueError as e:
+            raise UsageError(f"{st.name}: {e}") from None
     total = sum(len(t.config["prompts"]) * t.config["images_per_prompt"] for t in order)
     with tqdm(total=total, unit="img", disable=not order) as bar:
         for st in order:
             models = models_for(st)
             try:
+                models.set_resolution(st.config.get("resolution"), "--resolution")
                 st.result = evaluate_stage(st, models, scorer_for(st), s, bar)
             except ValueError as e:  # adapters that do not fit the run's base model
                 raise UsageError(f"{st.name}: {e}") from None
@@ -585,6 +616,18 @@ def _trained_before(st: Stage) -> list:
     return [p for task in list(info.get("tasks") or [])[:st.index - 1] for p in parts(task)]
 
 
+def _trained_on_clip_metric(st: Stage) -> bool:
+    """Whether the adapters of `st` were trained on the clip reward with the very CLIP model that scores
+    the CLIP metric here (then that column measures the reward the stage maximised, not a judge)."""
+    info = st.run.info
+    joint = (info.get("config") or {}).get("joint") or []
+    parts = [p for task in list(info.get("tasks") or [])[:st.index] for p in (list(joint) if task == "joint" else [task])]
+    if "clip" not in parts:
+        return False
+    trained = rewards.load_spec(info.get("reward_spec"))
+    return (trained.clip_arch, trained.clip_weights) == (st.config["spec"]["clip_arch"], st.config["spec"]["clip_weights"])
+
+
 def _row(st: Stage, chain: list | None) -> dict:
     """A table row. chain: the run's stages 0..this one, for forgetting (None for the base model and
     a soup, which have no trajectory). "forgetting" holds Eq. 3 for every metric; "forgetting_shown"
@@ -593,8 +636,15 @@ def _row(st: Stage, chain: list | None) -> dict:
     if chain is not None and len(chain) > 1:
         f = {m: forgetting([x.result["metrics"].get(m) for x in chain], METRICS[m][1]) for m in METRICS}
         shown = forgetting_shown(_trained_before(st))
+    sur = None  # a black-box stage's surrogate check (train.py's surrogate.json): held-out pair accuracy, τ
+    if len(st.dirs) == 1 and (Path(st.dirs[0]) / "surrogate.json").is_file():
+        try:
+            sur = json.loads((Path(st.dirs[0]) / "surrogate.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            sur = None
     return {"method": st.method, "stage": st.index, "name": st.name, "run": str(st.run.dir), "key": st.key,
-            "metrics": st.result["metrics"], "forgetting": f, "forgetting_shown": shown, "strip": st.result["strip"]}
+            "metrics": st.result["metrics"], "forgetting": f, "forgetting_shown": shown, "strip": st.result["strip"],
+            "surrogate": sur}
 
 
 def build_report(chains: list, runs: list, s: Settings, scorers: dict) -> dict:
@@ -610,7 +660,9 @@ def build_report(chains: list, runs: list, s: Settings, scorers: dict) -> dict:
         rows += [_row(c[k], c[:k + 1]) for c in runs_chains if len(c) > k]
     rows += [_row(c[-1], None) for c in chains if c[-1].method == "soup"]
     skipped = {k: v for sc in scorers.values() for k, v in sc.skipped.items()}
-    return {"settings": dataclasses.asdict(s),
+    on_metric = [st.name if st.method == "base" else f"{st.method} {st.name}" for chain in chains for st in chain
+                 if st.index > 0 and st.method != "soup" and _trained_on_clip_metric(st)]
+    return {"settings": dataclasses.asdict(s), "clip_metric_trained_on": on_metric,
             "runs": [{"label": r.label, "dir": str(r.dir), "method": r.info.get("method"), "tasks": r.info.get("tasks")}
                      for r in runs],
             "rows": rows, "skipped": skipped}
@@ -645,6 +697,22 @@ def write_report(report: dict, out: Path):
     figures = write_figures(rows, out)
     notes = ["", FORGETTING_NOTE, "", "Figures: " + ", ".join(f"[{what}]({name})" for what, name in figures)]
     notes += [f"Skipped {k}: {v}" for k, v in report["skipped"].items()]
+    surs = [r for r in rows if isinstance(r.get("surrogate"), dict) and isinstance(r["surrogate"].get("final"), dict)]
+    if surs:
+        notes += ["", "Black-box stages: the surrogate against the true reward on held-out prompts (train.py's "
+                  "surrogate.json; pair accuracy over same-prompt pairs, Kendall τ over all samples):", "",
+                  "| Method | Stage | Task | pair acc. (pre-trained) | pair acc. (end) | Kendall τ (end) | true reward (end) |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in surs:
+            g, pre = r["surrogate"], r["surrogate"].get("pretrain") or {}
+            num = lambda v, d=3: "–" if not isinstance(v, (int, float)) else f"{v:.{d}f}"  # noqa: E731
+            notes.append(f"| {r['method']} | {r['stage']}: {r['name']} | {g.get('task')} | {num(pre.get('pair_acc'))} | "
+                         f"{num(g['final'].get('pair_acc'))} | {num(g['final'].get('kendall_tau'))} | "
+                         f"{num(g['final'].get('true_reward'), 4)} |")
+    if report.get("clip_metric_trained_on"):
+        notes += ["", "Trained on the CLIP metric's own model (the clip reward is 100·cos with the model that scores "
+                  "the CLIP column), so their CLIP values measure the reward they maximised: "
+                  + ", ".join(report["clip_metric_trained_on"]) + "."]
     checkpoint.atomic_write(out / "report.md", "\n".join(md + notes) + "\n")
     table = io.StringIO(newline="")
     w = csv.writer(table)
@@ -712,9 +780,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--seed", type=int, default=d.seed, help=f"noise seed shared by every stage and method, 0 to 2**63-1 (default: {d.seed})")
     a("--batch", type=int, default=d.batch, help=f"images per sampling batch (default: {d.batch}); the noise per image is fixed, so images "
                                                   "agree up to float rounding")
-    a("--steps", type=int, help="DDIM steps (default: the run's)")
+    a("--steps", type=int, help="DDIM steps (default: the run's; for an r0 run its generator's K, and its base "
+                                "model is also evaluated at its usual steps)")
     a("--guidance", type=float, help="classifier-free guidance (default: the run's)")
     a("--max-prompts", type=int, help="evaluate only the first N test prompts (quick looks)")
+    a("--resolution", type=int, help="image side in pixels (default: the run's train.py --resolution, else the "
+                                     "model's own: 512 for SD-1.5, 32 in the mini world)")
     a("--reward-spec", help="reward spec JSON (default: the run's; see rewards.RewardSpec)")
     a("--fid-ref", help="folder of reference images for FID (the paper: MS-COCO); mini world: its own")
     a("--fid-features", choices=("inception", "clip"), help="FID feature space (default: inception; clip in the mini world)")
@@ -727,7 +798,7 @@ def check_settings(args) -> None:
     """Every numeric flag, up front: integers in range, floats finite. --steps and --guidance take
     the range rid.StepConfig declares for them (the training sampler's)."""
     ints = {"images_per_prompt": (1, MAX_IMAGES_PER_PROMPT), "batch": (1, None), "max_prompts": (1, None),
-            "seed": (0, MAX_SEED)}
+            "seed": (0, MAX_SEED), "resolution": (8, 8192)}  # the model's own multiple is checked when it loads
     for name, (lo, hi) in ints.items():
         v = getattr(args, name)
         if v is not None and not (lo <= v and (hi is None or v <= hi)):
@@ -749,7 +820,7 @@ def main(argv=None) -> int:
         s = Settings(images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
                      guidance=args.guidance, dtype=args.dtype or ("fp16" if device.startswith("cuda") else "fp32"),
                      device=device, batch=args.batch, reward_spec=args.reward_spec, fid_ref=args.fid_ref,
-                     fid_features=args.fid_features, max_prompts=args.max_prompts)
+                     fid_features=args.fid_features, max_prompts=args.max_prompts, resolution=args.resolution)
         check_settings(args)
         if not args.ckpt and not args.soup:
             raise UsageError("nothing to evaluate: pass --ckpt RUN_DIR [...] and/or --soup RUN_DIR [...]")

@@ -14,6 +14,9 @@ Higher is better for every reward. Gradients flow to the images only: reward wei
                normalised image and prompt embeddings (about 0.26 for SD-1.5 on HPSv2's benchmark).
     compress   -||img - JPEG(img)||^2 per image (summed over pixels and channels, as the paper's norm and
                RID's distillation term) with rid's differentiable JPEG (kernels.jpeg).
+    clip       100 * cos(image, prompt) with the CLIP metric's own model (clip_arch/clip_weights), the
+               CLIP score eval.py reports, differentiable: R0's text-alignment reward. A stage trained on
+               it is scored by the model it maximised (eval.py's report says so).
 
 Where the weights come from is a RewardSpec (a JSON file, `--reward-spec` on the CLIs). The SD-scale
 defaults point at the public checkpoints; the mini world ships a spec with tiny custom-architecture
@@ -40,7 +43,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-REWARDS = ("aesthetic", "hps", "compress")
+REWARDS = ("aesthetic", "hps", "compress")  # the RIL sequence, train.py's default --tasks
+NAMES = REWARDS + ("clip",)  # every reward get() builds
 
 # JPEG quality of the compress reward. DRaFT trains towards a fixed compression target; we use the
 # quality at which eval.py measures JPEG size (80), so the reward optimises the measured quantity.
@@ -355,7 +359,16 @@ def _compress(spec: RewardSpec, device: str) -> Callable:
     return compress
 
 
-_FACTORIES = {"aesthetic": _aesthetic, "hps": _hps, "compress": _compress}
+def _clip_reward(spec: RewardSpec, device: str) -> Callable:
+    _clip(spec.clip_arch, spec.clip_weights, device)  # loads now: missing weights fail here
+
+    def clip(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return clip_score(images, prompts, spec, device)  # (N,), 100 * cosine
+
+    return clip
+
+
+_FACTORIES = {"aesthetic": _aesthetic, "hps": _hps, "compress": _compress, "clip": _clip_reward}
 
 
 def get(name: str, spec: RewardSpec | None = None, device="cpu") -> Callable:
@@ -365,7 +378,7 @@ def get(name: str, spec: RewardSpec | None = None, device="cpu") -> Callable:
     ValueError naming the file and the spec key, not in the middle of training.
     """
     if name not in _FACTORIES:
-        raise ValueError(f"unknown reward {name!r}; valid names: {', '.join(REWARDS)}")
+        raise ValueError(f"unknown reward {name!r}; valid names: {', '.join(NAMES)}")
     return _FACTORIES[name](spec or RewardSpec(), _device(device))
 
 
@@ -375,8 +388,8 @@ def parse_joint(text: str) -> dict[str, float]:
     for part in (p.strip() for p in str(text).split(",")):
         name, sep, value = part.partition(":")
         name = name.strip()
-        if not sep or name not in REWARDS:
-            raise ValueError(f"--joint {text!r}: {part!r} is not name:weight with name in {', '.join(REWARDS)} "
+        if not sep or name not in NAMES:
+            raise ValueError(f"--joint {text!r}: {part!r} is not name:weight with name in {', '.join(NAMES)} "
                              "(example: aesthetic:0.01,hps:2,compress:1)")
         if name in weights:
             raise ValueError(f"--joint {text!r}: reward {name!r} given twice")
@@ -401,6 +414,7 @@ def joint(weights: dict[str, float], spec: RewardSpec | None = None, device="cpu
     def joint_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return sum(w * fns[name](images, prompts) for name, w in weights.items())
 
+    joint_reward.parts = {name: (w, fns[name]) for name, w in weights.items()}  # R0 normalises each part
     return joint_reward
 
 

@@ -3,8 +3,8 @@
 Reading order: the method's settings (`StepConfig`, every knob declared once) → the models → the
 adapter group (LoRA tasks on a frozen UNet, one flat trainable buffer, an EMA teacher that is a
 second buffer, not a second UNet) → DDIM written out → RID's training step (`rid_loss`, the
-paper's Algorithm 1) → the baselines (AlignProp-style last step, DRaFT-K, DRaFT, DRaFT-LV, ReFL)
-→ `train_step`. Saving and loading adapter groups lives in checkpoint.py; timings in bench.py.
+paper's Algorithm 1) → the baselines (AlignProp-style last step, DRaFT-K, DRaFT, DRaFT-LV, ReFL) → R0 (a K-step generator
+by regularized multi-reward maximization) → `train_step`. Saving and loading adapter groups lives in checkpoint.py; timings in bench.py.
 
 Shapes use SD-1.5 names: latents z (B, 4, h, w), images (B, 3, H, W) in [0, 1], text (B, L, D).
 """
@@ -23,7 +23,7 @@ import kernels
 
 ATTN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # AlignProp's LoRA targets, which RID follows
 FF_TARGETS = ("ff.net.0.proj", "ff.net.2")  # DRaFT also adapts the transformer feed-forward
-METHODS = ("baseline", "rid", "draft-k", "draft", "draft-lv", "refl")
+METHODS = ("baseline", "rid", "draft-k", "draft", "draft-lv", "refl", "r0")
 DISTILL_SPACES = ("pixel", "latent")
 
 
@@ -44,6 +44,14 @@ def _int_at_least(lo: int):
 
 def _finite_at_least(lo: float):
     return f"a finite number ≥ {lo:g}", lambda v: isinstance(v, (int, float)) and math.isfinite(v) and v >= lo
+
+
+def _eta_range(text: str) -> tuple:
+    """'LO,HI' (the CLI's form of eta_range) -> (lo, hi); ValueError when it is not two numbers."""
+    parts = str(text).split(",")
+    if len(parts) != 2:
+        raise ValueError("expected two numbers LO,HI")
+    return tuple(float(p) for p in parts)
 
 
 def check_settings(obj, name=lambda field_name: field_name) -> None:
@@ -67,12 +75,17 @@ def check_settings(obj, name=lambda field_name: field_name) -> None:
 # fights the reward throughout; α = 0.9 (10 steps) leaves teacher ≈ student and nothing to distil.
 DEFAULT_EMA = 0.99
 
+# R0's weight regularization λ_w‖θ − θ₀‖² (no value published). Its gradient 2λ_w(θ − θ₀) meets a reward
+# gradient that, normalised per sample, does not grow with the reward's scale; see docs/r0_results.md.
+DEFAULT_LAM_W = 1e-2
+
 
 @dataclass
 class StepConfig:
     """One training step of one method. Checked once, when built; the step functions trust it."""
     method: str = setting("rid", "the fine-tuning method", choices=METHODS)
-    steps: int = setting(50, "DDIM steps per sample (paper: 50)", "an integer in [1, 1000]",
+    steps: int = setting(50, "DDIM steps per sample (paper: 50; r0: K, the generator's steps, R0's 4)",
+                         "an integer in [1, 1000]",
                           lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000)
     guidance: float = setting(7.5, "classifier-free guidance scale w; 1 = no unconditional branch (paper: 7.5)",
                               *_finite_at_least(0))
@@ -90,8 +103,21 @@ class StepConfig:
     distill_space: str = setting("pixel", "rid: compare student and teacher as decoded images (the paper) "
                                  "or as final latents", choices=DISTILL_SPACES)
     gradient_checkpointing: bool = setting(False, "recompute UNet activations in the backward pass (memory "
-                                           "flat in K for draft-k / draft)", "true or false",
+                                           "flat in K for draft-k / draft / r0)", "true or false",
                                            lambda v: isinstance(v, bool))
+    eta_range: tuple = setting((0.0, 1.0), "r0: the η of each DDIM step is drawn uniformly from [LO, HI] "
+                               "(0,0: deterministic DDIM; R0's random-η regularizer)",
+                               "LO,HI with 0 ≤ LO ≤ HI ≤ 1",
+                               lambda v: (isinstance(v, tuple) and len(v) == 2 and all(
+                                   isinstance(x, (int, float)) and math.isfinite(x) for x in v)
+                                   and 0 <= v[0] <= v[1] <= 1), parse=_eta_range, metavar="LO,HI")
+    lam_w: float = setting(DEFAULT_LAM_W, "r0: λ_w, weight of the regularizer λ_w·‖θ − θ₀‖² pulling the trainable "
+                           "adapters θ towards the task's initial ones θ₀ (rid.DEFAULT_LAM_W)", *_finite_at_least(0))
+    raw_grads: bool = setting(False, "r0: use each reward's raw image-gradient instead of normalising it per "
+                              "sample (the ablation of R0's Fig. 8)", "true or false", lambda v: isinstance(v, bool))
+    r0_plus: bool = setting(False, "r0: R0+, add the rewards of the predicted clean image at a random "
+                            "intermediate step, gradient stopped before that step", "true or false",
+                            lambda v: isinstance(v, bool))
 
     def __post_init__(self):
         self.check()
@@ -102,6 +128,10 @@ class StepConfig:
         if self.truncate > self.steps:
             raise ValueError(f"{name('truncate')} {self.truncate} is not allowed; allowed: K in "
                              f"[1, {name('steps')}={self.steps}]")
+        if self.r0_plus and (self.method != "r0" or self.steps < 2):
+            raise ValueError(f"{name('r0_plus')} is not allowed with {name('method')} {self.method} and "
+                             f"{name('steps')} {self.steps}; allowed: {name('method')} r0 with {name('steps')} ≥ 2 "
+                             "(an intermediate step needs one after it)")
 
 
 ############################################################################################
@@ -116,6 +146,7 @@ class Models:
     text_encoder: nn.Module
     tokenizer: object
     _uncond: torch.Tensor | None = field(default=None, repr=False)  # cached "" embedding (1, L, D)
+    resolution: int | None = None  # image side in pixels; None: the UNet's own sample_size × the VAE factor
 
     @property
     def device(self) -> torch.device:
@@ -126,9 +157,30 @@ class Models:
         return next(self.unet.parameters()).dtype
 
     @property
+    def vae_factor(self) -> int:
+        """Pixels per latent cell (8 for SD's VAE)."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution_multiple(self) -> int:
+        """Image sides must be multiples of this: the VAE factor × the UNet's total downsampling."""
+        return self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    def set_resolution(self, px: int | None, flag: str = "resolution") -> None:
+        """Generate px × px images (None: the model's default); ValueError naming `flag` otherwise."""
+        m = self.resolution_multiple
+        if px is not None and (isinstance(px, bool) or not isinstance(px, int) or px < m or px % m or px > 8192):
+            raise ValueError(f"{flag} {px!r} is not allowed; allowed: a multiple of {m} (the VAE factor "
+                             f"{self.vae_factor} × the UNet's downsampling) from {m} to 8192")
+        self.resolution = px
+
+    @property
     def latent_shape(self) -> tuple:
-        s = self.unet.config.sample_size
-        h, w = (s, s) if isinstance(s, int) else tuple(s)
+        if self.resolution is not None:
+            h = w = self.resolution // self.vae_factor
+        else:
+            s = self.unet.config.sample_size
+            h, w = (s, s) if isinstance(s, int) else tuple(s)
         return (self.unet.config.in_channels, h, w)
 
 
@@ -444,7 +496,7 @@ def inject(unet, rank: int = 4, targets=ATTN_TARGETS) -> AdapterGroup:
 ############################################################################################
 
 class DDIM:
-    """ε-prediction DDIM, η = 0, SD-1.5's scheduler config: scaled-linear betas √0.00085 → √0.012
+    """ε-prediction DDIM (η = 0 unless a step is given one), SD-1.5's scheduler config: scaled-linear betas √0.00085 → √0.012
     over 1000 steps, timestep_spacing "leading", steps_offset 1 (→ 981, 961, …, 1 at 50 steps),
     set_alpha_to_one False (the last step's ᾱ_prev = ᾱ_0). float32 throughout, as diffusers."""
 
@@ -464,10 +516,17 @@ class DDIM:
         a_t = self.alpha(t)
         return (z - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
 
-    def step(self, eps: torch.Tensor, t: int, z: torch.Tensor) -> torch.Tensor:
-        """z_t → z_{t−ratio} = √ᾱ_prev x̂₀ + √(1−ᾱ_prev) ε   (η = 0: no fresh noise)"""
+    def step(self, eps: torch.Tensor, t: int, z: torch.Tensor, eta: float = 0.0,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
+        """z_t → z_{t−ratio} = √ᾱ_prev x̂₀ + √(1−ᾱ_prev−σ²) ε + σ·noise,
+        σ = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_prev) (DDIM's Eq. 16; diffusers' DDIMScheduler.step with
+        eta and variance_noise). η = 0: no fresh noise, and exactly the formula it always was."""
         a_prev = self.alpha(t - self.ratio)
-        return a_prev ** 0.5 * self.x0(eps, t, z) + (1 - a_prev) ** 0.5 * eps
+        if eta == 0:
+            return a_prev ** 0.5 * self.x0(eps, t, z) + (1 - a_prev) ** 0.5 * eps
+        a_t = self.alpha(t)
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        return a_prev ** 0.5 * self.x0(eps, t, z) + (1 - a_prev - sigma ** 2) ** 0.5 * eps + sigma * noise
 
     def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
         a_t = self.alpha(t)
@@ -483,15 +542,17 @@ def _eps(models: Models, z, t, text, guidance: float):
     return eps_u + guidance * (eps_c - eps_u)
 
 
-def _denoise(models, text, z, ddim: DDIM, indices, guidance, checkpoint=False):
-    """Run the DDIM steps at ddim.timesteps[indices]; the caller picks grad / no_grad."""
-    for i in indices:
+def _denoise(models, text, z, ddim: DDIM, indices, guidance, checkpoint=False, etas=None, generator=None):
+    """Run the DDIM steps at ddim.timesteps[indices]; the caller picks grad / no_grad. etas: one η per
+    index (None: all 0); a step with η > 0 draws its fresh noise from `generator`, in step order."""
+    for n, i in enumerate(indices):
         t = int(ddim.timesteps[i])
         if checkpoint and torch.is_grad_enabled():  # memory flat in K: keep only z between steps
             eps = torch.utils.checkpoint.checkpoint(_eps, models, z, t, text, guidance, use_reentrant=False)
         else:
             eps = _eps(models, z, t, text, guidance)
-        z = ddim.step(eps, t, z)
+        eta = 0.0 if etas is None else etas[n]
+        z = ddim.step(eps, t, z, eta, _randn(z.shape, z, generator) if eta > 0 else None)
     return z
 
 
@@ -499,6 +560,14 @@ def decode(models: Models, z: torch.Tensor) -> torch.Tensor:
     """Latents (B, 4, h, w) → images (B, 3, H, W) in [0, 1] (the one place [−1, 1] → [0, 1])."""
     x = models.vae.decode(z.to(models.vae.dtype) / models.vae.config.scaling_factor).sample
     return (x.float() / 2 + 0.5).clamp(0, 1)
+
+
+def score(models: Models, reward_fn, x0: torch.Tensor, prompts: list, images: torch.Tensor | None = None):
+    """R of final latents x0 (B, 4, h, w) → (B,): on the decoded images, or on the latents themselves
+    for a latent-space reward (`reward_fn.on_latents`: LaSRO's surrogate of a black box, no decode)."""
+    if getattr(reward_fn, "on_latents", False):
+        return reward_fn(x0, prompts)
+    return reward_fn(decode(models, x0) if images is None else images, prompts)
 
 
 @torch.no_grad()
@@ -545,8 +614,8 @@ def rid_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig):
         x0_t = _denoise(models, text, z1, ddim, last, cfg.guidance)
 
     #### DECODE AND REWARD ####
-    img_s = decode(models, x0_s)  # (B, 3, H, W) in [0, 1]
-    reward = reward_fn(img_s, prompts)  # (B,)
+    img_s = decode(models, x0_s) if cfg.distill_space == "pixel" else None  # (B, 3, H, W) in [0, 1]
+    reward = score(models, reward_fn, x0_s, prompts, img_s)  # (B,)
 
     #### DISTILLATION: ‖student − teacher‖², the squared L2 norm per image, mean over the batch ####
     if cfg.distill_space == "pixel":
@@ -574,14 +643,14 @@ def truncated_loss(models, reward_fn, prompts, noise, cfg: StepConfig, generator
     with torch.no_grad():  # steps N … K+1
         z = _denoise(models, text, noise.to(models.device, models.dtype), ddim, range(cfg.steps - K), cfg.guidance)
     x0 = _denoise(models, text, z, ddim, range(cfg.steps - K, cfg.steps), cfg.guidance, cfg.gradient_checkpointing)
-    reward = reward_fn(decode(models, x0), prompts)  # (B,)
+    reward = score(models, reward_fn, x0, prompts)  # (B,)
     rewards = [reward.mean()]
     if cfg.method == "draft-lv":
         t1 = int(ddim.timesteps[-1])
         for _ in range(cfg.lv_n):  # z_1 = √ᾱ x̂₀ + √(1−ᾱ) ε_i, then the last step again
             z1 = ddim.add_noise(x0.detach(), _randn(x0.shape, x0, generator), t1)
             x0_i = _denoise(models, text, z1, ddim, [cfg.steps - 1], cfg.guidance, cfg.gradient_checkpointing)
-            rewards.append(reward_fn(decode(models, x0_i), prompts).mean())
+            rewards.append(score(models, reward_fn, x0_i, prompts).mean())
     loss = -torch.stack(rewards).mean()
     return loss, {"loss": loss.item(), "reward": reward.mean().item()}
 
@@ -598,9 +667,85 @@ def refl_loss(models, reward_fn, prompts, noise, cfg: StepConfig, generator=None
         z_t = _denoise(models, text, noise.to(models.device, models.dtype), ddim, range(i), cfg.guidance)
     t = int(ddim.timesteps[i])
     eps = _eps(models, z_t, t, text, cfg.guidance)
-    reward = reward_fn(decode(models, ddim.x0(eps, t, z_t)), prompts)
+    reward = score(models, reward_fn, ddim.x0(eps, t, z_t), prompts)
     loss = -reward.mean()
     return loss, {"loss": loss.item(), "reward": reward.mean().item(), "t": float(t)}
+
+
+#### R0: a K-step generator by regularized multi-reward maximization ####
+
+def reward_parts(reward_fn) -> dict:
+    """{name: (weight w_i, fn)} of a reward: a joint reward's parts (rewards.joint), else one part of weight 1."""
+    return getattr(reward_fn, "parts", None) or {"reward": (1.0, reward_fn)}
+
+
+def reward_directions(images, prompts, parts: dict, normalize: bool = True):
+    """Each reward's gradient with respect to the image, normalised per sample, weighted and summed:
+        d_b = Σ_i w_i ĝ_ib,  ĝ_ib = ∇_x R_i(x_b) / ‖∇_x R_i(x_b)‖   (normalize=False: the raw ∇_x R_i(x_b)).
+    images (B, 3, H, W) in [0, 1] (detached here) -> ({name: R_i (B,)}, d (B, 3, H, W)). One reward forward
+    and backward per part, the same work as backpropagating the summed reward."""
+    x = images.detach().requires_grad_(True)
+    values, direction = {}, torch.zeros_like(x)
+    with torch.enable_grad():
+        for name, (w, fn) in parts.items():
+            r = fn(x, prompts)  # (B,), sample b depends on x_b only
+            (g,) = torch.autograd.grad(r.sum(), x)  # (B, 3, H, W): ∇_x R_i(x_b) per sample
+            if normalize:
+                g = g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (g.dim() - 1))
+            direction += w * g
+            values[name] = r.detach()
+    return values, direction
+
+
+def r0_reward_loss(images, prompts, parts: dict, normalize: bool = True):
+    """-Σ_i w_i mean_b R_i(x_b) in value; its gradient with respect to image x_b is −d_b / B with d from
+    reward_directions (the forward value is the plain weighted reward, only the backward is normalised).
+    -> (loss (), {name: mean R_i})."""
+    values, d = reward_directions(images, prompts, parts, normalize)
+    total = sum(w * values[name] for name, (w, _) in parts.items())  # (B,)
+    surrogate = -(d * images).flatten(1).sum(1).mean()  # ∂/∂x_b = −d_b / B
+    loss = surrogate - surrogate.detach() - total.mean()
+    return loss, {name: v.mean().item() for name, v in values.items()}
+
+
+def r0_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig, generator=None):
+    """R0: K = cfg.steps DDIM steps from noise with gradient through all of them, each step's η drawn
+    from U[eta_range]; loss = −Σ_i w_i R_i(x) with each reward's image-gradient normalised per sample,
+    + λ_w‖θ − θ₀‖² on the trainable adapters (θ₀: the task's initial adapters). R0+ (cfg.r0_plus) adds
+    the same reward loss on x̂₀ predicted at a random intermediate step j ∈ [1, K−1] from z_j with the
+    gradient stopped before it (one more UNet call and decode).
+    Draws from `generator`, in this order: the K η's, then j (R0+), then each η > 0 step's noise."""
+    K, parts, normalize = cfg.steps, reward_parts(reward_fn), not cfg.raw_grads
+    ddim = DDIM(K)
+    text = _text_batch(models, prompts, cfg.guidance)
+    lo, hi = cfg.eta_range
+    dev = generator.device if generator is not None else "cpu"
+    etas = (lo + (hi - lo) * torch.rand(K, generator=generator, device=dev, dtype=torch.float64)).tolist()
+    j = int(torch.randint(1, K, (), generator=generator, device=dev)) if cfg.r0_plus else K
+
+    #### SAMPLING: z_K → z_j → x, gradient through every step ####
+    z = noise.to(models.device, models.dtype)
+    z_j = _denoise(models, text, z, ddim, range(j), cfg.guidance, cfg.gradient_checkpointing, etas[:j], generator)
+    z0 = _denoise(models, text, z_j, ddim, range(j, K), cfg.guidance, cfg.gradient_checkpointing, etas[j:], generator)
+
+    #### REWARDS: each one's image-gradient normalised per sample, weighted ####
+    loss, means = r0_reward_loss(decode(models, z0), prompts, parts, normalize)
+    logs = {"reward": -loss.item(), **({f"reward_{k}": v for k, v in means.items()} if len(parts) > 1 else {})}
+
+    #### R0+: rewards on x̂₀ at step j, no gradient before it ####
+    if cfg.r0_plus:
+        z_j, t = z_j.detach(), int(ddim.timesteps[j])
+        x0_j = ddim.x0(_eps(models, z_j, t, text, cfg.guidance), t, z_j)
+        inter, _ = r0_reward_loss(decode(models, x0_j), prompts, parts, normalize)
+        loss = loss + inter
+        logs["reward_mid"] = -inter.item()
+
+    #### WEIGHT REGULARIZATION: λ_w‖θ − θ₀‖² ####
+    # θ₀ is the group's second buffer: add_task copies the initial adapters there and only RID's EMA
+    # update moves it, so it is saved and restored with every checkpoint (resume keeps θ₀).
+    reg = (group.flat - group.ema).pow(2).sum()
+    loss = loss + cfg.lam_w * reg
+    return loss, {"loss": loss.item(), **logs, "weight_reg": reg.item()}
 
 
 def method_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig, generator=None):
@@ -609,6 +754,8 @@ def method_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig, gener
         return rid_loss(models, group, reward_fn, prompts, noise, cfg)
     if cfg.method == "refl":
         return refl_loss(models, reward_fn, prompts, noise, cfg, generator)
+    if cfg.method == "r0":
+        return r0_loss(models, group, reward_fn, prompts, noise, cfg, generator)
     return truncated_loss(models, reward_fn, prompts, noise, cfg, generator)
 
 

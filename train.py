@@ -41,23 +41,36 @@ import mini
 import plots
 import rewards
 import rid
+import surrogate
 from checkpoint import UsageError, reading, write_json
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
-# The paper's appendix. An epoch is one pass over the training prompts.
-PAPER_EPOCHS = {"aesthetic": 10, "hps": 120, "compress": 15}
+# The paper's appendix. An epoch is one pass over the training prompts. clip is no task of the paper
+# (R0 trains on it inside a joint reward): it gets aesthetic's schedule.
+PAPER_EPOCHS = {"aesthetic": 10, "hps": 120, "compress": 15, "clip": 10}
 PAPER_RID = {"batch": 8, "lr": 5e-5}
 PAPER_BASELINE = {"batch": 128, "lr": 1e-3}  # the baseline; the DRaFT family (draft-k/draft/draft-lv/refl) too
+# R0 (seed 003) publishes no code nor schedule: its K = 4 steps, and RID's batch and lr as our choice.
+R0_STEPS = 4
+PAPER_R0 = {"batch": 8, "lr": 5e-5}
 # The mini world's schedule (CPU scale): the paper's task order, sized so RID + baseline over all three
 # tasks plus eval.py fit in 20 min on 2 CPU cores. Every method gets batch 8 and the same epochs. As in
 # the paper, RID and the baseline have their own hps lr: each the schedule under which it gains HPS in
 # every seed (docs/mini_results.md's notes give every schedule tried).
-MINI_EPOCHS = {"aesthetic": 1, "hps": 3, "compress": 1}
-MINI_LR = {"aesthetic": 1e-3, "hps": 7e-4, "compress": 1e-3}
-MINI_LR_SCHEDULE = {"aesthetic": "constant", "hps": "cosine", "compress": "constant"}
+MINI_EPOCHS = {"aesthetic": 1, "hps": 3, "compress": 1, "clip": 1}
+MINI_LR = {"aesthetic": 1e-3, "hps": 7e-4, "compress": 1e-3, "clip": 1e-3}
+MINI_LR_SCHEDULE = {"aesthetic": "constant", "hps": "cosine", "compress": "constant", "clip": "constant"}
+# R0 in the mini world: every task of an r0 run, K = R0_STEPS (docs/r0_results.md's notes say why).
+MINI_R0 = {"epochs": 4, "lr": 5e-4, "lr_schedule": "cosine"}
 MINI_RID = {"lr": {**MINI_LR, "hps": 5e-4}, "lr_schedule": {**MINI_LR_SCHEDULE, "hps": "constant"}}
 MINI_BATCH = 8
+# A black-box task (jpeg-kb, png-kb, a plugin) takes compress's schedule, in the paper's and the mini
+# world's presets alike. Its surrogate in the mini world: pre-training on 64 prompts × 4 noises (about
+# a fifth of a 1-epoch task's samples), and pairs of any two samples, since in a 1-epoch task a
+# prompt's online samples never meet another sample of the same prompt (docs/lasro_results.md).
+BLACK_BOX_LIKE = "compress"
+MINI_SURROGATE = {"pretrain_prompts": 64, "pretrain_noises": 4, "pretrain_steps": 150, "pair_batch": 16, "pairs": "any"}
 LR_SCHEDULES = ("constant", "cosine")
 
 # Simple animal prompts in DDPO's style ("a photo of a <animal>"): the fallback for SD without --prompts.
@@ -75,7 +88,7 @@ class NonFiniteLoss(Exception):
 @dataclass
 class Config(rid.StepConfig):
     """The run's settings. The method's knobs (method, steps, guidance, lam, ema, truncate, lv_n, refl_m,
-    distill_space, gradient_checkpointing) are rid.StepConfig's fields, declared there once with their
+    distill_space, gradient_checkpointing, eta_range, lam_w, raw_grads, r0_plus) are rid.StepConfig's fields, declared there once with their
     help and range; the CLI flags for them are derived from those declarations (build_parser)."""
     # -- the task sequence --
     tasks: list = field(default_factory=lambda: list(rewards.REWARDS))  # stage order; ["joint"] with --joint
@@ -104,10 +117,13 @@ class Config(rid.StepConfig):
     micro_batch: int | None = 8  # prompts per forward/backward on one process
     grad_accum: int | None = None  # alternatively: micro-batches per step per process (sets micro_batch)
     dtype: str = "fp32"        # fp32, or bf16 (bf16 frozen base, fp32 LoRA: DRaFT's recipe)
+    resolution: int | None = None  # image side in pixels; None: the model's own (SD-1.5: 512; mini world: 32)
     # -- runtime: knobs that do not change what is computed; --resume may change them --
     ckpt_every: int = 100      # optimizer steps between mid-task checkpoints
     n_samples: int = 8         # test prompts in each stage's samples.png
     report_to: str = "none"    # "tensorboard": metrics.jsonl's scalars and samples.png also to <out>/tensorboard
+    # -- black-box tasks (jpeg-kb, png-kb, module:function): LaSRO's surrogate, surrogate.SurrogateConfig --
+    surrogate: dict = field(default_factory=lambda: asdict(surrogate.SurrogateConfig()))
     out: str = "out"
     device: str = ""           # "" = cuda if available (cuda:LOCAL_RANK under torchrun), else cpu
 
@@ -122,10 +138,13 @@ MAX_BATCH = 65536      # prompts per optimizer step (the paper's largest is 128)
 
 
 def paper(cfg: Config) -> Config:
-    """Preset: the paper's schedules. A joint task runs the longest schedule among its rewards."""
-    opt = PAPER_RID if cfg.method == "rid" else PAPER_BASELINE
+    """Preset: the paper's schedules. A joint task runs the longest schedule among its rewards. r0: the
+    K = R0_STEPS generator."""
+    opt = PAPER_RID if cfg.method == "rid" else PAPER_R0 if cfg.method == "r0" else PAPER_BASELINE
+    if cfg.method == "r0":
+        cfg.steps = R0_STEPS
     for task in cfg.tasks:
-        parts = cfg.joint if task == "joint" else [task]
+        parts = cfg.joint if task == "joint" else [BLACK_BOX_LIKE if surrogate.is_black_box(task) else task]
         cfg.epochs[task] = max(PAPER_EPOCHS[p] for p in parts)
         cfg.batch[task], cfg.lr[task], cfg.lr_schedule[task] = opt["batch"], opt["lr"], "constant"
     return cfg
@@ -142,10 +161,16 @@ def mini_world(cfg: Config) -> Config:
     cfg.test_prompts = str(Path(mini.WORLD) / "prompts" / "test.txt")
     cfg.steps = int(world.get("steps", cfg.steps))
     cfg.guidance = float(world.get("guidance", cfg.guidance))
+    cfg.surrogate.update(MINI_SURROGATE)
     lr, schedule = ((MINI_RID["lr"], MINI_RID["lr_schedule"]) if cfg.method == "rid"
                     else (MINI_LR, MINI_LR_SCHEDULE))
     for task in cfg.tasks:
-        parts = cfg.joint if task == "joint" else [task]
+        if cfg.method == "r0":  # the 20-step model becomes a K-step one
+            cfg.steps = R0_STEPS
+            cfg.epochs[task], cfg.batch[task] = MINI_R0["epochs"], MINI_BATCH
+            cfg.lr[task], cfg.lr_schedule[task] = MINI_R0["lr"], MINI_R0["lr_schedule"]
+            continue
+        parts = cfg.joint if task == "joint" else [BLACK_BOX_LIKE if surrogate.is_black_box(task) else task]
         cfg.epochs[task] = max(MINI_EPOCHS[p] for p in parts)
         cfg.batch[task], cfg.lr[task] = MINI_BATCH, min(lr[p] for p in parts)
         cfg.lr_schedule[task] = "cosine" if any(schedule[p] == "cosine" for p in parts) else "constant"
@@ -161,8 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                 epilog=f"examples:\n{examples}\n\nexit codes: 0 done, 2 bad input, 3 non-finite loss (the last "
                 "good checkpoint stays). Run directory layout: see the top of train.py.")
     a = p.add_argument
-    a("--tasks", help=f"comma list of rewards, trained in this order (valid: {', '.join(rewards.REWARDS)}; "
-                      f"default: {','.join(d.tasks)})")
+    a("--tasks", help=f"comma list of rewards, trained in this order (valid: {', '.join(rewards.NAMES)}, and "
+                      f"black boxes trained through LaSRO's surrogate: {', '.join(surrogate.BUILT_IN)} or "
+                      f"package.module:function, see README; default: {','.join(d.tasks)})")
     a("--joint", help="train ONE task rewarded by a weighted sum instead of a sequence, e.g. "
                       "aesthetic:0.01,hps:2,compress:1 (the paper's joint tuning); excludes --tasks (default: none)")
     a("--model", help="diffusers directory or hub id (default: the mini world, mini/world/model; "
@@ -201,11 +227,18 @@ def build_parser() -> argparse.ArgumentParser:
     a("--max-steps", type=int, help="cap on optimizer steps per task, for smoke runs (default: none)")
     a("--dtype", choices=("fp32", "bf16"), help="fp32, or a bf16 frozen base with fp32 LoRA as DRaFT did "
                                                 f"(default: {d.dtype})")
+    a("--resolution", type=int, help="image side in pixels, a multiple of the VAE factor × the UNet's "
+                                     "downsampling (SD-1.5: 64; 256/384 fit smaller GPUs) (default: the model's "
+                                     "own: 512 for SD-1.5, 32 in the mini world)")
     a("--ckpt-every", type=int, help=f"optimizer steps between mid-task checkpoints (default: {d.ckpt_every})")
     a("--resume", action="store_true", help="continue the run in --out from its last readable checkpoint (same "
                                             "settings required, but for --ckpt-every, --device, --report-to and "
                                             "--gradient-checkpointing); starts fresh if --out holds no run")
     a("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    for f in fields(surrogate.SurrogateConfig):  # black-box tasks only
+        a("--surrogate-" + f.name.replace("_", "-"), type=str,
+          help=f"black-box tasks: surrogate {f.name.replace('_', ' ')} (default: {d.surrogate[f.name]}"
+               f"{'; mini world: ' + str(MINI_SURROGATE[f.name]) if f.name in MINI_SURROGATE else ''})")
     a("--report-to", choices=REPORT_TO, help="also log every step's metrics and each stage's samples to "
                                              "<out>/tensorboard (needs the tensorboard package; default: none)")
     return p
@@ -223,11 +256,13 @@ def add_method_flags(p: argparse.ArgumentParser, d: Config) -> None:
         default = getattr(d, f.name)
         note = "; the mini world sets its own" if f.name in MINI_SETS else ""
         choices = f" (one of {', '.join(meta['choices'])})" if meta["choices"] else ""
-        help = f"{meta['help']}{choices} (default: {'off' if default is False else default}{note})"
+        shown = ",".join(f"{x:g}" for x in default) if isinstance(default, tuple) else default
+        help = f"{meta['help']}{choices} (default: {'off' if default is False else shown}{note})"
         if f.type == "bool":
             p.add_argument(flag, action="store_true", default=None, help=help)
-        else:
-            p.add_argument(flag, type=kinds[f.type], metavar=meta.get("metavar"), help=help)
+        else:  # a setting with its own parser (eta_range's LO,HI) arrives as text; resolve() parses it
+            p.add_argument(flag, type=str if meta.get("parse") else kinds[f.type], metavar=meta.get("metavar"),
+                           help=help)
 
 
 def _positive(flag, value, cast=int, top=None):
@@ -284,10 +319,11 @@ def resolve(args) -> tuple[Config, bool]:
         tasks = ["joint"]
     else:
         tasks = [t.strip() for t in (args.tasks or ",".join(rewards.REWARDS)).split(",")]
-        bad = [t for t in tasks if t not in rewards.REWARDS]
+        bad = [t for t in tasks if t not in rewards.NAMES and not surrogate.is_black_box(t)]
         if bad or len(set(tasks)) != len(tasks):
             what = f"unknown task {bad[0]!r}" if bad else "a task repeats"
-            raise UsageError(f"--tasks {args.tasks!r}: {what}; valid: {', '.join(rewards.REWARDS)}")
+            raise UsageError(f"--tasks {args.tasks!r}: {what}; valid: {', '.join(rewards.NAMES)}, the black boxes "
+                             f"{', '.join(surrogate.BUILT_IN)} or package.module:function")
     cfg = paper(Config(tasks=tasks, joint=joint, method=method))
 
     is_mini = args.model is None or mini.is_model(args.model)
@@ -300,9 +336,17 @@ def resolve(args) -> tuple[Config, bool]:
     if args.reward_spec is not None:
         cfg.reward_spec = str(Path(args.reward_spec).resolve())
     method_fields = [f.name for f in fields(rid.StepConfig)]
-    for name in ("out", "seed", "dtype", "device", "report_to", *method_fields):
+    for name in ("out", "seed", "dtype", "device", "report_to", "resolution", *method_fields):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
+    for f in fields(rid.StepConfig):  # settings given as text in their own syntax (--eta-range LO,HI)
+        if f.metadata.get("parse") and isinstance(getattr(cfg, f.name), str):
+            flag = "--" + f.name.replace("_", "-")
+            try:
+                setattr(cfg, f.name, f.metadata["parse"](getattr(cfg, f.name)))
+            except ValueError:
+                raise UsageError(f"{flag} {getattr(cfg, f.name)!r} is not allowed; allowed: "
+                                 f"{f.metadata['allowed']}") from None
     try:  # the one range check of every method setting, named as the user typed it
         cfg.check(lambda name: "--" + name.replace("_", "-"))
     except ValueError as e:
@@ -318,6 +362,23 @@ def resolve(args) -> tuple[Config, bool]:
             getattr(cfg, flag).update(parse_per_task("--" + flag, getattr(args, flag), cfg.tasks, cast, top=top))
     if args.lr_schedule is not None:
         cfg.lr_schedule.update(parse_per_task("--lr-schedule", args.lr_schedule, cfg.tasks, str, LR_SCHEDULES))
+    for f in fields(surrogate.SurrogateConfig):
+        flag, text = "--surrogate-" + f.name.replace("_", "-"), getattr(args, "surrogate_" + f.name)
+        if text is not None:
+            cast = {"int": int, "float": float}.get(f.type, str)
+            try:
+                cfg.surrogate[f.name] = cast(text)
+            except ValueError:
+                raise UsageError(f"{flag} {text!r} is not allowed; allowed: {'an integer' if cast is int else 'a number' if cast is float else 'prompt, any'}") from None
+    try:
+        surrogate.SurrogateConfig(**cfg.surrogate)
+    except ValueError as e:  # "surrogate pairs 'x' ..." → "--surrogate-pairs 'x' ..."
+        name = str(e).split()[1]
+        raise UsageError(str(e).replace(f"surrogate {name}", "--surrogate-" + name.replace("_", "-"), 1)) from None
+    black = [t for t in cfg.tasks if surrogate.is_black_box(t)]
+    if black and cfg.method == "r0":
+        raise UsageError(f"--method r0 needs differentiable rewards (it normalises each reward's image gradient); "
+                         f"the black-box task(s) {black} train with any other method")
     if not 0 <= cfg.seed <= MAX_SEED:
         raise UsageError(f"--seed {cfg.seed} is not allowed; allowed: an integer in [0, 2**63-1]")
     cfg.device = checkpoint.check_device("--device", cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -451,7 +512,7 @@ def seed_of(seed: int, stage: int, purpose: int, step: int = 0, rank: int = 0) -
     return int(np.random.SeedSequence([seed, stage, purpose, step, rank]).generate_state(1)[0])
 
 
-INIT, NOISE, METHOD, GLOBAL = range(4)  # seed_of purposes
+INIT, NOISE, METHOD, GLOBAL, SURROGATE = range(5)  # seed_of purposes
 
 
 def save_grid(images: torch.Tensor, path: Path, ncol: int = 4) -> None:
@@ -490,6 +551,8 @@ def _mean_across_ranks(logs: dict, device) -> dict:
 
 def reward_fn(task: str, cfg: Config):
     """The task's reward; loaded now so missing weights fail before hours of training, not after."""
+    if surrogate.is_black_box(task):  # the true reward; train_stage wraps it in its surrogate
+        return surrogate.black_box(task)
     spec = rewards.load_spec(cfg.reward_spec)
     return rewards.joint(cfg.joint, spec, cfg.device) if task == "joint" else rewards.get(task, spec, cfg.device)
 
@@ -558,6 +621,57 @@ def _finite(group, step_cfg) -> bool:
     return bool(ok)
 
 
+def _surrogate_state(ckpt: Path) -> dict:
+    """A mid-task checkpoint's surrogate (surrogate.pt); UsageError when it is missing or unreadable."""
+    with reading(ckpt / "surrogate.pt"), bad_input():
+        state = torch.load(ckpt / "surrogate.pt", map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not {"head", "opt", "stats", "gen", "buf", "held"} <= set(state):
+            raise ValueError("not a surrogate state (keys head, opt, stats, gen, buf, held)")
+    return state
+
+
+SURROGATE_HELD_OUT = (16, 2)  # held-out test prompts × samples each of the stage-end surrogate check
+
+
+def _surrogate_task(k: int, task: str, fn, models, train: list, cfg: Config, state: dict | None):
+    """The black-box task's surrogate: restored from a checkpoint's state, or pre-trained now on samples
+    of the model as the stage starts (its new adapter is still zero: the previous stage's model)."""
+    sur_cfg = surrogate.SurrogateConfig(**cfg.surrogate)
+    box = surrogate.SurrogateTask(task, fn, models, train, sur_cfg, seed=seed_of(cfg.seed, k, SURROGATE))
+    if state is not None:
+        with bad_input():
+            box.load_state_dict(state)
+        return box
+    t0 = time.time()
+    explored = box.explored(torch.Generator().manual_seed(seed_of(cfg.seed, k, SURROGATE, 1)))
+    noise = torch.randn((len(explored) * sur_cfg.pretrain_noises, *models.latent_shape),
+                        generator=torch.Generator().manual_seed(seed_of(cfg.seed, k, SURROGATE, 2)))
+    with bad_input():
+        logs = box.pretrain(explored, noise, cfg.steps, cfg.guidance)
+    log(f"stage {k} {task}: surrogate pre-trained on {logs['pretrain_samples']} samples of {len(explored)} prompts "
+        f"in {time.time() - t0:.0f} s (held-out pair accuracy {logs['pair_acc']:.3f})")
+    if _rank() == 0:
+        sdir = Path(cfg.out) / f"stage{k}-{task}"
+        sdir.mkdir(parents=True, exist_ok=True)
+        write_json(sdir / "surrogate_pretrain.json", {**logs, "seconds": round(time.time() - t0, 3)})
+    return box
+
+
+def _surrogate_report(k: int, box, sdir: Path, test: list, models, cfg: Config) -> None:
+    n, reps = SURROGATE_HELD_OUT
+    shown = test[:n]
+    noise = torch.randn((len(shown) * reps, *models.latent_shape),
+                        generator=torch.Generator().manual_seed(seed_of(cfg.seed, k, SURROGATE, 3)))
+    with bad_input():
+        final = box.heldout(shown, noise, cfg.steps, cfg.guidance, reps)
+    pre = sdir / "surrogate_pretrain.json"
+    write_json(sdir / "surrogate.json", {"task": box.task, "held_out_prompts": len(shown), "samples_each": reps,
+                                          "final": final, "pretrain": json.loads(pre.read_text()) if pre.exists() else None,
+                                          "config": box.sur.cfg.__dict__})
+    log(f"stage {k} {box.task}: surrogate on held-out prompts: pair accuracy {final['pair_acc']:.3f}, "
+        f"Kendall τ {final['kendall_tau']:.3f}, true reward {final['true_reward']:.4g}")
+
+
 def train_stage(k: int, task: str, models, group, reward, train: list, test: list, cfg: Config,
                 step_cfg, world: int, tb=None):
     """Stage k: add the task's adapter to the group and train it; returns the group."""
@@ -572,10 +686,11 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
                  "micro_batch_resolved": micro, "grad_accum_resolved": accum}
 
     #### RESUME: the newest readable checkpoint (ckpt/, then ckpt.old/), else the stage's start ####
-    start, optimizer, saved = 0, None, None  # saved: the step of the newest checkpoint on disk
+    start, optimizer, saved, box_state = 0, None, None, None  # saved: the step of the newest checkpoint on disk
     for ckpt in checkpoint.ckpt_candidates(sdir):
         try:
             group, optimizer, start = _resume_from(ckpt, k, models, cfg, total)
+            box_state = _surrogate_state(ckpt) if surrogate.is_black_box(task) else None
             saved = start
             log(f"stage {k} {task}: resuming at step {start}/{total} from {ckpt}")
             break
@@ -595,6 +710,9 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
         init = torch.Generator(models.device).manual_seed(seed_of(cfg.seed, k, INIT))
         group.add_task(task, generator=init)  # the new adapter's LoRA init
         optimizer = _optimizer(group, cfg, task)
+    box = None
+    if surrogate.is_black_box(task):  # LaSRO: the method maximises the black box's latent surrogate
+        box = reward = _surrogate_task(k, task, reward, models, train, cfg, box_state)
 
     metrics, elapsed = sdir / "metrics.jsonl", 0.0  # elapsed: stage time before a resume
     if rank == 0:
@@ -610,6 +728,8 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
         def write(tmp):
             checkpoint.save(group, tmp, extra={"task": task, "stage": k, "step": step})
             torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "trainer.pt")
+            if box is not None:
+                torch.save(box.state_dict(), tmp / "surrogate.pt")
             write_json(tmp / "config.json", stage_cfg)
         if rank == 0:  # the replaced checkpoint stays as ckpt.old until this one has proved good
             checkpoint.save_dir_atomic(sdir / "ckpt", write, keep_old=True)
@@ -647,6 +767,9 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
             pg["lr"] = lr_now
         logs = rid.train_step(models, group, reward, micro_batches, optimizer, step_cfg,
                               clip_grad=cfg.clip_grad, generator=method_gen)
+        if box is not None:  # the step's samples → the true reward → the surrogate's buffer (and an adaptation)
+            with bad_input():  # a user's black box failing mid-run: one line, exit 2, checkpoints kept
+                logs.update(box.after_step())
         logs = _mean_across_ranks({k_: float(v) for k_, v in logs.items()}, models.device)
         #### FINITE CHECKS, before anything is saved ####
         if not math.isfinite(logs["loss"]):  # computed from the weights after `step` updates
@@ -677,6 +800,8 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
         if not torch.isfinite(images).all():  # the last update's weights, never run forward in training
             raise stop(f"the samples after the last step ({total}) are non-finite")
         save_grid(images, sdir / "samples.png")
+        if box is not None:  # the surrogate against the true reward on held-out prompts, the final model's samples
+            _surrogate_report(k, box, sdir, test, models, cfg)
         checkpoint.save(group, sdir, extra={"task": task, "stage": k, "step": total, "config": stage_cfg})
         run_path = out / "run.json"
         run = checkpoint.read_run(out, need=("stages",))
@@ -727,6 +852,10 @@ def _run(cfg: Config, is_mini: bool, model_given: bool, resume: bool, world: int
 
     hf_logging.disable_progress_bar()  # transformers' per-load "Loading weights" bar ...
     enable_progress_bars()  # ... but keep the hub's download bars (SD-1.5's first download takes minutes)
+    black = [t for t in cfg.tasks if surrogate.is_black_box(t)]
+    if black and world > 1:
+        raise UsageError(f"black-box task(s) {black} train on one process only (each would fit its own "
+                         f"surrogate); run without torchrun, WORLD_SIZE is {world}")
     with bad_input():
         run_info, train, test = open_run(cfg, resume, world)
         step_cfg = step_config(cfg)
@@ -735,6 +864,8 @@ def _run(cfg: Config, is_mini: bool, model_given: bool, resume: bool, world: int
     with reading(f"--model {cfg.model}"), bad_input():  # a weight file in it may be truncated or garbage
         models = rid.load_models(cfg.model, device=cfg.device,
                                  dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
+    with bad_input():
+        models.set_resolution(cfg.resolution, "--resolution")
     reward_fns = {}
     for task in cfg.tasks:  # all weights, up front
         spec = f" (reward spec {cfg.reward_spec})" if cfg.reward_spec else ""

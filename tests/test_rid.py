@@ -589,3 +589,23 @@ def kernels_lora(layer, x):
     As, Bs, scales = layer._entries(layer.group._active)
     with torch.no_grad():
         return kernels.lora_group_linear(x, layer.weight, layer.bias, As, Bs, scales)
+
+
+def test_resolution_sets_the_latent_shape_as_diffusers_does(models, sd_path):
+    """--resolution: latent side = px / the VAE factor, diffusers' own vae_scale_factor being the oracle,
+    and decoded images come out px × px; sizes the UNet cannot halve enough are refused in one line."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_path, safety_checker=None, requires_safety_checker=False)
+    assert models.vae_factor == pipe.vae_scale_factor
+    assert models.latent_shape[1] * models.vae_factor == pipe.unet.config.sample_size * pipe.vae_scale_factor
+    m = models.resolution_multiple
+    models.set_resolution(2 * m)
+    assert models.latent_shape == (4, 2 * m // pipe.vae_scale_factor, 2 * m // pipe.vae_scale_factor)
+    noise = torch.randn(1, *models.latent_shape, generator=torch.Generator().manual_seed(0))
+    assert rid.sample(models, ["a"], noise, steps=2, guidance=1.0).shape == (1, 3, 2 * m, 2 * m)
+    for bad in (m + m // 2, 0, -m, True, 2.0 * m):
+        with pytest.raises(ValueError, match=rf"--resolution {bad!r} is not allowed; allowed: a multiple of {m}"):
+            models.set_resolution(bad, "--resolution")
+    models.set_resolution(None)
+    assert models.latent_shape[1] == pipe.unet.config.sample_size

@@ -628,3 +628,36 @@ def test_ddp_two_processes_match_one(world, full_run, tmp_path):
     assert len(r0) == len(r1) == 4 and len(one) == 8  # 4 steps: 1 micro-batch per rank, 2 in 1 process
     for s in range(4):
         assert r0[s] + r1[s] == one[2 * s] + one[2 * s + 1]
+
+
+def test_resolution_trains_and_evaluates_at_that_size(world, tmp_path, monkeypatch, capsys):
+    """--resolution reaches the training samples and eval's images (the run's own by default), is kept
+    by --resume, and a size the model cannot take exits 2 with one line."""
+    import eval as evaluation
+    import rid
+
+    m = rid.load_models(world.sd).resolution_multiple
+    out = tmp_path / "res"
+    args = tiny_args(world, out, "--resolution", str(2 * m), tasks="aesthetic")
+    assert run_main(monkeypatch, args) == 0
+    assert Image.open(out / "stage1-aesthetic" / "samples.png").height == 2 * m  # a grid row of 2m × 2m images
+    assert json.loads((out / "run.json").read_text())["config"]["resolution"] == 2 * m
+    assert run_main(monkeypatch, tiny_args(world, out, tasks="aesthetic") + ["--resume"]) == 2
+    assert "resolution: was" in capsys.readouterr().err
+    bad = tiny_args(world, tmp_path / "bad", "--resolution", str(m + m // 2), tasks="aesthetic")
+    assert run_main(monkeypatch, bad) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert f"--resolution {m + m // 2} is not allowed; allowed: a multiple of {m}" in err[-1]
+    from test_rewards import tiny_spec
+
+    (tmp_path / "spec").mkdir()
+    tiny_spec(tmp_path / "spec")
+    rep = tmp_path / "rep"
+    assert evaluation.main(["--ckpt", str(out), "--out", str(rep), "--images-per-prompt", "2", "--max-prompts", "2",
+                            "--reward-spec", str(tmp_path / "spec" / "rewards.json"), "--device", "cpu"]) == 0
+    report = json.loads((rep / "report.json").read_text())
+    strips = [rep / r["strip"] for r in report["rows"] if r.get("strip")]
+    assert len(strips) == 2 and all(Image.open(f).height == 2 * m for f in strips)
+    assert evaluation.main(["--ckpt", str(out), "--out", str(tmp_path / "rep2"), "--resolution", str(m + m // 2),
+                            "--device", "cpu"]) == 2
+    assert f"--resolution {m + m // 2} is not allowed" in capsys.readouterr().err
