@@ -122,13 +122,15 @@ class Config(rid.StepConfig):
     ckpt_every: int = 100      # optimizer steps between mid-task checkpoints
     n_samples: int = 8         # test prompts in each stage's samples.png
     report_to: str = "none"    # "tensorboard": metrics.jsonl's scalars and samples.png also to <out>/tensorboard
+    branch_from: str | None = None  # a finished run whose leading stages this new run copies (open_run)
     # -- black-box tasks (jpeg-kb, png-kb, module:function): LaSRO's surrogate, surrogate.SurrogateConfig --
     surrogate: dict = field(default_factory=lambda: asdict(surrogate.SurrogateConfig()))
     out: str = "out"
     device: str = ""           # "" = cuda if available (cuda:LOCAL_RANK under torchrun), else cpu
 
 
-RUNTIME = ("gradient_checkpointing", "ckpt_every", "out", "device", "report_to")
+RUNTIME = ("gradient_checkpointing", "ckpt_every", "out", "device", "report_to", "branch_from")
+PER_TASK = ("epochs", "lr", "lr_schedule", "batch")  # Config dicts keyed by task
 REPORT_TO = ("none", "tensorboard")
 # Upper bounds of the integer flags that size tensors or loops (seeds feed 64-bit generators):
 # beyond them a value fails only mid-run (an allocation, an overflow) instead of up front.
@@ -234,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resume", action="store_true", help="continue the run in --out from its last readable checkpoint (same "
                                             "settings required, but for --ckpt-every, --device, --report-to and "
                                             "--gradient-checkpointing); starts fresh if --out holds no run")
+    a("--branch-from", metavar="RUN", help="start a new run from another run's finished leading stages: those whose "
+                                          "tasks begin --tasks are copied, not retrained, if every other setting "
+                                          "matches (e.g. the orders aesthetic,hps,compress and aesthetic,hps,jpeg-kb "
+                                          "share two stages); the numbers equal a run from scratch (default: none)")
     a("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     for f in fields(surrogate.SurrogateConfig):  # black-box tasks only
         a("--surrogate-" + f.name.replace("_", "-"), type=str,
@@ -333,6 +339,8 @@ def resolve(args) -> tuple[Config, bool]:
         cfg.model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     if args.prompts is not None:
         cfg.prompts, cfg.test_prompts = str(Path(args.prompts).resolve()), None
+    if args.branch_from is not None:
+        cfg.branch_from = str(Path(args.branch_from).resolve())
     if args.reward_spec is not None:
         cfg.reward_spec = str(Path(args.reward_spec).resolve())
     method_fields = [f.name for f in fields(rid.StepConfig)]
@@ -485,6 +493,8 @@ def open_run(cfg: Config, resume: bool, world: int = 1) -> tuple[dict, list, lis
                              "the numbers, so resume with the old values or choose another --out")
         return run, *(read_prompts(str(checkpoint.inside(out, run[key], key)), f"{run_path} {key}")
                       for key in ("train_prompts", "test_prompts"))
+    if cfg.branch_from:
+        return branch_run(cfg, world)
     prompts = read_prompts(cfg.prompts) if cfg.prompts else [f"a photo of a {a}" for a in ANIMALS]
     if cfg.test_prompts:
         train, test = prompts[:cfg.n_train], read_prompts(cfg.test_prompts, "test prompts")[:cfg.n_test]
@@ -496,10 +506,68 @@ def open_run(cfg: Config, resume: bool, world: int = 1) -> tuple[dict, list, lis
     return run, train, test
 
 
+def branch_run(cfg: Config, world: int) -> tuple[dict, list, list]:
+    """--branch-from: the new run's run.json listing the source run's finished stages that this run shares
+    (the longest prefix of --tasks it finished), and the source's prompt split. Every setting but the later
+    tasks' must match: stage k's random draws depend on (seed, k), never on the tasks after it, so the shared
+    stages are exactly what this run would train. create_run copies them."""
+    src = Path(cfg.branch_from)
+    flag = f"--branch-from {cfg.branch_from}"
+    with reading(src / "run.json"):
+        info = checkpoint.read_run(src, need=("config", "stages", "train_prompts", "test_prompts"))
+    old = info["config"]
+    old_tasks, done = old.get("tasks") or [], info["stages"]
+    shared = 0
+    while (shared < min(len(old_tasks), len(cfg.tasks)) and old_tasks[shared] == cfg.tasks[shared]
+           and f"stage{shared + 1}-{cfg.tasks[shared]}" in done):
+        shared += 1
+    if not shared:
+        raise UsageError(f"{flag}: none of its finished stages ({', '.join(done) or 'none'}) begins --tasks "
+                         f"{','.join(cfg.tasks)}; nothing to share")
+    keep = cfg.tasks[:shared]
+    def settings(c: dict) -> dict:  # what the shared stages depend on
+        c = {k: v for k, v in c.items() if k not in ("tasks", *RUNTIME)}
+        for key in PER_TASK:
+            c[key] = {t: (c.get(key) or {}).get(t) for t in keep}
+        if not any(surrogate.is_black_box(t) for t in keep):
+            c.pop("surrogate", None)  # only black-box stages read it
+        return c
+    diff = config_diff(settings(old), settings(config_dict(cfg)))
+    if info.get("world_size", world) != world:
+        diff.append(f"world size: was {info['world_size']} process(es), now {world}")
+    if diff:
+        raise UsageError(f"{flag}: trained with other settings ({'; '.join(diff)}); its stages are not this "
+                         "run's, so match them or drop --branch-from")
+    stages = [f"stage{k}-{t}" for k, t in enumerate(keep, 1)]
+    run = {"tasks": cfg.tasks, "method": cfg.method, "model": cfg.model, "reward_spec": cfg.reward_spec,
+           "stages": stages, "test_prompts": "test_prompts.txt", "train_prompts": "train_prompts.txt",
+           "seed": cfg.seed, "world_size": world, "config": config_dict(cfg),
+           "branched_from": {"run": str(src), "stages": stages}}
+    return run, *(read_prompts(str(checkpoint.inside(src, info[key], key)), f"{src / 'run.json'} {key}")
+                  for key in ("train_prompts", "test_prompts"))
+
+
 def create_run(cfg: Config, run: dict, train: list, test: list) -> None:
-    """Rank 0 writes the prompt split and run.json of a new run."""
+    """Rank 0 writes the prompt split and run.json of a new run (a branch's shared stages first: copied
+    whole, checked against their checksums, then renamed into place; run.json, written last, makes them count)."""
     out = Path(cfg.out)
     if _rank() == 0 and not (out / "run.json").exists():
+        if run.get("branched_from"):
+            src = Path(run["branched_from"]["run"])
+            out.mkdir(parents=True, exist_ok=True)
+            for name in run["branched_from"]["stages"]:
+                tmp = out / f".{name}.tmp"  # remove_stale_temps' pattern: a kill mid-copy leaves nothing
+                shutil.rmtree(tmp, ignore_errors=True)
+                try:
+                    with reading(src / name), bad_input():
+                        shutil.copytree(src / name, tmp, ignore=shutil.ignore_patterns("ckpt*", ".*.tmp"))
+                        checkpoint.verify(tmp)
+                except UsageError:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    raise
+                shutil.rmtree(out / name, ignore_errors=True)
+                os.replace(tmp, out / name)
+            log(f"branched from {src}: copied {', '.join(run['branched_from']['stages'])}")
         checkpoint.atomic_write(out / "train_prompts.txt", "\n".join(train) + "\n")
         checkpoint.atomic_write(out / "test_prompts.txt", "\n".join(test) + "\n")
         write_json(out / "run.json", run)

@@ -106,3 +106,26 @@ def timing(t0: float, t_train: float, trained: int, jobs: int) -> dict:
             "jobs": jobs, "cpu": f"{os.cpu_count()} CPU cores",
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2),  # kB→GB
             "date": time.strftime("%Y-%m-%d")}
+
+
+def train_then_eval(todo: list, dirs: list, out: Path, args, p: Parser, t0: float, prog: str, log) -> tuple[Path, dict]:
+    """Train the commands in `todo` (args.jobs at once), then ONE eval.py over `dirs` into <out>/eval.
+    The timing is stored in <out>/experiment.json before evaluating, so an evaluation killed and rerun
+    still reports the training it followed; args.report_only runs nothing and reads both back.
+    -> (eval dir, timing)."""
+    ev, timing_file = out / "eval", out / "experiment.json"
+    if args.report_only:
+        if not (ev / "report.json").exists() or not timing_file.exists():
+            p.error(f"--report-only: {ev / 'report.json'} or {timing_file} is missing; run without --report-only first")
+        return ev, json.loads(timing_file.read_text())
+    run_parallel(todo, args.jobs, out, prog, log)
+    fresh = bool(todo) or not timing_file.exists()  # else nothing trained now: the stored timing describes the real work
+    if fresh:
+        timing_file.parent.mkdir(parents=True, exist_ok=True)
+        timing_file.write_text(json.dumps(timing(t0, time.time() - t0, len(todo), args.jobs), indent=1) + "\n")
+    run([sys.executable, "eval.py", "--ckpt", *dirs, "--out", ev, *args.eval_args.split()], prog, log)
+    stored = json.loads(timing_file.read_text())
+    if fresh:
+        stored["total_min"] = round((time.time() - t0) / 60, 1)
+        timing_file.write_text(json.dumps(stored, indent=1) + "\n")
+    return ev, stored

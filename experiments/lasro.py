@@ -78,27 +78,35 @@ def main(argv=None) -> int:
     out, ril_out, log, t0 = ROOT / args.out, ROOT / args.ril_out, logger(PROG), time.time()
 
     #### TRAIN: the black-box sequence, its frozen ablation, the compress comparison ####
+    # The black-box runs share their first two stages with the compress run of the same method and seed
+    # (train.py --branch-from copies them: stage k's draws depend on (seed, k) only), so the compress
+    # runs train first and every black-box run trains its third stage alone.
     plan = []  # (label, run dir, tasks, method, extra flags)
     for seed in seeds:
         for m in methods:
-            plan.append((m, out / f"{m}-seed{seed}", TASKS, m, []))
             plan.append((f"{m} (compress)", ril_out / f"{m}-seed{seed}", COMPARE, m, []))
+            plan.append((m, out / f"{m}-seed{seed}", TASKS, m, ["--branch-from", ril_out / f"{m}-seed{seed}"]))
         if not args.no_ablation:
-            plan.append(("rid-frozen", out / f"rid-frozen-seed{seed}", TASKS, "rid", ["--surrogate-adapt-every", "0"]))
-    run_of, todo = {}, []
+            plan.append(("rid-frozen", out / f"rid-frozen-seed{seed}", TASKS, "rid",
+                         ["--surrogate-adapt-every", "0", "--branch-from", ril_out / f"rid-seed{seed}"]))
+    if not args.no_ablation and "rid" not in methods:
+        p.error("the frozen-surrogate ablation branches from the rid runs: add rid to --methods or pass --no-ablation")
+    run_of, phases = {}, ([], [])
     for label, d, tasks, m, extra in plan:
         run_of[str(d.resolve())] = label
         if finished(d, 3):
             log(f"{d}: finished earlier, kept")
             continue
-        todo.append(train_cmd(d, tasks, m, int(d.name.rsplit("seed", 1)[1]), *extra, *args.train_args.split()))
-    run_parallel(todo, args.jobs, out, PROG, log)
+        phases[tasks == TASKS].append(train_cmd(d, tasks, m, int(d.name.rsplit("seed", 1)[1]), *extra,
+                                                *args.train_args.split()))
+    for todo in phases:
+        run_parallel(todo, args.jobs, out, PROG, log)
     t_train = time.time() - t0
 
     #### EVALUATE every run side by side ####
     ev = out / "eval"
     run([sys.executable, "eval.py", "--ckpt", *[d for _, d, *_ in plan], "--out", ev, *args.eval_args.split()], PROG, log)
-    timing = common_timing(t0, t_train, len(todo), args.jobs)
+    timing = common_timing(t0, t_train, sum(map(len, phases)), args.jobs)
     report = json.loads((ev / "report.json").read_text())
 
     #### REPORT ####

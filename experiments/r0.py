@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 
 import eval as evaluation  # the repo's eval.py: METRICS, the sample grid
-from experiments.common import ROOT, Parser, finished, logger, mean_std, run, run_parallel, train_cmd, write_doc
-from experiments.common import timing as common_timing
+from experiments.common import ROOT, Parser, finished, logger, mean_std, train_cmd, train_then_eval, write_doc
 
 PROG = "python -m experiments.r0"
 # R0's mix is HPS + ImageReward + CLIP; the mini world has no ImageReward, its aesthetic stands in. With
@@ -91,22 +90,7 @@ def main(argv=None) -> int:
             log(f"{d.name}: finished earlier, kept")
             continue
         todo.append(train_cmd(d, None, "r0", seed, "--joint", args.joint, *extra, *args.train_args.split()))
-    ev, timing_file = out / "eval", out / "experiment.json"
-    if args.report_only:
-        if not (ev / "report.json").exists() or not timing_file.exists():
-            p.error(f"--report-only: {ev / 'report.json'} or {timing_file} is missing; run without --report-only first")
-        timing = json.loads(timing_file.read_text())
-    else:
-        run_parallel(todo, args.jobs, out, PROG, log)
-        t_train = time.time() - t0
-
-        #### EVALUATE every run side by side (the base at K and at its usual steps, once each) ####
-        run([sys.executable, "eval.py", "--ckpt", *dirs, "--out", ev, *args.eval_args.split()], PROG, log)
-        if not todo and timing_file.exists():
-            timing = json.loads(timing_file.read_text())
-        else:
-            timing = common_timing(t0, t_train, len(todo), args.jobs)
-            timing_file.write_text(json.dumps(timing, indent=1) + "\n")
+    ev, timing = train_then_eval(todo, dirs, out, args, p, t0, PROG, log)
 
     #### REPORT ####
     report = json.loads((ev / "report.json").read_text())

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import eval as evaluation  # the repo's eval.py: METRICS, the sample grid, the last-stage rows
 import plots
-from experiments.common import ROOT, Parser, finished, logger, mean_std, run, run_parallel, train_cmd, write_doc
-from experiments.common import timing as common_timing
+from experiments.common import ROOT, Parser, finished, logger, mean_std, train_cmd, train_then_eval, write_doc
 
 TASKS = "aesthetic,hps,compress"
 
@@ -136,24 +135,7 @@ def main(argv=None) -> int:
                 continue
             todo.append(train_cmd(d, args.tasks, method, seed, *(["--lam", f"{lam:g}"] if lam is not None else []),
                                   *args.train_args.split()))
-    ev, timing_file = out / "eval", out / "experiment.json"
-    if args.report_only:
-        if not (ev / "report.json").exists() or not timing_file.exists():
-            p.error(f"--report-only: {ev / 'report.json'} or {timing_file} is missing; run without --report-only first")
-        timing = json.loads(timing_file.read_text())
-    else:
-        run_parallel(todo, args.jobs, out, PROG, log)
-        t_train = time.time() - t0
-        if todo:  # stored now, so an evaluation killed and rerun still reports the training it followed
-            timing_file.write_text(json.dumps(common_timing(t0, t_train, len(todo), args.jobs), indent=1) + "\n")
-
-        #### EVALUATE all runs side by side ####
-        run([sys.executable, "eval.py", "--ckpt", *dirs, "--out", ev, *args.eval_args.split()], PROG, log)
-        if not todo and timing_file.exists():  # nothing trained now: the stored timings describe the real work
-            timing = json.loads(timing_file.read_text())
-        else:
-            timing = common_timing(t0, t_train, len(todo), args.jobs)
-            timing_file.write_text(json.dumps(timing, indent=1) + "\n")
+    ev, timing = train_then_eval(todo, dirs, out, args, p, t0, PROG, log)
 
     #### REPORT: mean ± std over seeds ####
     report = json.loads((ev / "report.json").read_text())

@@ -661,3 +661,40 @@ def test_resolution_trains_and_evaluates_at_that_size(world, tmp_path, monkeypat
     assert evaluation.main(["--ckpt", str(out), "--out", str(tmp_path / "rep2"), "--resolution", str(m + m // 2),
                             "--device", "cpu"]) == 2
     assert f"--resolution {m + m // 2} is not allowed" in capsys.readouterr().err
+
+
+def test_branch_from_copies_the_shared_stages_and_ends_as_a_run_from_scratch(world, full_run, tmp_path,
+                                                                            monkeypatch, capsys):
+    src = tmp_path / "src"  # the reference's first task alone: its stage 1 is the full run's stage 1
+    assert run_main(monkeypatch, tiny_args(world, src, tasks="aesthetic")) == 0
+    out, log = tmp_path / "branch", tmp_path / "log-branch"
+    assert run_main(monkeypatch, tiny_args(world, out, *COSINE, "--branch-from", str(src)),
+                    RID_TEST_LOG=str(log)) == 0
+    assert len(Path(f"{log}.0").read_text().splitlines()) == 4  # stage 2 only: 2 steps × 2 micro-batches
+    info = json.loads((out / "run.json").read_text())
+    assert info["stages"] == ["stage1-aesthetic", "stage2-compress"]
+    assert info["branched_from"] == {"run": str(src.resolve()), "stages": ["stage1-aesthetic"]}
+    for stage in ("stage1-aesthetic", "stage2-compress"):
+        ref, got = adapters(full_run / stage), adapters(out / stage)
+        assert ref.keys() == got.keys()
+        for key in ref:
+            assert torch.equal(ref[key], got[key]), (stage, key)
+    assert (out / "train_prompts.txt").read_text() == (full_run / "train_prompts.txt").read_text()
+    assert not list(out.glob(".*.tmp")) and not (out / "stage1-aesthetic" / "ckpt").exists()
+
+    # refused, one line each, and nothing left in --out
+    st = src / "stage1-aesthetic" / "adapters.safetensors"
+    cases = [(tiny_args(world, tmp_path / "b1", *COSINE, "--lam", "0.2", "--branch-from", str(src)),
+              "lam: was 0.1, now 0.2"),
+             (tiny_args(world, tmp_path / "b2", "--branch-from", str(src), tasks="compress,aesthetic"),
+              "nothing to share"),
+             (tiny_args(world, tmp_path / "b3", "--branch-from", str(tmp_path / "nowhere")), "nowhere"),
+             (tiny_args(world, tmp_path / "b4", *COSINE, "--branch-from", str(src)), "checksum mismatch")]
+    for argv, words in cases:
+        if words == "checksum mismatch":
+            st.write_bytes(st.read_bytes()[:-1] + b"\0")
+        assert run_main(monkeypatch, argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert words in err[-1] and "Traceback" not in "\n".join(err), (words, err)
+        o = Path(argv[argv.index("--out") + 1])
+        assert not (o / "run.json").exists() and not list(o.glob("*stage*")), (words, list(o.glob("*")))
