@@ -6,14 +6,17 @@
 Validates, then times, interleaving the variants so load from other processes hits all alike:
   1. a training step of rid vs baseline (UNet calls and VAE decodes counted with hooks);
   2. the EMA teacher's memory (one flat buffer) vs a deep-copied UNet, here and at SD-1.5's size;
-  3. a UNet forward with an adapter group of T = 3 tasks (2 frozen, 1 trainable) vs the plain UNet;
+  3. a UNet forward with an adapter group of T = 3 tasks (2 frozen, 1 trainable) vs the plain UNet, here and
+     with --sd15 RES on SD-1.5's UNet (random weights) at RES²;
   4. a training step of r0 vs draft at K = 4 steps, both with gradient through every step (r0 adds random
-     η with fresh noise, per-reward normalised image-gradients and the weight regularizer).
+     η with fresh noise, per-reward normalised image-gradients and the weight regularizer);
+  5. a rid training step on jpeg-kb through LaSRO's latent surrogate (its adaptation amortised) vs on compress.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+from dataclasses import asdict
 import statistics
 import sys
 import time
@@ -96,30 +99,103 @@ def teacher_memory(base: rid.Models, log=print) -> dict:
 
 def group_overhead(base: rid.Models, batch: int, reps: int, tasks: int = 3, log=print) -> dict:
     """UNet forward (CFG batch 2B) with an adapter group of `tasks` tasks vs the plain UNet."""
-    plain = copy.deepcopy(base)
-    adapted = copy.deepcopy(base)
-    group = rid.inject(adapted.unet)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2 * batch, *base.latent_shape, generator=g).to(base.device, base.dtype)
+    text = rid._text_batch(base, ["a photo of a cat"] * batch, guidance=2.0)
+    return unet_overhead(base.unet, z, text, reps, tasks, log)
+
+
+def unet_overhead(unet, z, text, reps: int, tasks: int = 3, log=print) -> dict:
+    """unet(z, t, text) with an adapter group of `tasks` tasks (the last trainable) vs without, interleaved."""
+    plain, adapted = unet, copy.deepcopy(unet)  # one copy: SD-1.5's UNet is 3.4 GB in fp32
+    group = rid.inject(adapted)
     g = torch.Generator().manual_seed(0)
     for t in range(tasks):
         group.add_task(f"t{t}", generator=g)
         with torch.no_grad():
             group.flat.normal_(0, 0.01, generator=g)
-    z = torch.randn(2 * batch, *base.latent_shape, generator=g).to(base.device, base.dtype)
-    text = rid._text_batch(base, ["a photo of a cat"] * batch, guidance=2.0)
-    t = torch.tensor(501, device=base.device)
+    t = torch.tensor(501, device=z.device)
 
     @torch.no_grad()
     def fwd(m):
-        return m.unet(z, t, encoder_hidden_states=text).sample
+        return m(z, t, encoder_hidden_states=text).sample
 
     diff = (fwd(adapted) - fwd(plain)).abs().max().item()
     if not diff > 0:
         raise RuntimeError("bench: the adapter group did not change the UNet's output")
     ms = _interleaved_ms({"plain": lambda: fwd(plain), "group": lambda: fwd(adapted)}, reps)
+    lora = sum(2 * group.rank * tasks * (layer.in_features + layer.out_features) for layer in group.layers.values())
+    base_w = sum(layer.in_features * layer.out_features for layer in group.layers.values())
     log(f"  plain {ms['plain']:8.2f} ms   with the group (T={tasks}) {ms['group']:8.2f} ms   "
         f"group / plain = {ms['group'] / ms['plain']:.3f}   (kernel mode {kernels.kernel_mode()}, "
-        f"{len(group.layers)} adapted layers)")
+        f"{len(group.layers)} adapted layers; their LoRA multiply-adds per token are {lora / 2 / base_w:.1%} "
+        f"of their base weights)")
     return {"ms": ms}
+
+
+def sd15_overhead(resolution: int, batch: int, reps: int, log=print) -> dict:
+    """unet_overhead on SD-1.5's UNet (random weights, fp32) at `resolution`² with CFG batch 2B."""
+    from diffusers import UNet2DConditionModel
+
+    from experiments.sd15 import UNET
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**UNET).eval().requires_grad_(False)
+    unet.rid_base_model = "sd15-random"
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(2 * batch, 4, resolution // 8, resolution // 8, generator=g)
+    text = torch.randn(2 * batch, 77, UNET["cross_attention_dim"], generator=g)
+    return unet_overhead(unet, z, text, reps, log=log)
+
+
+def surrogate_cost(base: rid.Models, steps: int, batch: int, reps: int, log=print) -> dict:
+    """One rid training step on a black-box task (jpeg-kb through LaSRO's surrogate, surrogate.SurrogateTask,
+    its after-step work included: decoding the step's latents, the true JPEG size, the buffer, and an
+    adaptation fit every `adapt_every` steps, amortised by timing whole cycles) vs the same step on the
+    differentiable compress reward. The mini preset's surrogate settings when the model is the mini world's."""
+    import rewards
+    import surrogate
+    import train
+
+    prompts = [f"a photo of a {a}" for a in train.ANIMALS][:max(batch, 8)]
+    sur_cfg = surrogate.SurrogateConfig(**{**asdict(surrogate.SurrogateConfig()), **train.MINI_SURROGATE})
+    runs, logs = {}, {}
+    for task in ("compress", "jpeg-kb"):
+        m = copy.deepcopy(base)
+        group = rid.inject(m.unet)
+        group.add_task("bench", generator=torch.Generator().manual_seed(0))
+        opt = torch.optim.AdamW(group.parameters(), lr=1e-4)
+        cfg = rid.StepConfig(method="rid", steps=steps)
+        noise = torch.randn(batch, *m.latent_shape, generator=torch.Generator().manual_seed(0)).to(m.device)
+        if task == "compress":
+            reward = rewards.get("compress")
+            runs[task] = lambda m=m, g=group, o=opt, c=cfg, n=noise, r=reward: rid.train_step(
+                m, g, r, [(prompts[:batch], n)], o, c)
+        else:
+            box = surrogate.SurrogateTask(task, surrogate.black_box(task), m, prompts, sur_cfg, seed=0)
+            box.sur.add(*_explored(box, m, prompts, steps))  # a filled buffer, as after pre-training
+            box.sur.fit(1)
+
+            def cycle(m=m, g=group, o=opt, c=cfg, n=noise, b=box):  # adapt_every steps: one adaptation
+                for _ in range(max(1, sur_cfg.adapt_every)):
+                    rid.train_step(m, g, b, [(prompts[:batch], n)], o, c)
+                    logs.update(b.after_step())
+            runs[task] = cycle
+    ms = _interleaved_ms(runs, reps)
+    per_step = ms["jpeg-kb"] / max(1, sur_cfg.adapt_every)
+    log(f"  compress {ms['compress']:8.1f} ms/step   jpeg-kb through the surrogate {per_step:8.1f} ms/step "
+        f"(adapting every {sur_cfg.adapt_every} steps for {sur_cfg.adapt_steps} fits, amortised)   "
+        f"surrogate / compress = {per_step / ms['compress']:.3f}")
+    return {"ms": {"compress": ms["compress"], "jpeg-kb": per_step}}
+
+
+def _explored(box, m, prompts: list, steps: int):
+    """(z, prompt ids, true scores) of one sample per prompt: what pre-training puts in the buffer."""
+    import surrogate
+
+    noise = torch.randn(len(prompts), *m.latent_shape, generator=torch.Generator().manual_seed(1))
+    z = surrogate.explore(m, prompts, noise, steps, 7.5)
+    return z, torch.arange(len(prompts)), box._true(z, prompts)
 
 
 def r0_vs_draft(base: rid.Models, batch: int, reps: int, K: int = 4, log=print) -> dict:
@@ -182,10 +258,14 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=10, help="DDIM steps per training step (default: 10)")
     p.add_argument("--batch", type=int, default=2, help="prompts per training step (default: 2)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions; medians are printed (default: 5)")
+    p.add_argument("--sd15", type=int, default=0, metavar="RES",
+                   help="also part 3 on SD-1.5's UNet (random weights, fp32, 3.4 GB) at RES² (default: 0, skip)")
     a = p.parse_args(argv)
     for flag in ("steps", "batch", "reps"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag} {getattr(a, flag)}: must be ≥ 1")
+    if a.sd15 and (a.sd15 % 64 or not 64 <= a.sd15 <= 1024):
+        p.error(f"--sd15 {a.sd15}: allowed: 0 (skip) or a multiple of 64 from 64 to 1024")
     try:
         base = rid.load_models(a.model)
     except ValueError as e:
@@ -197,8 +277,14 @@ def main(argv=None) -> int:
     teacher_memory(base)
     print(f"== UNet forward: adapter group vs plain (CFG batch {2 * a.batch}) ==")
     group_overhead(base, a.batch, a.reps * 4)
+    if a.sd15:
+        print(f"== UNet forward at SD-1.5's size, {a.sd15}²: adapter group vs plain (CFG batch {2 * a.batch}) ==")
+        sd15_overhead(a.sd15, a.batch, a.reps)
     print(f"== per training step: r0 vs draft at K = 4, full backprop (batch {a.batch}) ==")
     r0_vs_draft(base, a.batch, a.reps)
+    print(f"== per training step: a black-box task through LaSRO's surrogate vs compress (rid, {a.steps} DDIM "
+          f"steps, batch {a.batch}) ==")
+    surrogate_cost(base, a.steps, a.batch, a.reps)
     return 0
 
 

@@ -1,0 +1,82 @@
+"""experiments.memory: the live-tensor counter against hand-counted allocations, the fake-tensor step
+against the same step on real tensors, and the doc's arithmetic."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import rid
+from experiments import memory
+from tiny import toy_reward
+
+
+def test_counter_counts_each_storage_once_while_it_lives():
+    with memory.PeakMemory() as m:
+        a = torch.ones(1000)                        # 4000 B
+        b = torch.ones(2000)                        # + 8000 = 12000
+        v = b[:10].view(2, 5)                       # a view: no new storage
+        del a                                       # 8000
+        c = torch.ones(500, dtype=torch.float64)    # + 4000 = 12000 again, not more
+        d = torch.ones(10, dtype=torch.bfloat16)    # + 20 = 12020: the peak
+        del b, v                                    # 4020 (v kept b's storage alive until now)
+        now = m.now
+    assert (m.peak, now) == (12020, 4020)
+    del c, d
+    assert m.now == 0
+
+
+def test_counter_starts_from_the_tensors_it_is_given_and_reads_fake_scalars_as_one():
+    w = torch.zeros(256)  # 1024 B alive before
+    with memory.PeakMemory(w, w[3:]) as m:  # the same storage twice counts once
+        x = torch.ones(64)
+        y = (x * w[:64]).sum()
+    assert m.peak == 1024 + 256 + 256 + 4  # w, x, the product, the scalar sum: all alive at the end
+    with FakeTensorMode(), memory.PeakMemory() as m:
+        t = torch.zeros(3)
+        assert float(t.sum()) == 1.0 and bool(torch.isfinite(t).all()) and int(t.long().sum()) == 1
+
+
+def _fake_like(real):
+    """The same architecture as `real` built from its configs; call inside FakeTensorMode."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_config(real.unet.config)
+    vae = AutoencoderKL.from_config(real.vae.config)
+    text = CLIPTextModel(real.text_encoder.config)
+    for m in (unet, vae, text):
+        m.eval().requires_grad_(False)
+    unet.rid_base_model = "fake"
+    return rid.Models(unet, vae, text, real.tokenizer)
+
+
+@pytest.mark.parametrize("method,gc", [("rid", False), ("baseline", False), ("draft-k", True), ("r0", False)])
+def test_fake_step_needs_the_memory_of_the_real_step(sd_path, method, gc):
+    """The estimate's premise: fake tensors go through the same ops with the same shapes, so a step on
+    them holds exactly the live bytes the real step holds (tiny SD, real weights vs fake)."""
+    steps = memory.steps_for(method, 6, 2)
+    models = rid.load_models(sd_path)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = memory.step_memory(_fake_like(models), toy_reward, [], method, 2, gc, steps,
+                                  truncate=2 if method == "draft-k" else 1)
+    real = memory.step_memory(models, toy_reward, [], method, 2, gc, steps,
+                              truncate=2 if method == "draft-k" else 1)
+    assert real["static"] == fake["static"] and real["static"] > 0
+    assert fake["peak"] == real["peak"], (real, fake)  # byte for byte
+    assert real["peak"] > real["static"]
+
+
+def test_fits_is_the_largest_batch_under_the_budget():
+    assert memory.fits(4e9, 2e9, 24) == 10          # 4 + 10·2 = 24 GB exactly
+    assert memory.fits(4e9, 2.1e9, 24) == 9
+    assert memory.fits(30e9, 1e9, 24) == 0
+
+
+@pytest.mark.parametrize("argv,words", [(["--resolution", "100"], "--resolution '100'"),
+                                        (["--batches", "2,1"], "--batches '2,1'"),
+                                        (["--methods", "nope"], "unknown ['nope']"),
+                                        (["--dtypes", "fp16"], "--dtypes 'fp16'")])
+def test_bad_flags_exit_2_with_one_line(argv, words, capsys):
+    with pytest.raises(SystemExit) as e:
+        memory.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and words in err[0], err
