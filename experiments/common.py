@@ -129,3 +129,11 @@ def train_then_eval(todo: list, dirs: list, out: Path, args, p: Parser, t0: floa
         stored["total_min"] = round((time.time() - t0) / 60, 1)
         timing_file.write_text(json.dumps(stored, indent=1) + "\n")
     return ev, stored
+
+
+def ints(p: Parser, flag: str, text: str) -> list:
+    """A comma list of integers from flag `flag` ('' → []); a one-line error naming the flag otherwise."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"{flag} {text!r}: expected a comma list of integers, e.g. 0,1,2")

@@ -33,7 +33,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from experiments.common import ROOT, Parser, logger, write_doc
+from experiments.common import ROOT, Parser, ints, logger, write_doc
 
 PROG = "python -m experiments.memory"
 GIB = 2 ** 30
@@ -200,11 +200,7 @@ def main(argv=None) -> int:
     p.add_argument("--truncate", type=int, default=10, help="draft-k's K (default: 10)")
     p.add_argument("--out", default="docs/sd15_memory.md", help="report to write, and its .json (default: %(default)s)")
     args = p.parse_args(argv)
-    try:
-        sizes = [int(x) for x in args.resolution.split(",") if x]
-        batches = [int(x) for x in args.batches.split(",") if x]
-    except ValueError:
-        p.error(f"--resolution {args.resolution!r} / --batches {args.batches!r}: expected comma lists of integers")
+    sizes, batches = ints(p, "--resolution", args.resolution), ints(p, "--batches", args.batches)
     if not sizes or any(s < 64 or s % 64 or s > 2048 for s in sizes):
         p.error(f"--resolution {args.resolution!r}: every size must be a multiple of 64 from 64 to 2048")
     if len(batches) != 2 or not 1 <= batches[0] < batches[1] <= 64:

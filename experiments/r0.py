@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import eval as evaluation  # the repo's eval.py: METRICS, the sample grid
-from experiments.common import ROOT, Parser, finished, logger, mean_std, train_cmd, train_then_eval, write_doc
+from experiments.common import ROOT, Parser, finished, ints, logger, mean_std, train_cmd, train_then_eval, write_doc
 
 PROG = "python -m experiments.r0"
 # R0's mix is HPS + ImageReward + CLIP; the mini world has no ImageReward, its aesthetic stands in. With
@@ -67,11 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--report-only", action="store_true",
                    help="train and evaluate nothing: rewrite --doc from --out's eval/report.json")
     args = p.parse_args(argv)
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s]
-        ablation_seeds = [int(s) for s in args.ablation_seeds.split(",") if s]
-    except ValueError:
-        p.error(f"--seeds {args.seeds!r} / --ablation-seeds {args.ablation_seeds!r}: expected comma lists of integers")
+    seeds, ablation_seeds = ints(p, "--seeds", args.seeds), ints(p, "--ablation-seeds", args.ablation_seeds)
     if not seeds:
         p.error("--seeds: give at least one seed")
     if args.jobs < 1:

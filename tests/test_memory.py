@@ -29,7 +29,9 @@ def test_counter_starts_from_the_tensors_it_is_given_and_reads_fake_scalars_as_o
     with memory.PeakMemory(w, w[3:]) as m:  # the same storage twice counts once
         x = torch.ones(64)
         y = (x * w[:64]).sum()
-    assert m.peak == 1024 + 256 + 256 + 4  # w, x, the product, the scalar sum: all alive at the end
+        now = m.now
+    assert m.peak == 1024 + 256 + 256 + 4  # w, x, the product and the sum, alive together while sum() ran
+    assert now == 1024 + 256 + 4 and y.shape == ()  # then the unnamed product was freed
     with FakeTensorMode(), memory.PeakMemory() as m:
         t = torch.zeros(3)
         assert float(t.sum()) == 1.0 and bool(torch.isfinite(t).all()) and int(t.long().sum()) == 1
