@@ -12,7 +12,7 @@ checkpointing) works but costs more. This script measures each at mini scale, fr
      so a change in machine load hits every method alike); median seconds per step, ratio to K = 1, and
      the UNet calls per step counted by hooks (UNetCalls).
   2. MEMORY: one fresh process per method (and with / without --gradient-checkpointing for K > 1) loads
-     the model and rewards, takes 3 steps and reports its peak RSS.
+     the model and rewards, takes 3 steps and reports the peak of the tensors they allocate (and its RSS).
   3. TRAINING: every (reward, method, seed) from the base model with the same lr, batch and schedule,
      until it has spent the same budget of UNet calls (forward + backward, a gradient-checkpointing
      recompute counted as a forward); the held-out test reward (all 50 test prompts of the mini world,
@@ -276,15 +276,20 @@ def run_cost(out: Path, names: list, rounds: int, extra: list, reward: str = "ae
 
 
 def run_memory(name: str, out: Path, extra: list, steps: int = 3, reward: str = "aesthetic") -> None:
-    """Peak RSS of a fresh process that loads everything and takes `steps` steps of one config."""
+    """Memory of `steps` steps of one config in a fresh process: the peak of the tensors the steps allocate,
+    counted while they live (experiments.memory.PeakMemory, the counter behind docs/sd15_memory.md; at
+    this scale the process's RSS peaks while loading and cannot see a step), and the process's peak RSS."""
+    from experiments.memory import PeakMemory
+
     tr = Trainer(reward, name, 0, out, extra)
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    for _ in range(steps):
-        tr.train_step()
+    with PeakMemory() as mem:
+        for _ in range(steps):
+            tr.train_step()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint.write_json(out / "memory.json", {"config": name, "loaded_gb": round(loaded, 3),
-                                                "peak_gb": round(peak, 3), "steps": steps})
+    checkpoint.write_json(out / "memory.json", {"config": name, "loaded_gb": round(loaded, 3), "peak_gb": round(peak, 3),
+                                                "step_mb": round(mem.peak / 2**20, 2), "steps": steps})
 
 
 #### CURVES (pure: read the pieces' files, no torch) ####
@@ -451,19 +456,21 @@ def write_report(out: Path, doc: Path, rewards: list, seeds: list, budget: int, 
     mem = {n: json.loads((out / f"memory-{n}" / "memory.json").read_text()) for n in CONFIGS
            if (out / f"memory-{n}" / "memory.json").exists()}
     if mem:
-        lines += ["## Peak memory (process RSS)", "",
-                  "A fresh process per configuration loads the model and reward, takes 3 steps; RSS after "
-                  "loading and at the peak, GB. For K > 1 without and with `--gradient-checkpointing`.", "",
-                  "| configuration | after load | peak | peak − load |", "|---|---|---|---|"]
+        lines += ["## Peak memory of a training step", "",
+                  "A fresh process per configuration loads the model and reward and takes 3 steps; the peak of the "
+                  "tensors those steps allocate, counted while they live (experiments.memory.PeakMemory: the "
+                  "activations kept for the backward pass, the gradient, AdamW's state), MB. The processes' peak "
+                  f"RSS ({min(v['peak_gb'] for v in mem.values()):.2f}–{max(v['peak_gb'] for v in mem.values()):.2f} "
+                  "GB) is mostly the loaded models and the allocator's reserve, too coarse to compare steps this small.", "",
+                  "| configuration | step peak (MB) |", "|---|---|"]
         for n, v in mem.items():
-            lines.append(f"| {CONFIGS[n][0]} | {v['loaded_gb']:.3f} | {v['peak_gb']:.3f} | "
-                         f"{v['peak_gb'] - v['loaded_gb']:.3f} |")
-        pairs = [(k, a, b) for k, (a, b) in zip(("2", "5", "all steps"), GC_PAIRS) if a in mem and b in mem]
+            lines.append(f"| {CONFIGS[n][0]} | {v['step_mb']:.1f} |" if "step_mb" in v else f"| {CONFIGS[n][0]} | – |")
+        pairs = [(k, a, b) for k, (a, b) in zip(("2", "5", "all steps"), GC_PAIRS)
+                 if "step_mb" in mem.get(a, {}) and "step_mb" in mem.get(b, {})]
         if pairs:
-            lines += ["", "| K (steps with gradient) | peak − load without GC | with GC |", "|---|---|---|"]
+            lines += ["", "| K (steps with gradient) | without GC (MB) | with GC (MB) |", "|---|---|---|"]
             for k, a, b in pairs:
-                lines.append(f"| {k} | {mem[a]['peak_gb'] - mem[a]['loaded_gb']:.3f} | "
-                             f"{mem[b]['peak_gb'] - mem[b]['loaded_gb']:.3f} |")
+                lines.append(f"| {k} | {mem[a]['step_mb']:.1f} | {mem[b]['step_mb']:.1f} |")
         lines.append("")
     summary = {}
     for reward in rewards:
