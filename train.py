@@ -482,17 +482,12 @@ def open_run(cfg: Config, resume: bool, world: int = 1) -> tuple[dict, list, lis
     if run_path.exists():
         if not resume:
             raise UsageError(f"--out {out} already holds a run; pass --resume to continue it or choose another --out")
-        run = checkpoint.read_run(out, need=("config", "stages", "train_prompts", "test_prompts"))
-        # runs from before --lr-schedule existed trained at a constant lr
-        run["config"].setdefault("lr_schedule", dict.fromkeys(run["config"].get("tasks", []), "constant"))
-        diff = config_diff(run["config"], config_dict(cfg))
-        if run.get("world_size", world) != world:  # runs from before it was recorded: not checked
-            diff.append(f"world size: was {run['world_size']} process(es), now {world}")
+        run = saved_run(out)
+        diff = config_diff(run["config"], config_dict(cfg)) + world_diff(run, world)
         if diff:
             raise UsageError(f"--resume: {out} was trained with other settings ({'; '.join(diff)}); these change "
                              "the numbers, so resume with the old values or choose another --out")
-        return run, *(read_prompts(str(checkpoint.inside(out, run[key], key)), f"{run_path} {key}")
-                      for key in ("train_prompts", "test_prompts"))
+        return run, *run_prompts(out, run)
     if cfg.branch_from:
         return branch_run(cfg, world)
     prompts = read_prompts(cfg.prompts) if cfg.prompts else [f"a photo of a {a}" for a in ANIMALS]
@@ -500,10 +495,33 @@ def open_run(cfg: Config, resume: bool, world: int = 1) -> tuple[dict, list, lis
         train, test = prompts[:cfg.n_train], read_prompts(cfg.test_prompts, "test prompts")[:cfg.n_test]
     else:
         train, test = split_prompts(prompts, cfg.n_train, cfg.n_test, cfg.seed)
-    run = {"tasks": cfg.tasks, "method": cfg.method, "model": cfg.model, "reward_spec": cfg.reward_spec,
-           "stages": [], "test_prompts": "test_prompts.txt", "train_prompts": "train_prompts.txt",
-           "seed": cfg.seed, "world_size": world, "config": config_dict(cfg)}
-    return run, train, test
+    return new_run(cfg, world), train, test
+
+
+def new_run(cfg: Config, world: int, stages: list = (), **extra) -> dict:
+    """run.json of a new run whose finished stages are `stages`."""
+    return {"tasks": cfg.tasks, "method": cfg.method, "model": cfg.model, "reward_spec": cfg.reward_spec,
+            "stages": list(stages), "test_prompts": "test_prompts.txt", "train_prompts": "train_prompts.txt",
+            "seed": cfg.seed, "world_size": world, "config": config_dict(cfg), **extra}
+
+
+def saved_run(d: Path) -> dict:
+    """run.json of the run in `d`, its config read as today's (runs from before --lr-schedule trained at a
+    constant lr)."""
+    run = checkpoint.read_run(d, need=("config", "stages", "train_prompts", "test_prompts"))
+    run["config"].setdefault("lr_schedule", dict.fromkeys(run["config"].get("tasks", []), "constant"))
+    return run
+
+
+def run_prompts(d: Path, run: dict) -> tuple[list, list]:
+    """(train, test) prompts of the run in `d` (paths inside the run only)."""
+    return tuple(read_prompts(str(checkpoint.inside(d, run[key], key)), f"{d / 'run.json'} {key}")
+                 for key in ("train_prompts", "test_prompts"))
+
+
+def world_diff(run: dict, world: int) -> list[str]:
+    """The world size as a config_diff line (runs from before it was recorded: not checked)."""
+    return [] if run.get("world_size", world) == world else [f"world size: was {run['world_size']} process(es), now {world}"]
 
 
 def branch_run(cfg: Config, world: int) -> tuple[dict, list, list]:
@@ -514,7 +532,7 @@ def branch_run(cfg: Config, world: int) -> tuple[dict, list, list]:
     src = Path(cfg.branch_from)
     flag = f"--branch-from {cfg.branch_from}"
     with reading(src / "run.json"):
-        info = checkpoint.read_run(src, need=("config", "stages", "train_prompts", "test_prompts"))
+        info = saved_run(src)
     old = info["config"]
     old_tasks, done = old.get("tasks") or [], info["stages"]
     shared = 0
@@ -532,19 +550,12 @@ def branch_run(cfg: Config, world: int) -> tuple[dict, list, list]:
         if not any(surrogate.is_black_box(t) for t in keep):
             c.pop("surrogate", None)  # only black-box stages read it
         return c
-    diff = config_diff(settings(old), settings(config_dict(cfg)))
-    if info.get("world_size", world) != world:
-        diff.append(f"world size: was {info['world_size']} process(es), now {world}")
+    diff = config_diff(settings(old), settings(config_dict(cfg))) + world_diff(info, world)
     if diff:
         raise UsageError(f"{flag}: trained with other settings ({'; '.join(diff)}); its stages are not this "
                          "run's, so match them or drop --branch-from")
     stages = [f"stage{k}-{t}" for k, t in enumerate(keep, 1)]
-    run = {"tasks": cfg.tasks, "method": cfg.method, "model": cfg.model, "reward_spec": cfg.reward_spec,
-           "stages": stages, "test_prompts": "test_prompts.txt", "train_prompts": "train_prompts.txt",
-           "seed": cfg.seed, "world_size": world, "config": config_dict(cfg),
-           "branched_from": {"run": str(src), "stages": stages}}
-    return run, *(read_prompts(str(checkpoint.inside(src, info[key], key)), f"{src / 'run.json'} {key}")
-                  for key in ("train_prompts", "test_prompts"))
+    return new_run(cfg, world, stages, branched_from={"run": str(src), "stages": stages}), *run_prompts(src, info)
 
 
 def create_run(cfg: Config, run: dict, train: list, test: list) -> None:
