@@ -286,9 +286,10 @@ class LoRALinear(nn.Module):
         return As, Bs, tuple(scales)
 
     def _concatenated(self, buf):
-        """(A_cat (R, in), B_cat (out, R), s_rep (R,)) for the reference path, or (None,)*3 without
-        adapters. Cached under no_grad until the buffer changes in place (its version counter) or the
-        group's tasks or scales change (group._epoch); built per call when a gradient is recorded."""
+        """(A_cat (R, in), B_cat (out, R), s_rep (R,) or None when every scale is 1) for the reference
+        path, or (None,)*3 without adapters. Cached under no_grad until the buffer changes in place
+        (its version counter) or the group's tasks or scales change (group._epoch); built per call
+        when a gradient is recorded."""
         key = None
         if not torch.is_grad_enabled():
             key = (self.group._epoch, id(buf), None if buf is None else buf._version)
@@ -298,8 +299,9 @@ class LoRALinear(nn.Module):
         if not As:
             out = (None, None, None)
         else:
-            s_rep = torch.cat([torch.full((a.shape[0],), s, dtype=torch.float32) for a, s in zip(As, scales)])
-            out = (torch.cat(As), torch.cat(Bs, 1), s_rep.to(self.A_frozen.device))
+            s_rep = None if all(s == 1.0 for s in scales) else torch.cat(
+                [torch.full((a.shape[0],), s, dtype=torch.float32) for a, s in zip(As, scales)]).to(self.A_frozen.device)
+            out = (torch.cat(As), torch.cat(Bs, 1), s_rep)
         if key is not None:
             self._cat_cache = (key, out)
         return out

@@ -389,7 +389,8 @@ def _reference(x, weight, bias, As, Bs, scales):
         return lora_group_cat_reference(x, weight, bias, None, None, None)
     A_cat = torch.cat(list(As), 0)  # (R, in)
     B_cat = torch.cat(list(Bs), 1)  # (out, R)
-    s_rep = _scale_vector(tuple(scales), tuple(a.shape[0] for a in As), x.device)  # (R,)
+    s_rep = None if all(s == 1.0 for s in scales) else _scale_vector(
+        tuple(scales), tuple(a.shape[0] for a in As), x.device)  # (R,)
     return lora_group_cat_reference(x, weight, bias, A_cat, B_cat, s_rep)
 
 
@@ -397,15 +398,18 @@ def lora_group_cat_reference(x: torch.Tensor, weight: torch.Tensor, bias: Option
                              A_cat: Optional[torch.Tensor], B_cat: Optional[torch.Tensor],
                              s_rep: Optional[torch.Tensor]) -> torch.Tensor:
     """The reference on an already concatenated group: A_cat (R, in), B_cat (out, R), s_rep (R,)
-    fp32 (None, None, None: no adapters). No checks: rid.LoRALinear builds these once per change of
-    its adapters (under no_grad, once per optimizer step for the whole sampling loop)."""
+    fp32 or None when every scale is 1 (A_cat None: no adapters). No checks: rid.LoRALinear builds
+    these once per change of its adapters (under no_grad, once per optimizer step for the whole
+    sampling loop)."""
     dt = x.dtype  # autocast's rule: operands in x.dtype; .to() is a no-op when dtypes agree
     y = F.linear(x, weight.to(dt), None if bias is None else bias.to(dt))  # (..., out)
     if A_cat is None:
         return y
     # naive: y + sum(s_i * F.linear(F.linear(x, A_i), B_i) for A_i, B_i, s_i in the group)
     h = F.linear(x, A_cat.to(dt))  # (..., R) one shrink for the whole group
-    return y + F.linear(h * s_rep.to(dt), B_cat.to(dt))  # one expand
+    if s_rep is not None:  # h * 1.0 == h exactly: unit scales (the default) skip a pass over h
+        h = h * s_rep.to(dt)
+    return y + F.linear(h, B_cat.to(dt))  # one expand
 
 
 def lora_group_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -119,6 +119,27 @@ def test_forward_and_grads_match_oracles(T, dtype):
     check_against_oracles(make(T, dtype), TOL[dtype])
 
 
+def test_unit_scales_skip_the_scale_pass_and_give_the_same_bits():
+    """Every scale 1 (rid's default) passes s_rep=None: the reference skips h ⊙ s_rep, which changes no
+    bit (h · 1.0 == h), and the result still matches the oracles; a single non-unit scale brings it back."""
+    from kernels.lora_group import lora_group_cat_reference
+
+    x, w, b, As, Bs, _, dy = make(3, torch.float32, seed=2)
+    unit = [1.0, 1.0, 1.0]
+    check_against_oracles((x, w, b, As, Bs, unit, dy), TOL[torch.float32])
+    A_cat, B_cat = torch.cat(As).detach(), torch.cat(Bs, 1).detach()
+    with torch.no_grad():
+        skipped = lora_group_cat_reference(x, w, b, A_cat, B_cat, None)
+        ones = lora_group_cat_reference(x, w, b, A_cat, B_cat, torch.ones(A_cat.shape[0]))
+        assert torch.equal(skipped, ones)
+        assert torch.equal(lora_group_reference(x, w, b, As, Bs, unit), skipped)
+        halved = lora_group_reference(x, w, b, As, Bs, [1.0, 1.0, 0.5])
+        assert not torch.equal(halved, skipped)
+        expected = naive(x.double(), w.double(), b.double(), [a.double() for a in As], [m.double() for m in Bs],
+                         [1.0, 1.0, 0.5])
+        assert rel_err(halved, expected) < TOL[torch.float32]
+
+
 def test_every_input_trainable_2d_no_bias():
     # W, b and every adapter require grad here (rid freezes them, but the op must not assume it).
     x, w, _, As, Bs, s, dy = make(3, torch.float32, lead=(41,), trainable="all", seed=1)
