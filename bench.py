@@ -102,11 +102,13 @@ def group_overhead(base: rid.Models, batch: int, reps: int, tasks: int = 3, log=
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2 * batch, *base.latent_shape, generator=g).to(base.device, base.dtype)
     text = rid._text_batch(base, ["a photo of a cat"] * batch, guidance=2.0)
-    return unet_overhead(base.unet, z, text, reps, tasks, log)
+    return unet_overhead(base.unet, z, text, reps, tasks, log, wrapped=True)
 
 
-def unet_overhead(unet, z, text, reps: int, tasks: int = 3, log=print) -> dict:
-    """unet(z, t, text) with an adapter group of `tasks` tasks (the last trainable) vs without, interleaved."""
+def unet_overhead(unet, z, text, reps: int, tasks: int = 3, log=print, wrapped: bool = False) -> dict:
+    """unet(z, t, text) with an adapter group of `tasks` tasks (the last trainable) vs without, interleaved.
+    wrapped: also the UNet with its layers wrapped but no task (the wrappers' own per-call cost, without
+    LoRA arithmetic; a second copy of the UNet, so off at SD-1.5's size)."""
     plain, adapted = unet, copy.deepcopy(unet)  # one copy: SD-1.5's UNet is 3.4 GB in fp32
     group = rid.inject(adapted)
     g = torch.Generator().manual_seed(0)
@@ -123,13 +125,23 @@ def unet_overhead(unet, z, text, reps: int, tasks: int = 3, log=print) -> dict:
     diff = (fwd(adapted) - fwd(plain)).abs().max().item()
     if not diff > 0:
         raise RuntimeError("bench: the adapter group did not change the UNet's output")
-    ms = _interleaved_ms({"plain": lambda: fwd(plain), "group": lambda: fwd(adapted)}, reps)
+    fns = {"plain": lambda: fwd(plain), "group": lambda: fwd(adapted)}
+    if wrapped:
+        empty = copy.deepcopy(unet)
+        rid.inject(empty)  # wrappers, no adapters: each wrapped layer returns its base linear's output
+        if not torch.equal(fwd(empty), fwd(plain)):
+            raise RuntimeError("bench: a UNet wrapped without adapters differs from the plain UNet")
+        fns["wrapped"] = lambda: fwd(empty)
+    ms = _interleaved_ms(fns, reps)
     lora = sum(2 * group.rank * tasks * (layer.in_features + layer.out_features) for layer in group.layers.values())
     base_w = sum(layer.in_features * layer.out_features for layer in group.layers.values())
     log(f"  plain {ms['plain']:8.2f} ms   with the group (T={tasks}) {ms['group']:8.2f} ms   "
         f"group / plain = {ms['group'] / ms['plain']:.3f}   (kernel mode {kernels.kernel_mode()}, "
         f"{len(group.layers)} adapted layers; their LoRA multiply-adds per token are {lora / 2 / base_w:.1%} "
         f"of their base weights)")
+    if wrapped:
+        log(f"  wrapped, no adapters {ms['wrapped']:8.2f} ms   wrapped / plain = {ms['wrapped'] / ms['plain']:.3f}   "
+            f"(the wrappers' own cost; the rest of group / plain is the LoRA arithmetic)")
     return {"ms": ms}
 
 

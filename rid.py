@@ -307,7 +307,9 @@ class LoRALinear(nn.Module):
         return out
 
     def forward(self, x):
-        buf, w, b = self.group._active, self.base.weight, self.base.bias
+        # nn.Module's __getattr__ costs ~0.5 µs per lookup (self.base.weight is two): the dicts directly
+        params = self._modules["base"]._parameters
+        buf, w, b = self.group._active, params["weight"], params["bias"]
         if kernels.use_triton(x, w):  # the fused kernel concatenates inside its own launch path
             return kernels.lora_group_linear(x, w, b, *self._entries(buf), check=False)
         return kernels.lora_group_cat_reference(x, w, b, *self._concatenated(buf))

@@ -54,7 +54,12 @@ def use_triton(*tensors: torch.Tensor) -> bool:
                 "are imported (the Triton interpreter); allowed otherwise: RID_KERNELS=auto or torch"
             )
         return True
-    return HAS_TRITON and all(t.is_cuda for t in tensors) and not INTERPRET
+    if INTERPRET or not HAS_TRITON:
+        return False
+    for t in tensors:
+        if not t.is_cuda:
+            return False
+    return True
 
 
 from .ema import ema_, ema_reference_  # noqa: E402

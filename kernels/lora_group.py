@@ -401,15 +401,19 @@ def lora_group_cat_reference(x: torch.Tensor, weight: torch.Tensor, bias: Option
     fp32 or None when every scale is 1 (A_cat None: no adapters). No checks: rid.LoRALinear builds
     these once per change of its adapters (under no_grad, once per optimizer step for the whole
     sampling loop)."""
-    dt = x.dtype  # autocast's rule: operands in x.dtype; .to() is a no-op when dtypes agree
-    y = F.linear(x, weight.to(dt), None if bias is None else bias.to(dt))  # (..., out)
+    dt = x.dtype  # autocast's rule: operands in x.dtype; a dtype test costs 0.06 µs, a no-op .to() 0.6 µs
+    weight = weight if weight.dtype == dt else weight.to(dt)
+    bias = bias if bias is None or bias.dtype == dt else bias.to(dt)
+    y = F.linear(x, weight, bias)  # (..., out)
     if A_cat is None:
         return y
+    A_cat = A_cat if A_cat.dtype == dt else A_cat.to(dt)
+    B_cat = B_cat if B_cat.dtype == dt else B_cat.to(dt)
     # naive: y + sum(s_i * F.linear(F.linear(x, A_i), B_i) for A_i, B_i, s_i in the group)
-    h = F.linear(x, A_cat.to(dt))  # (..., R) one shrink for the whole group
+    h = F.linear(x, A_cat)  # (..., R) one shrink for the whole group
     if s_rep is not None:  # h * 1.0 == h exactly: unit scales (the default) skip a pass over h
         h = h * s_rep.to(dt)
-    return y + F.linear(h, B_cat.to(dt))  # one expand
+    return y.add_(F.linear(h, B_cat))  # one expand, added in place (autograd saves no linear output)
 
 
 def lora_group_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

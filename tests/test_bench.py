@@ -10,7 +10,7 @@ import bench
 def test_every_part_runs_and_prints_its_ratio(sd_path, capsys):
     assert bench.main(["--model", sd_path, "--steps", "2", "--batch", "1", "--reps", "1"]) == 0
     out = capsys.readouterr().out
-    for ratio in ("rid / baseline", "group / plain", "surrogate / compress"):
+    for ratio in ("rid / baseline", "group / plain", "wrapped / plain", "surrogate / compress"):
         m = re.search(re.escape(ratio) + r" = ([0-9.]+)", out)
         assert m and float(m.group(1)) > 0, (ratio, out)
 
