@@ -124,8 +124,8 @@ MUTANTS = [
       (LV,), "re-noised to the first timestep's level"),
     M("draft-lv-sum", "rid.py", "loss = -torch.stack(rewards).mean()", "loss = -torch.stack(rewards).sum()",
       (LV,), "sum instead of mean over the n+1 rewards"),
-    M("draft-lv-copies-dropped", "rid.py", "rewards.append(reward_fn(decode(models, x0_i), prompts).mean())",
-      "reward_fn(decode(models, x0_i), prompts).mean()", (LV,), "the copies' rewards never reach the loss"),
+    M("draft-lv-copies-dropped", "rid.py", "rewards.append(score(models, reward_fn, x0_i, prompts).mean())",
+      "score(models, reward_fn, x0_i, prompts).mean()", (LV,), "the copies' rewards never reach the loss"),
     # -- rid.py: refl ----------------------------------------------------------------------------
     M("refl-wrong-timestep", "rid.py", "eps = _eps(models, z_t, t, text, cfg.guidance)",
       "t = int(ddim.timesteps[max(i - 1, 0)]); eps = _eps(models, z_t, t, text, cfg.guidance)",
@@ -133,8 +133,8 @@ MUTANTS = [
     M("refl-counts-from-start", "rid.py", "i = cfg.steps - j", "i = j - 1", (REFL,), "j counted from the first step"),
     M("refl-m-unscaled", "rid.py", "m = min(cfg.steps, max(1, round(cfg.refl_m * cfg.steps / 50)))",
       "m = min(cfg.steps, cfg.refl_m)", (REFL,), "m not scaled by steps/50"),
-    M("refl-x0-is-a-ddim-step", "rid.py", "decode(models, ddim.x0(eps, t, z_t))",
-      "decode(models, ddim.step(eps, t, z_t))",
+    M("refl-x0-is-a-ddim-step", "rid.py", "score(models, reward_fn, ddim.x0(eps, t, z_t), prompts)",
+      "score(models, reward_fn, ddim.step(eps, t, z_t), prompts)",
       (REFL,), "one DDIM step instead of the direct x̂₀"),
     # -- kernels ---------------------------------------------------------------------------------
     M("jpeg-table-clamp-0", "kernels/jpeg.py", "t = ((t * scale + 50) // 100).clamp(1, 255)",
