@@ -108,21 +108,24 @@ def timing(t0: float, t_train: float, trained: int, jobs: int) -> dict:
             "date": time.strftime("%Y-%m-%d")}
 
 
-def train_then_eval(todo: list, dirs: list, out: Path, args, p: Parser, t0: float, prog: str, log) -> tuple[Path, dict]:
-    """Train the commands in `todo` (args.jobs at once), then ONE eval.py over `dirs` into <out>/eval.
-    The timing is stored in <out>/experiment.json before evaluating, so an evaluation killed and rerun
-    still reports the training it followed; args.report_only runs nothing and reads both back.
-    -> (eval dir, timing)."""
+def train_then_eval(phases: list, dirs: list, out: Path, args, p: Parser, t0: float, prog: str, log) -> tuple[Path, dict]:
+    """Train the train.py commands of each phase in turn (a list of command lists: runs of a later phase
+    may branch from those of an earlier one; args.jobs at once within a phase), then ONE eval.py over
+    `dirs` into <out>/eval. The timing is stored in <out>/experiment.json before evaluating, so an
+    evaluation killed and rerun still reports the training it followed; args.report_only runs nothing
+    and reads both back. -> (eval dir, timing)."""
     ev, timing_file = out / "eval", out / "experiment.json"
     if args.report_only:
         if not (ev / "report.json").exists() or not timing_file.exists():
             p.error(f"--report-only: {ev / 'report.json'} or {timing_file} is missing; run without --report-only first")
         return ev, json.loads(timing_file.read_text())
-    run_parallel(todo, args.jobs, out, prog, log)
-    fresh = bool(todo) or not timing_file.exists()  # else nothing trained now: the stored timing describes the real work
+    for todo in phases:
+        run_parallel(todo, args.jobs, out, prog, log)
+    trained = sum(map(len, phases))
+    fresh = bool(trained) or not timing_file.exists()  # else nothing trained now: the stored timing describes the real work
     if fresh:
         timing_file.parent.mkdir(parents=True, exist_ok=True)
-        timing_file.write_text(json.dumps(timing(t0, time.time() - t0, len(todo), args.jobs), indent=1) + "\n")
+        timing_file.write_text(json.dumps(timing(t0, time.time() - t0, trained, args.jobs), indent=1) + "\n")
     run([sys.executable, "eval.py", "--ckpt", *dirs, "--out", ev, *args.eval_args.split()], prog, log)
     stored = json.loads(timing_file.read_text())
     if fresh:

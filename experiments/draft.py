@@ -48,7 +48,7 @@ import checkpoint
 import plots
 import rid
 import train
-from experiments.common import ROOT, Parser, logger, mean_std, run_parallel, write_doc
+from experiments.common import ROOT, Parser, ints, logger, mean_std, run_parallel, write_doc
 
 PROG = "python -m experiments.draft"
 REWARDS = ("aesthetic", "hps")
@@ -459,12 +459,13 @@ def write_report(out: Path, doc: Path, rewards: list, seeds: list, budget: int, 
     mem = {n: json.loads((out / f"memory-{n}" / "memory.json").read_text()) for n in CONFIGS
            if (out / f"memory-{n}" / "memory.json").exists()}
     if mem:
+        lo, hi = (f(v["peak_gb"] for v in mem.values()) for f in (min, max))
+        rss = f"{lo:.2f}" if f"{lo:.2f}" == f"{hi:.2f}" else f"{lo:.2f}–{hi:.2f}"
         lines += ["## Peak memory of a training step", "",
                   "A fresh process per configuration loads the model and reward and takes 3 steps; the peak of the "
                   "tensors those steps allocate, counted while they live (experiments.memory.PeakMemory: the "
                   "activations kept for the backward pass, the gradient, AdamW's state), MB. The processes' peak "
-                  f"RSS ({min(v['peak_gb'] for v in mem.values()):.2f}–{max(v['peak_gb'] for v in mem.values()):.2f} "
-                  "GB) is mostly the loaded models and the allocator's reserve, too coarse to compare steps this small.", "",
+                  f"RSS ({rss} GB) is mostly the loaded models and the allocator's reserve, too coarse to compare steps this small.", "",
                   "| configuration | step peak (MB) |", "|---|---|"]
         for n, v in mem.items():
             lines.append(f"| {CONFIGS[n][0]} | {v['step_mb']:.1f} |" if "step_mb" in v else f"| {CONFIGS[n][0]} | – |")
@@ -543,10 +544,7 @@ def main(argv=None) -> int:
         args.seeds, args.evals, args.cost_rounds = "0", 4, 2
         args.out = args.out if args.out != "out/draft" else "out/draft-quick"
         args.doc = args.doc if args.doc != "docs/draft_results.md" else f"{args.out}/draft_results.md"
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s]
-    except ValueError:
-        p.error(f"--seeds {args.seeds!r}: expected a comma list of integers, e.g. 0,1,2")
+    seeds = ints(p, "--seeds", args.seeds)
     rewards = [r for r in args.rewards.split(",") if r]
     methods = [m for m in args.methods.split(",") if m]
     if not seeds or not rewards or set(rewards) - set(REWARDS):

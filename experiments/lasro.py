@@ -23,8 +23,7 @@ from pathlib import Path
 
 import eval as evaluation
 from experiments import ril
-from experiments.common import ROOT, Parser, finished, logger, mean_std, run, run_parallel, train_cmd, write_doc
-from experiments.common import timing as common_timing
+from experiments.common import ROOT, Parser, finished, ints, logger, mean_std, train_cmd, train_then_eval, write_doc
 
 PROG = "python -m experiments.lasro"
 BLACK = "jpeg-kb"
@@ -65,12 +64,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-ablation", action="store_true", help="skip the frozen-surrogate ablation runs")
     p.add_argument("--train-args", default="", help="extra train.py flags for every run, quoted (default: none)")
     p.add_argument("--eval-args", default="", help="extra eval.py flags, quoted (default: none)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train and evaluate nothing: rewrite --doc from --out's eval/report.json, the runs' own "
+                        "files and the timings stored in --out/experiment.json")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s]
-    except ValueError:
-        p.error(f"--seeds {args.seeds!r}: expected a comma list of integers, e.g. 0,1,2")
+    seeds = ints(p, "--seeds", args.seeds)
     if args.jobs < 1:
         p.error(f"--jobs {args.jobs}: must be ≥ 1")
     if not methods or not seeds:
@@ -99,14 +98,8 @@ def main(argv=None) -> int:
             continue
         phases[tasks == TASKS].append(train_cmd(d, tasks, m, int(d.name.rsplit("seed", 1)[1]), *extra,
                                                 *args.train_args.split()))
-    for todo in phases:
-        run_parallel(todo, args.jobs, out, PROG, log)
-    t_train = time.time() - t0
-
-    #### EVALUATE every run side by side ####
-    ev = out / "eval"
-    run([sys.executable, "eval.py", "--ckpt", *[d for _, d, *_ in plan], "--out", ev, *args.eval_args.split()], PROG, log)
-    timing = common_timing(t0, t_train, sum(map(len, phases)), args.jobs)
+    #### then EVALUATE every run side by side ####
+    ev, timing = train_then_eval(list(phases), [d for _, d, *_ in plan], out, args, p, t0, PROG, log)
     report = json.loads((ev / "report.json").read_text())
 
     #### REPORT ####

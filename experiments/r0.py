@@ -86,7 +86,7 @@ def main(argv=None) -> int:
             log(f"{d.name}: finished earlier, kept")
             continue
         todo.append(train_cmd(d, None, "r0", seed, "--joint", args.joint, *extra, *args.train_args.split()))
-    ev, timing = train_then_eval(todo, dirs, out, args, p, t0, PROG, log)
+    ev, timing = train_then_eval([todo], dirs, out, args, p, t0, PROG, log)
 
     #### REPORT ####
     report = json.loads((ev / "report.json").read_text())

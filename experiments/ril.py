@@ -24,7 +24,7 @@ from pathlib import Path
 
 import eval as evaluation  # the repo's eval.py: METRICS, the sample grid, the last-stage rows
 import plots
-from experiments.common import ROOT, Parser, finished, logger, mean_std, train_cmd, train_then_eval, write_doc
+from experiments.common import ROOT, Parser, finished, ints, logger, mean_std, train_cmd, train_then_eval, write_doc
 
 TASKS = "aesthetic,hps,compress"
 
@@ -106,10 +106,7 @@ def main(argv=None) -> int:
                         "the run that did the work stored in --out/experiment.json")
     args = p.parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s]
-    except ValueError:
-        p.error(f"--seeds {args.seeds!r}: expected a comma list of integers, e.g. 0,1,2")
+    seeds = ints(p, "--seeds", args.seeds)
     try:
         lams = [float(x) for x in args.lams.split(",") if x]
     except ValueError:
@@ -135,7 +132,7 @@ def main(argv=None) -> int:
                 continue
             todo.append(train_cmd(d, args.tasks, method, seed, *(["--lam", f"{lam:g}"] if lam is not None else []),
                                   *args.train_args.split()))
-    ev, timing = train_then_eval(todo, dirs, out, args, p, t0, PROG, log)
+    ev, timing = train_then_eval([todo], dirs, out, args, p, t0, PROG, log)
 
     #### REPORT: mean ± std over seeds ####
     report = json.loads((ev / "report.json").read_text())

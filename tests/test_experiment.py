@@ -1,11 +1,13 @@
-"""`python -m experiments.ril` end to end on the committed mini world at toy size: methods × λ × seeds
-→ train.py runs → one eval.py → docs-style report whose mean ± std match eval's own report.json."""
+"""The experiment scripts at toy size: `python -m experiments.ril` end to end on the committed mini world
+(methods × λ × seeds → train.py runs → one eval.py → a docs-style report whose mean ± std match eval's own
+report.json), experiments.table3's builder on synthetic reports, and `python -m experiments.lasro` end to end."""
 import json
 import statistics
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -145,3 +147,53 @@ def test_table3_bad_flags_name_the_flag(flag, value, capsys):
         table3.main([flag, value])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and flag in err[0]
+
+
+#### experiments.lasro: a black-box task through LaSRO's surrogate ####
+
+from experiments import lasro  # noqa: E402
+
+SURROGATE_TOY = ("--surrogate-pretrain-prompts 4 --surrogate-pretrain-noises 2 --surrogate-pretrain-steps 3 "
+                 "--surrogate-hidden 8 --surrogate-pair-batch 4 --surrogate-adapt-steps 2")
+
+
+def test_lasro_end_to_end(tmp_path):
+    """Toy size, one seed: the compress runs train all three stages, the black-box runs (and the frozen
+    ablation) branch from them and train stage 3 only; one eval; the doc's per-seed JPEG kB are eval's own;
+    --report-only rewrites the same doc from what is stored."""
+    from safetensors.torch import load_file
+
+    if not (Path(lasro.ROOT) / "mini" / "world" / "world.json").exists():
+        pytest.skip("the committed mini world is missing")
+    out, ril_out, doc = tmp_path / "lasro", tmp_path / "ril", tmp_path / "docs" / "lasro.md"
+    argv = ["--methods", "rid,baseline", "--seeds", "0", "--jobs", "2", "--out", str(out), "--ril-out", str(ril_out),
+            "--doc", str(doc), "--train-args", f"--steps 2 --batch 2 --max-steps 1 {SURROGATE_TOY}",
+            "--eval-args", "--steps 2 --max-prompts 2 --images-per-prompt 1"]
+    assert lasro.main(argv) == 0
+    timing = json.loads((out / "experiment.json").read_text())
+    assert timing["trained_runs"] == 5  # rid, baseline (compress); rid, baseline, rid-frozen (jpeg-kb)
+    for name, source in (("rid-seed0", "rid-seed0"), ("baseline-seed0", "baseline-seed0"), ("rid-frozen-seed0", "rid-seed0")):
+        for stage in ("stage1-aesthetic", "stage2-hps"):  # branched: the shared stages are the compress run's
+            a = load_file(str(out / name / stage / "adapters.safetensors"))
+            b = load_file(str(ril_out / source / stage / "adapters.safetensors"))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert (out / name / "stage3-jpeg-kb" / "surrogate.json").exists()
+    report = json.loads((out / "eval" / "report.json").read_text())
+    text = doc.read_text()
+    for label, run_dir, task in (("rid", out / "rid-seed0", "jpeg-kb"), ("rid-frozen", out / "rid-frozen-seed0", "jpeg-kb"),
+                                 ("baseline (compress)", ril_out / "baseline-seed0", "compress")):
+        kb = {r["stage"]: r["metrics"]["jpeg_kb"] for r in report["rows"] if Path(r["run"]).resolve() == run_dir.resolve()}
+        row = next(line for line in text.splitlines() if line.startswith(f"| {label} | 0 | "))
+        assert row == (f"| {label} | 0 | {kb[2]:.3f} | {kb[3]:.3f} | {'yes' if kb[3] < kb[2] else '**no**'} |"), row
+    assert "**The surrogate**" in text and "**Cost** of the surrogate" in text
+    doc.unlink()
+    assert lasro.main([*argv, "--report-only"]) == 0
+    assert doc.read_text() == text
+
+
+@pytest.mark.parametrize("argv", [["--seeds", "0,a"], ["--jobs", "0"], ["--methods", "baseline"]])
+def test_lasro_bad_flags_are_one_line(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        lasro.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1 and argv[0] in err
