@@ -237,3 +237,40 @@ def test_trainer_matches_train_py(tmp_path):
     for a, b in zip(mine, theirs):
         for k in ("loss", "reward", "grad_norm", "lr"):
             assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9), (k, a, b)
+
+
+#### THE WHOLE COMMAND at toy size: pieces in subprocesses, resume, the refusal of other settings ####
+
+def test_command_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsys):
+    """5 DDIM steps, batch 2, two methods, a 3-step budget: the side-by-side cost, a memory probe per config
+    and every training piece run as the default does (2 at a time, in subprocesses); a second call finds
+    every piece done and rewrites the same doc without training; other settings on the same --out exit 2
+    with one line."""
+    if not (ROOT / "mini" / "world" / "world.json").exists():
+        pytest.skip("the committed mini world is missing")
+    out, doc = tmp_path / "out", tmp_path / "draft.md"
+    argv = ["--rewards", "aesthetic", "--methods", "baseline,refl", "--seeds", "0", "--budget", "18", "--evals", "2",
+            "--cost-rounds", "1", "--jobs", "2", "--out", str(out), "--doc", str(doc),
+            "--train-args", "--steps 5 --batch 2"]
+    assert draft.main(argv) == 0
+    text = doc.read_text()
+    for m in ("baseline", "refl"):
+        d = out / draft.piece_name("aesthetic", m, 0)
+        done = json.loads((d / "done.json").read_text())
+        assert done["budget"] == 18 and done["evals"] == 2 and done["calls"] >= 18 and done["ddim_steps"] == 5
+        tests = draft.read_jsonl(d / "test.jsonl")
+        assert tests[0]["calls"] == 0 and tests[-1]["calls"] == done["calls"] and len(tests) == 3  # base + 2
+    k1 = draft.read_jsonl(out / draft.piece_name("aesthetic", "baseline", 0) / "metrics.jsonl")
+    assert [r["calls"] for r in k1] == [6, 6, 6]  # 5 forwards + 1 backward per K = 1 step
+    cost = json.loads((out / "cost.json").read_text())
+    assert set(cost["configs"]) == set(draft.CONFIGS) and cost["configs"]["baseline"]["ratio"] == 1.0
+    assert all((out / f"memory-{n}" / "memory.json").exists() for n in draft.CONFIGS)
+    assert "## Cost per step, side by side" in text and "## aesthetic" in text and "| ReFL" in text
+    mtimes = {p: p.stat().st_mtime for p in out.glob("*/done.json")}
+    assert draft.main(argv) == 0  # everything done: nothing runs, the same doc
+    assert doc.read_text() == text and mtimes == {p: p.stat().st_mtime for p in out.glob("*/done.json")}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        draft.main([*argv[:argv.index("--evals")], "--evals", "3", *argv[argv.index("--evals") + 2:]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "--out" in err[0] and "evals" in err[0], err
