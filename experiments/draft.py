@@ -78,7 +78,8 @@ GC_PAIRS = (("draft-k2", "draft-k2-gc"), ("draft-k5", "draft-k5-gc"), ("draft-no
 LR = {"aesthetic": 1e-3, "hps": 3.5e-4}
 # The default budget, in K = 1 steps' worth of UNet calls (90 × 21 at 20 DDIM steps), and the test evaluations per
 # run after the base model's (every 15 K=1 steps; the 3rd is at half the budget, where the common level is read).
-# Sized for the issue's ≤ 45 min on 2 cores: 150 steps and 10 evaluations took 67.2 min (2026-12-02).
+# Sized for the issue's ≤ 45 min on 2 cores: 90 steps and 6 evaluations took 26.6 min (150 and 10: 67.2 min
+# on a loaded machine).
 DEFAULT_BUDGET_STEPS, DEFAULT_EVALS = 90, 6
 
 
