@@ -122,7 +122,7 @@ def train_then_eval(phases: list, dirs: list, out: Path, args, p: Parser, t0: fl
     for todo in phases:
         run_parallel(todo, args.jobs, out, prog, log)
     trained = sum(map(len, phases))
-    fresh = bool(trained) or not timing_file.exists()  # else nothing trained now: the stored timing describes the real work
+    fresh = bool(trained) or not timing_file.exists()  # else the stored timing describes the real work
     if fresh:
         timing_file.parent.mkdir(parents=True, exist_ok=True)
         timing_file.write_text(json.dumps(timing(t0, time.time() - t0, trained, args.jobs), indent=1) + "\n")

@@ -466,7 +466,8 @@ def write_report(out: Path, doc: Path, rewards: list, seeds: list, budget: int, 
                   "A fresh process per configuration loads the model and reward and takes 3 steps; the peak of the "
                   "tensors those steps allocate, counted while they live (experiments.memory.PeakMemory: the "
                   "activations kept for the backward pass, the gradient, AdamW's state), MB. The processes' peak "
-                  f"RSS ({rss} GB) is mostly the loaded models and the allocator's reserve, too coarse to compare steps this small.", "",
+                  f"RSS ({rss} GB) is mostly the loaded models and the allocator's reserve, too coarse to compare "
+                  "steps this small.", "",
                   "| configuration | step peak (MB) |", "|---|---|"]
         for n, v in mem.items():
             lines.append(f"| {CONFIGS[n][0]} | {v['step_mb']:.1f} |" if "step_mb" in v else f"| {CONFIGS[n][0]} | – |")
