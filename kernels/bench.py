@@ -57,10 +57,13 @@ def path_name(*tensors):
     return "triton" if kernels.use_triton(*tensors) else "torch-reference"
 
 
-def adapter_views(flat):
+SD15_ADAPTER_SHAPES = [(4, 320), (320, 4)] * 32 + [(4, 640), (640, 4)] * 32 + [(4, 1280), (1280, 4)] * 64
+
+
+def adapter_views(flat, shapes=SD15_ADAPTER_SHAPES):
     """An SD-1.5 attention adapter group at rank 4 as views of one flat buffer: 128 (A, B) pairs
-    (q, k, v, out of SD-1.5's 32 attention layers at widths 320/640/1280), 0.90 M values."""
-    shapes = [(4, 320), (320, 4)] * 32 + [(4, 640), (640, 4)] * 32 + [(4, 1280), (1280, 4)] * 64
+    (q, k, v, out of SD-1.5's 32 attention layers at widths 320/640/1280), 0.90 M values; with flat
+    None, the number of values."""
     if flat is None:
         return sum(a * b for a, b in shapes)
     views, o = [], 0
@@ -428,10 +431,9 @@ def _rel(a, e):
     return ((a.float() - e.float()).abs().max() / e.float().abs().max().clamp_min(1e-30)).item()
 
 
-def _lora_problem(batch, tokens, k, n, dt, adt, rank=4, T=3):
+def _lora_problem(batch, tokens, k, n, dt, adt, dev, rank=4, T=3):
     """Inputs as rid trains: x and the current (last) of T rank-r adapters require grad."""
     g = torch.Generator().manual_seed(0)
-    dev = torch.device("cuda")
     x = torch.randn(batch * tokens, k, generator=g).to(dev, dt).requires_grad_()
     W = (torch.randn(n, k, generator=g) / k ** 0.5).to(dev, dt)
     b = (torch.randn(n, generator=g) * 0.1).to(dev, dt)
@@ -445,6 +447,9 @@ def _lora_problem(batch, tokens, k, n, dt, adt, rank=4, T=3):
 def _fwd_bwd(fn, x, W, b, As, Bs, s, dy):
     y = fn(x, W, b, As, Bs, s)
     return [y, *torch.autograd.grad(y, [x, As[-1], Bs[-1]], dy)]
+
+
+GPU_JPEG_SHAPE = (8, 3, 512, 512)
 
 
 def cmd_gpu_check(argv):
@@ -467,23 +472,29 @@ def cmd_gpu_check(argv):
     import triton
     from triton.testing import do_bench
 
-    def bench_ms(fn):
-        return do_bench(fn, warmup=25, rep=100, return_mode="median")
-
     dev = torch.device("cuda")
-    print(f"{torch.cuda.get_device_name(dev)} (sm_{''.join(map(str, torch.cuda.get_device_capability(dev)))}), "
+    cap = torch.cuda.get_device_capability(dev)
+    print(f"{torch.cuda.get_device_name(dev)} (sm_{''.join(map(str, cap))}), "
           f"torch {torch.__version__}, triton {triton.__version__}, "
           f"fp32 matmul precision {torch.get_float32_matmul_precision()}")
+    return gpu_check(dev, args.batch, lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median"),
+                     arch=10 * cap[0] + cap[1], max_smem=lg._max_smem(dev.index or 0))
+
+
+def gpu_check(dev, batch, bench_ms, arch, max_smem, shapes=GPU_LORA_SHAPES, jpeg_shape=GPU_JPEG_SHAPE,
+              ema_shapes=SD15_ADAPTER_SHAPES) -> int:
+    """gpu-check's body on `dev`: validate every kernel against its reference (0 when all match, else the
+    failures and 1), then print the timing tables; bench_ms(fn) -> ms. tests/test_compile.py runs it on a
+    CPU under the Triton interpreter at toy shapes, so no line of it meets its first run on a GPU."""
     tuner = lg._lora_group_kernel
-    cap = torch.cuda.get_device_capability(dev)
     precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"  # as lora_group._fused
     tol = {**GPU_TOL, **({} if precision == "ieee" else {torch.float32: 5e-3})}
     failures, picks = [], {}
 
     # ---- validate everything first ----
-    for where, tokens, k, n in GPU_LORA_SHAPES:
+    for where, tokens, k, n in shapes:
         for label, dt, adt in GPU_LORA_CASES:
-            prob = _lora_problem(args.batch, tokens, k, n, dt, adt)
+            prob = _lora_problem(batch, tokens, k, n, dt, adt, dev)
             y = kernels.lora_group_linear(*prob[:6])
             fwd = tuner.best_config
             got = [y, *torch.autograd.grad(y, [prob[0], prob[3][-1], prob[4][-1]], prob[6])]
@@ -493,7 +504,7 @@ def cmd_gpu_check(argv):
                 if not torch.isfinite(a).all() or _rel(a, e) > tol[dt]:
                     failures.append(f"lora_group {where} {label}: {name} differs from the reference by "
                                     f"{_rel(a, e):.2e} (allowed {tol[dt]:.0e})")
-    img = torch.rand(8, 3, 512, 512, device=dev, generator=torch.Generator(dev).manual_seed(0))
+    img = torch.rand(*jpeg_shape, device=dev, generator=torch.Generator(dev).manual_seed(0))
     w = torch.randn(img.shape, device=dev, generator=torch.Generator(dev).manual_seed(1))
     outs = []
     for fn in (kernels.jpeg, kernels.jpeg_reference):
@@ -503,13 +514,13 @@ def cmd_gpu_check(argv):
         outs.append((out.detach(), x.grad))
     psnr = 10 * math.log10(1 / ((outs[0][0] - outs[1][0]) ** 2).mean().clamp_min(1e-20).item())
     if psnr < 60 or _rel(outs[0][1], outs[1][1]) > 1e-3:  # a coefficient at a rounding tie may flip
-        failures.append(f"jpeg 8×3×512×512 q80: {psnr:.1f} dB PSNR vs the reference (allowed ≥ 60), "
+        failures.append(f"jpeg {'×'.join(map(str, jpeg_shape))} q80: {psnr:.1f} dB PSNR vs the reference (allowed ≥ 60), "
                         f"gradient off by {_rel(outs[0][1], outs[1][1]):.2e} (allowed 1e-3)")
-    n_ema = adapter_views(None)
+    n_ema = adapter_views(None, ema_shapes)
     flat_t, flat_s = torch.randn(n_ema, device=dev), torch.randn(n_ema, device=dev)
-    views_t, views_s = adapter_views(flat_t), adapter_views(flat_s)
+    views_t, views_s = adapter_views(flat_t, ema_shapes), adapter_views(flat_s, ema_shapes)
     for alpha in (0.99, 0.3):  # both branches of lerp's formula
-        t, e = flat_t.clone(), adapter_views(flat_t.clone())
+        t, e = flat_t.clone(), adapter_views(flat_t.clone(), ema_shapes)
         kernels.ema_(t, flat_s, alpha)
         torch._foreach_lerp_(e, views_s, 1 - alpha)
         if not torch.equal(t, torch.cat([v.reshape(-1) for v in e])):
@@ -520,19 +531,18 @@ def cmd_gpu_check(argv):
     print("All results match. Starting benchmarks.")
 
     # ---- time ----
-    print(f"\n### LoRA group, T = 3 adapters of rank 4 (x and the last adapter train), fwd+bwd, batch {args.batch}\n")
+    print(f"\n### LoRA group, T = 3 adapters of rank 4 (x and the last adapter train), fwd+bwd, batch {batch}\n")
     for label, dt, adt in GPU_LORA_CASES:
         for aligned in (True, False):
-            tiles = lg.configs_for(10 * cap[0] + cap[1], lg._max_smem(dev.index or 0), (dt, dt, adt), precision,
-                                   16, aligned)
+            tiles = lg.configs_for(arch, max_smem, (dt, dt, adt), precision, 16, aligned)
             print(f"{label}, {'widths multiples of 16' if aligned else 'odd widths'}: the autotuner tries "
                   f"{len(tiles)} of {len(lg.CONFIGS)} tiles here: {', '.join(_cfg_name(c) for c in tiles)}")
     print("\n| layer | x (M, in) → out | dtype | autotune pick fwd / bwd | fused ms | loop ms | loop/fused "
           "| linear ms | fused/linear | fused TFLOP/s |")
     print("|" + " --- |" * 10)
-    for where, tokens, k, n in GPU_LORA_SHAPES:
+    for where, tokens, k, n in shapes:
         for label, dt, adt in GPU_LORA_CASES:
-            prob = _lora_problem(args.batch, tokens, k, n, dt, adt)
+            prob = _lora_problem(batch, tokens, k, n, dt, adt, dev)
             x, W, b = prob[:3]
             t_op = bench_ms(lambda: _fwd_bwd(kernels.lora_group_linear, *prob))
             t_loop = bench_ms(lambda: _fwd_bwd(naive_lora_loop, *prob))
@@ -544,7 +554,7 @@ def cmd_gpu_check(argv):
             print(f"| {where} | ({M}, {k}) → {n} | {label} | {fwd} / {bwd} | {t_op:.3f} | {t_loop:.3f} "
                   f"| {t_loop / t_op:.2f}× | {t_lin:.3f} | {t_op / t_lin:.2f}× | {flops / t_op / 1e9:.1f} |")
 
-    print("\n### differentiable JPEG, 8×3×512×512 fp32, q80, fwd+bwd\n")
+    print(f"\n### differentiable JPEG, {'×'.join(map(str, jpeg_shape))} fp32, q80, fwd+bwd\n")
     runs = {"triton": kernels.jpeg, "torch reference": kernels.jpeg_reference}
     note = ""
     try:
@@ -564,10 +574,10 @@ def cmd_gpu_check(argv):
             (fn(x, 80) * w).sum().backward()
         t = bench_ms(run)
         base = base or t
-        print(f"| {name} | {t:.2f} | {8 * 512 * 512 / 1e3 / t:.0f} | {t / base:.2f}× |")
+        print(f"| {name} | {t:.2f} | {img[:, 0].numel() / 1e3 / t:.0f} | {t / base:.2f}× |")
     print(note)
 
-    print(f"\n### EMA over an SD-1.5 adapter group: {len(views_t)} tensors, {n_ema / 1e6:.2f} M fp32 values\n")
+    print(f"\n### EMA over {'an SD-1.5' if ema_shapes is SD15_ADAPTER_SHAPES else 'an'} adapter group: {len(views_t)} tensors, {n_ema / 1e6:.2f} M fp32 values\n")
     print("| path | ms | GB/s | ratio |\n| --- | --- | --- | --- |")
     rows = [("triton, one flat buffer", lambda: kernels.ema_(flat_t, flat_s, 0.99)),
             ("torch._foreach_lerp_ per tensor", lambda: torch._foreach_lerp_(views_t, views_s, 0.01)),

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ import torch
 
 triton = pytest.importorskip("triton")  # the compile path is Triton's own
 
+import kernels  # noqa: E402
 from kernels import bench, lora_group as lg  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,3 +116,38 @@ def test_gpu_check_without_a_gpu_says_so_in_one_line(capsys):
     assert bench.main(["gpu-check"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no CUDA GPU" in err
+
+
+GPU_CHECK_TOY = dict(shapes=[("toy 16 tokens", 16, 32, 48), ("odd widths", 9, 33, 17)], jpeg_shape=(1, 3, 16, 16),
+                     ema_shapes=[(4, 8), (8, 4)] * 3)
+
+
+def _cpu_ms(fn):
+    fn()
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def test_gpu_check_body_runs_on_a_cpu_under_the_interpreter(monkeypatch, capsys):
+    """gpu-check's body (validation, autotune picks, every table) at toy shapes on the CPU with the Triton
+    path forced through the interpreter: no line of it meets its first run on a GPU."""
+    monkeypatch.setenv("RID_KERNELS", "triton")
+    assert bench.gpu_check(torch.device("cpu"), 1, _cpu_ms, arch=90, max_smem=232448, **GPU_CHECK_TOY) == 0
+    out = capsys.readouterr().out
+    assert "All results match" in out
+    rows = [line for line in out.splitlines() if line.startswith(("| toy 16 tokens |", "| odd widths |"))]
+    assert len(rows) == 2 * len(bench.GPU_LORA_CASES), out
+    assert all(len(r.split(" | ")) == 10 for r in rows), rows  # every column of the LoRA table filled
+    for table in ("### differentiable JPEG, 1×3×16×16", "| triton |", "| torch reference |", "### EMA over",
+                  "| triton, one flat buffer |", "| torch._foreach_lerp_ per tensor |"):
+        assert table in out, (table, out)
+
+
+def test_gpu_check_reports_a_kernel_that_differs_from_its_reference(monkeypatch, capsys):
+    monkeypatch.setenv("RID_KERNELS", "triton")
+    real = kernels.lora_group_linear
+    monkeypatch.setattr(kernels, "lora_group_linear", lambda *a, **k: real(*a, **k) * 1.01)
+    assert bench.gpu_check(torch.device("cpu"), 1, _cpu_ms, arch=90, max_smem=232448, **GPU_CHECK_TOY) == 1
+    out = capsys.readouterr().out
+    assert "differs from the reference" in out and "All results match" not in out
