@@ -577,7 +577,8 @@ def gpu_check(dev, batch, bench_ms, arch, max_smem, shapes=GPU_LORA_SHAPES, jpeg
         print(f"| {name} | {t:.2f} | {img[:, 0].numel() / 1e3 / t:.0f} | {t / base:.2f}× |")
     print(note)
 
-    print(f"\n### EMA over {'an SD-1.5' if ema_shapes is SD15_ADAPTER_SHAPES else 'an'} adapter group: {len(views_t)} tensors, {n_ema / 1e6:.2f} M fp32 values\n")
+    which = "an SD-1.5" if ema_shapes is SD15_ADAPTER_SHAPES else "an"
+    print(f"\n### EMA over {which} adapter group: {len(views_t)} tensors, {n_ema / 1e6:.2f} M fp32 values\n")
     print("| path | ms | GB/s | ratio |\n| --- | --- | --- | --- |")
     rows = [("triton, one flat buffer", lambda: kernels.ema_(flat_t, flat_s, 0.99)),
             ("torch._foreach_lerp_ per tensor", lambda: torch._foreach_lerp_(views_t, views_s, 0.01)),
