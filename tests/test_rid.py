@@ -538,9 +538,10 @@ def test_bad_inputs(models, tmp_path):
 
 
 def test_hot_path_does_no_input_independent_work_per_call(models, monkeypatch):
-    """Per wrapped-layer forward under no_grad (a sampling loop): no argument checks and no
-    concatenation of the frozen and current adapters after the first call; an optimizer step (an
-    in-place change of the flat buffer) or the teacher's buffer rebuilds it once, with the new values."""
+    """Per wrapped-layer forward under no_grad (a sampling loop): no argument checks, no dtype casts
+    (Tensor.to: the UNet's own calls are the floor) and no concatenation of the frozen and current
+    adapters after the first call; an optimizer step (an in-place change of the flat buffer) or the
+    teacher's buffer rebuilds it once, with the new values."""
     import kernels.lora_group as lg
 
     monkeypatch.setenv("RID_KERNELS", "torch")  # the reference path's cache, whatever another file set
@@ -549,8 +550,8 @@ def test_hot_path_does_no_input_independent_work_per_call(models, monkeypatch):
     for t in ("a", "b"):
         group.add_task(t)
         randomize(group, seed=len(group.tasks))
-    calls = {"cat": 0, "validate": 0}
-    real_cat, real_validate = torch.cat, lg._validate
+    calls = {"cat": 0, "validate": 0, "to": 0}
+    real_cat, real_validate, real_to = torch.cat, lg._validate, torch.Tensor.to
 
     def counting_cat(*a, **k):
         calls["cat"] += 1
@@ -560,13 +561,19 @@ def test_hot_path_does_no_input_independent_work_per_call(models, monkeypatch):
         calls["validate"] += 1
         return real_validate(*a, **k)
 
+    def counting_to(self, *a, **k):
+        calls["to"] += 1
+        return real_to(self, *a, **k)
+
     monkeypatch.setattr(lg, "_validate", counting_validate)
     first = unet_out(models)
     monkeypatch.setattr(torch, "cat", counting_cat)
+    monkeypatch.setattr(torch.Tensor, "to", counting_to)
     unet_out(plain)
-    floor, calls["cat"] = calls["cat"], 0
+    floor, to_floor, calls["cat"], calls["to"] = calls["cat"], calls["to"], 0, 0
     again = unet_out(models)
-    assert calls == {"cat": floor, "validate": 0} and torch.equal(first, again)  # cached, same numbers
+    assert calls == {"cat": floor, "validate": 0, "to": to_floor} and torch.equal(first, again)  # cached, same numbers
+    monkeypatch.setattr(torch.Tensor, "to", real_to)
     with torch.no_grad():
         group.flat.mul_(2.0)  # what an optimizer step does: an in-place update
     calls["cat"] = 0
