@@ -141,7 +141,8 @@ def unet_overhead(unet, z, text, reps: int, tasks: int = 3, log=print, wrapped: 
         f"of their base weights)")
     if wrapped:
         log(f"  wrapped, no adapters {ms['wrapped']:8.2f} ms   wrapped / plain = {ms['wrapped'] / ms['plain']:.3f}   "
-            f"(the wrappers' own cost; the rest of group / plain is the LoRA arithmetic)")
+            f"(the wrappers' own cost, below 1 when they save more than they add: nn.Linear's forward reads its weight "
+            f"and bias through Module.__getattr__; the rest of group / plain is the LoRA arithmetic)")
     return {"ms": ms}
 
 

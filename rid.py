@@ -309,8 +309,13 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         # nn.Module's __getattr__ costs ~0.5 µs per lookup (self.base.weight is two): the dicts directly
         params = self._modules["base"]._parameters
-        buf, w, b = self.group._active, params["weight"], params["bias"]
-        if kernels.use_triton(x, w):  # the fused kernel concatenates inside its own launch path
+        group = self.group
+        buf, w, b = group._active, params["weight"], params["bias"]
+        where = (x.is_cuda, w.is_cuda)
+        fused = group._kernel.get(where)
+        if fused is None:
+            fused = group._kernel[where] = kernels.use_triton(x, w)
+        if fused:  # the fused kernel concatenates inside its own launch path
             return kernels.lora_group_linear(x, w, b, *self._entries(buf), check=False)
         return kernels.lora_group_cat_reference(x, w, b, *self._concatenated(buf))
 
@@ -330,6 +335,9 @@ class AdapterGroup:
         self._ema: torch.Tensor | None = None
         self._active: torch.Tensor | None = None  # what the wrapped layers read: flat, ema or None
         self._epoch = 0  # bumped whenever tasks or scales change: the layers' cached concatenations expire
+        # (x.is_cuda, weight.is_cuda) -> the fused Triton op or the reference: RID_KERNELS is read once per
+        # epoch, not at every call of every layer (an env read is ~0.6 µs, 128 layers × N UNet calls)
+        self._kernel: dict = {}
 
     def _layout(self):
         off = 0
@@ -437,6 +445,7 @@ class AdapterGroup:
     @torch.no_grad()
     def _refresh_scales(self):
         self._epoch += 1
+        self._kernel = {}
         n_frozen = len(self.tasks) - self.trainable
         s_rep = torch.tensor(self.scales[:n_frozen], dtype=torch.float32).repeat_interleave(self.rank)
         for layer in self.layers.values():

@@ -9,6 +9,8 @@ Dispatch is chosen by the environment variable RID_KERNELS:
     triton force Triton; on a CPU it runs under the Triton interpreter (TRITON_INTERPRET=1,
            set here before any kernel is decorated when no GPU is present)
     torch  force the reference
+The kernel functions read it at every call; rid's LoRA layers once per change of their adapter
+group's tasks or scales (rid.AdapterGroup._kernel), not at each of their 128 × N calls per sample.
 """
 import os
 

@@ -538,10 +538,11 @@ def test_bad_inputs(models, tmp_path):
 
 
 def test_hot_path_does_no_input_independent_work_per_call(models, monkeypatch):
-    """Per wrapped-layer forward under no_grad (a sampling loop): no argument checks, no dtype casts
-    (Tensor.to: the UNet's own calls are the floor) and no concatenation of the frozen and current
-    adapters after the first call; an optimizer step (an in-place change of the flat buffer) or the
-    teacher's buffer rebuilds it once, with the new values."""
+    """Per wrapped-layer forward under no_grad (a sampling loop): no argument checks, no kernel-mode
+    lookup, no dtype casts (Tensor.to: the UNet's own calls are the floor) and no concatenation of
+    the frozen and current adapters after the first call; an optimizer step (an in-place change of
+    the flat buffer) or the teacher's buffer rebuilds it once, with the new values."""
+    import kernels
     import kernels.lora_group as lg
 
     monkeypatch.setenv("RID_KERNELS", "torch")  # the reference path's cache, whatever another file set
@@ -550,8 +551,8 @@ def test_hot_path_does_no_input_independent_work_per_call(models, monkeypatch):
     for t in ("a", "b"):
         group.add_task(t)
         randomize(group, seed=len(group.tasks))
-    calls = {"cat": 0, "validate": 0, "to": 0}
-    real_cat, real_validate, real_to = torch.cat, lg._validate, torch.Tensor.to
+    calls = {"cat": 0, "validate": 0, "to": 0, "mode": 0}
+    real_cat, real_validate, real_to, real_mode = torch.cat, lg._validate, torch.Tensor.to, kernels.use_triton
 
     def counting_cat(*a, **k):
         calls["cat"] += 1
@@ -565,14 +566,21 @@ def test_hot_path_does_no_input_independent_work_per_call(models, monkeypatch):
         calls["to"] += 1
         return real_to(self, *a, **k)
 
+    def counting_mode(*a, **k):
+        calls["mode"] += 1
+        return real_mode(*a, **k)
+
     monkeypatch.setattr(lg, "_validate", counting_validate)
+    monkeypatch.setattr(kernels, "use_triton", counting_mode)
     first = unet_out(models)
+    assert calls["mode"] == 1  # resolved by the first layer call, once for the group
+    calls["mode"] = 0
     monkeypatch.setattr(torch, "cat", counting_cat)
     monkeypatch.setattr(torch.Tensor, "to", counting_to)
     unet_out(plain)
     floor, to_floor, calls["cat"], calls["to"] = calls["cat"], calls["to"], 0, 0
     again = unet_out(models)
-    assert calls == {"cat": floor, "validate": 0, "to": to_floor} and torch.equal(first, again)  # cached, same numbers
+    assert calls == {"cat": floor, "validate": 0, "to": to_floor, "mode": 0} and torch.equal(first, again)
     monkeypatch.setattr(torch.Tensor, "to", real_to)
     with torch.no_grad():
         group.flat.mul_(2.0)  # what an optimizer step does: an in-place update
