@@ -30,9 +30,30 @@ def logger(prog: str):
 def run(cmd: list, prog: str, log) -> None:
     """One command in the repository root; a failure ends the experiment with one line."""
     log("$ " + " ".join(map(str, cmd)))
-    r = subprocess.run(list(map(str, cmd)), cwd=ROOT)
+    r = subprocess.run(list(map(str, cmd)), cwd=ROOT, preexec_fn=_die_with_parent)
     if r.returncode != 0:
         raise SystemExit(f"{prog}: `{' '.join(map(str, cmd))}` exited {r.returncode}")
+
+
+def _pdeathsig():
+    """prctl, resolved in the parent (the child only calls it), or None off Linux."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _pdeathsig()
+
+
+def _die_with_parent() -> None:
+    """In a child, before exec: SIGTERM when the parent dies (Linux's PR_SET_PDEATHSIG = 1), so a killed
+    experiment (even by kill -9) leaves no run behind that a restarted one would meet half-written.
+    Off Linux, children outlive a killed parent (train.py's own lock still guards its run directory)."""
+    if _PRCTL is not None:
+        _PRCTL(1, 15)  # SIGTERM
 
 
 def run_parallel(cmds: list, jobs: int, out: Path, prog: str, log) -> None:
@@ -51,7 +72,7 @@ def run_parallel(cmds: list, jobs: int, out: Path, prog: str, log) -> None:
             name = Path(cmd[cmd.index("--out") + 1]).name
             log(f"start {name} (log: {out / (name + '.log')})")
             running.append((cmd, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(out / f"{name}.log", "a"),
-                                                  stderr=subprocess.STDOUT)))
+                                                  stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)))
         time.sleep(2)
         for item in list(running):
             cmd, proc = item
@@ -108,6 +129,17 @@ def timing(t0: float, t_train: float, trained: int, jobs: int) -> dict:
             "date": time.strftime("%Y-%m-%d")}
 
 
+def take_lock(out: Path, p: Parser, log):
+    """<out>/.lock (checkpoint.RunLock): one experiment writing --out at a time; a second one exits 2 with
+    one line naming the holder. Release it when done; a killed holder's lock is taken over with a message."""
+    import checkpoint
+
+    try:
+        return checkpoint.RunLock(out, log=log)
+    except checkpoint.UsageError as e:
+        p.error(str(e))
+
+
 def train_then_eval(phases: list, dirs: list, out: Path, args, p: Parser, t0: float, prog: str, log) -> tuple[Path, dict]:
     """Train the train.py commands of each phase in turn (a list of command lists: runs of a later phase
     may branch from those of an earlier one; args.jobs at once within a phase), then ONE eval.py over
@@ -119,18 +151,22 @@ def train_then_eval(phases: list, dirs: list, out: Path, args, p: Parser, t0: fl
         if not (ev / "report.json").exists() or not timing_file.exists():
             p.error(f"--report-only: {ev / 'report.json'} or {timing_file} is missing; run without --report-only first")
         return ev, json.loads(timing_file.read_text())
-    for todo in phases:
-        run_parallel(todo, args.jobs, out, prog, log)
-    trained = sum(map(len, phases))
-    fresh = bool(trained) or not timing_file.exists()  # else the stored timing describes the real work
-    if fresh:
-        timing_file.parent.mkdir(parents=True, exist_ok=True)
-        timing_file.write_text(json.dumps(timing(t0, time.time() - t0, trained, args.jobs), indent=1) + "\n")
-    run([sys.executable, "eval.py", "--ckpt", *dirs, "--out", ev, *args.eval_args.split()], prog, log)
-    stored = json.loads(timing_file.read_text())
-    if fresh:
-        stored["total_min"] = round((time.time() - t0) / 60, 1)
-        timing_file.write_text(json.dumps(stored, indent=1) + "\n")
+    lock = take_lock(out, p, log)
+    try:
+        for todo in phases:
+            run_parallel(todo, args.jobs, out, prog, log)
+        trained = sum(map(len, phases))
+        fresh = bool(trained) or not timing_file.exists()  # else the stored timing describes the real work
+        if fresh:
+            timing_file.parent.mkdir(parents=True, exist_ok=True)
+            timing_file.write_text(json.dumps(timing(t0, time.time() - t0, trained, args.jobs), indent=1) + "\n")
+        run([sys.executable, "eval.py", "--ckpt", *dirs, "--out", ev, *args.eval_args.split()], prog, log)
+        stored = json.loads(timing_file.read_text())
+        if fresh:
+            stored["total_min"] = round((time.time() - t0) / 60, 1)
+            timing_file.write_text(json.dumps(stored, indent=1) + "\n")
+    finally:
+        lock.release()
     return ev, stored
 
 

@@ -48,7 +48,7 @@ import checkpoint
 import plots
 import rid
 import train
-from experiments.common import ROOT, Parser, ints, logger, mean_std, run_parallel, write_doc
+from experiments.common import ROOT, Parser, ints, logger, mean_std, run_parallel, take_lock, write_doc
 
 PROG = "python -m experiments.draft"
 REWARDS = ("aesthetic", "hps")
@@ -575,36 +575,40 @@ def main(argv=None) -> int:
     log = logger(PROG)
     t0 = time.time()
     if not args.report_only:
-        #### COST, side by side, alone on the machine (before the pool starts) ####
-        if not (out / "cost.json").exists():
-            log("timing every configuration side by side")
-            run_cost(out, [K1] + [n for n in CONFIGS if n != K1], args.cost_rounds, extra)
-        #### MEMORY probes and TRAINING runs, --jobs at a time (logs: <out>/logs/<piece>.log) ####
-        me = [sys.executable, "-m", "experiments.draft", "--budget", str(args.budget), "--evals", str(args.evals),
-              "--train-args", args.train_args]
-        cmds = [[*me, "--memory", n, "--out", f"{args.out}/memory-{n}"] for n in CONFIGS
-                if not (out / f"memory-{n}" / "memory.json").exists()]
-        for reward in rewards:
-            for seed in seeds:
-                for m in methods:
-                    d = out / piece_name(reward, m, seed)
-                    if (d / "done.json").exists():
-                        done = json.loads((d / "done.json").read_text())
-                        ran = {k: done.get(k) for k in ("budget", "evals", "train_args")}
-                        if ran != {"budget": args.budget, "evals": args.evals, "train_args": args.train_args}:
-                            p.error(f"--out {args.out}: {d.name} was run with {ran}; choose another --out for "
-                                    "other settings (or delete that run)")
-                        continue
-                    shutil.rmtree(d, ignore_errors=True)  # a killed run starts over
-                    cmds.append([*me, "--piece", f"{reward}:{m}:{seed}", "--out", f"{args.out}/{d.name}"])
-        log(f"{len(cmds)} pieces to run, {args.jobs} at a time")
-        run_parallel(cmds, args.jobs, out / "logs", PROG, log)
-        before = json.loads((out / "experiment.json").read_text()) if (out / "experiment.json").exists() else {}
-        if cmds or not before:  # a resumed run adds its minutes to those of the invocations before it
-            timing = {"total_min": round(before.get("total_min", 0) + (time.time() - t0) / 60, 1),
-                      "invocations": before.get("invocations", 0) + 1, "date": time.strftime("%Y-%m-%d"),
-                      "cpu": f"{os.cpu_count()} CPU cores", "jobs": args.jobs}
-            (out / "experiment.json").write_text(json.dumps(timing, indent=1) + "\n")
+        lock = take_lock(out, p, log)  # one orchestrator per --out: pieces are not train.py runs
+        try:
+            #### COST, side by side, alone on the machine (before the pool starts) ####
+            if not (out / "cost.json").exists():
+                log("timing every configuration side by side")
+                run_cost(out, [K1] + [n for n in CONFIGS if n != K1], args.cost_rounds, extra)
+            #### MEMORY probes and TRAINING runs, --jobs at a time (logs: <out>/logs/<piece>.log) ####
+            me = [sys.executable, "-m", "experiments.draft", "--budget", str(args.budget), "--evals", str(args.evals),
+                  "--train-args", args.train_args]
+            cmds = [[*me, "--memory", n, "--out", f"{args.out}/memory-{n}"] for n in CONFIGS
+                    if not (out / f"memory-{n}" / "memory.json").exists()]
+            for reward in rewards:
+                for seed in seeds:
+                    for m in methods:
+                        d = out / piece_name(reward, m, seed)
+                        if (d / "done.json").exists():
+                            done = json.loads((d / "done.json").read_text())
+                            ran = {k: done.get(k) for k in ("budget", "evals", "train_args")}
+                            if ran != {"budget": args.budget, "evals": args.evals, "train_args": args.train_args}:
+                                p.error(f"--out {args.out}: {d.name} was run with {ran}; choose another --out for "
+                                        "other settings (or delete that run)")
+                            continue
+                        shutil.rmtree(d, ignore_errors=True)  # a killed run starts over
+                        cmds.append([*me, "--piece", f"{reward}:{m}:{seed}", "--out", f"{args.out}/{d.name}"])
+            log(f"{len(cmds)} pieces to run, {args.jobs} at a time")
+            run_parallel(cmds, args.jobs, out / "logs", PROG, log)
+            before = json.loads((out / "experiment.json").read_text()) if (out / "experiment.json").exists() else {}
+            if cmds or not before:  # a resumed run adds its minutes to those of the invocations before it
+                timing = {"total_min": round(before.get("total_min", 0) + (time.time() - t0) / 60, 1),
+                          "invocations": before.get("invocations", 0) + 1, "date": time.strftime("%Y-%m-%d"),
+                          "cpu": f"{os.cpu_count()} CPU cores", "jobs": args.jobs}
+                (out / "experiment.json").write_text(json.dumps(timing, indent=1) + "\n")
+        finally:
+            lock.release()
     timing = json.loads((out / "experiment.json").read_text()) if (out / "experiment.json").exists() else {}
     cfg = resolve(rewards[0], K1, 0, out, extra)
     facts = [f"`{PROG} --rewards {args.rewards} --seeds {args.seeds} --budget {args.budget} --jobs {args.jobs}"

@@ -34,7 +34,8 @@ from pathlib import Path
 
 import eval as evaluation
 import plots
-from experiments.common import ROOT, Parser, finished, logger, mean_std, run, run_parallel, train_cmd, write_doc
+from experiments.common import (ROOT, Parser, finished, logger, mean_std, run, run_parallel, take_lock, train_cmd,
+                                write_doc)
 from experiments.common import timing as common_timing
 
 PROG = "python -m experiments.table3"
@@ -248,48 +249,52 @@ def main(argv=None) -> int:
     out, log, t0 = ROOT / args.out, logger(PROG), time.time()
     extra = args.train_args.split()
 
-    #### TRAIN: sequences, single-reward runs for the soup, the joint run ####
-    runs, todo = {}, []
-    for seed in seeds:
-        for order in ORDERS:
-            for method in METHODS:
-                d = out / run_name(method, order, seed)
-                runs[str(d)] = (method, order, seed)
-                reuse = ROOT / args.reuse / f"{method}-seed{seed}"
-                if order == "AHC" and not d.exists() and not extra and finished(reuse, 3):
-                    shutil.copytree(reuse, d, ignore=shutil.ignore_patterns("eval"))
-                    log(f"{d.name}: copied from {reuse} (the same train.py command)")
-                if not finished(d, 3):
-                    todo.append(train_cmd(d, ",".join(tasks_of(order)), method, seed, *extra))
-    singles = [out / f"baseline-{ABBREV[t]}-seed{seeds[0]}" for t in REWARDS]
-    for t, d in zip(REWARDS, singles):
-        if not finished(d, 1):
-            todo.append(train_cmd(d, t, "baseline", seeds[0], *extra))
-    weights_file = out / "joint_weights.json"
-    if weights_file.exists():
-        weights = json.loads(weights_file.read_text())
-    else:
-        log("measuring the joint weights (reward gradient norms at the base model)")
-        weights = joint_weights()
-        out.mkdir(parents=True, exist_ok=True)
-        weights_file.write_text(json.dumps(weights, indent=1) + "\n")
-    joint_dir = out / f"baseline-joint-seed{seeds[0]}"
-    if not finished(joint_dir, 1):
-        spec = ",".join(f"{r}:{w:.6g}" for r, w in weights.items())
-        cmd = train_cmd(joint_dir, None, "baseline", seeds[0], "--joint", spec, *extra)
-        todo.append(cmd)
-    log(f"{len(todo)} run(s) to train, {len(runs) + len(singles) + 1 - len(todo)} finished earlier")
-    run_parallel(todo, args.jobs, out, PROG, log)
-    t_train = time.time() - t0
+    lock = take_lock(out, p, log)  # one experiment per --out (its train.py runs lock their own directories)
+    try:
+        #### TRAIN: sequences, single-reward runs for the soup, the joint run ####
+        runs, todo = {}, []
+        for seed in seeds:
+            for order in ORDERS:
+                for method in METHODS:
+                    d = out / run_name(method, order, seed)
+                    runs[str(d)] = (method, order, seed)
+                    reuse = ROOT / args.reuse / f"{method}-seed{seed}"
+                    if order == "AHC" and not d.exists() and not extra and finished(reuse, 3):
+                        shutil.copytree(reuse, d, ignore=shutil.ignore_patterns("eval"))
+                        log(f"{d.name}: copied from {reuse} (the same train.py command)")
+                    if not finished(d, 3):
+                        todo.append(train_cmd(d, ",".join(tasks_of(order)), method, seed, *extra))
+        singles = [out / f"baseline-{ABBREV[t]}-seed{seeds[0]}" for t in REWARDS]
+        for t, d in zip(REWARDS, singles):
+            if not finished(d, 1):
+                todo.append(train_cmd(d, t, "baseline", seeds[0], *extra))
+        weights_file = out / "joint_weights.json"
+        if weights_file.exists():
+            weights = json.loads(weights_file.read_text())
+        else:
+            log("measuring the joint weights (reward gradient norms at the base model)")
+            weights = joint_weights()
+            out.mkdir(parents=True, exist_ok=True)
+            weights_file.write_text(json.dumps(weights, indent=1) + "\n")
+        joint_dir = out / f"baseline-joint-seed{seeds[0]}"
+        if not finished(joint_dir, 1):
+            spec = ",".join(f"{r}:{w:.6g}" for r, w in weights.items())
+            cmd = train_cmd(joint_dir, None, "baseline", seeds[0], "--joint", spec, *extra)
+            todo.append(cmd)
+        log(f"{len(todo)} run(s) to train, {len(runs) + len(singles) + 1 - len(todo)} finished earlier")
+        run_parallel(todo, args.jobs, out, PROG, log)
+        t_train = time.time() - t0
 
-    #### EVALUATE everything side by side, the soup with it ####
-    ev = out / "eval"
-    run([sys.executable, "eval.py", "--ckpt", *runs, *singles, joint_dir, "--soup", *singles,
-         "--weights", *(["0.333333333333"] * 3), "--out", ev, *args.eval_args.split()], PROG, log)
-    timing_file = out / "experiment.json"
-    if todo or not timing_file.exists():
-        timing_file.write_text(json.dumps(common_timing(t0, t_train, len(todo), args.jobs), indent=1) + "\n")
-    timing = json.loads(timing_file.read_text())
+        #### EVALUATE everything side by side, the soup with it ####
+        ev = out / "eval"
+        run([sys.executable, "eval.py", "--ckpt", *runs, *singles, joint_dir, "--soup", *singles,
+             "--weights", *(["0.333333333333"] * 3), "--out", ev, *args.eval_args.split()], PROG, log)
+        timing_file = out / "experiment.json"
+        if todo or not timing_file.exists():
+            timing_file.write_text(json.dumps(common_timing(t0, t_train, len(todo), args.jobs), indent=1) + "\n")
+        timing = json.loads(timing_file.read_text())
+    finally:
+        lock.release()
 
     #### REPORT ####
     report = json.loads((ev / "report.json").read_text())

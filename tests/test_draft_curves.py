@@ -274,3 +274,21 @@ def test_command_end_to_end_resumes_and_refuses_other_settings(tmp_path, capsys)
         draft.main([*argv[:argv.index("--evals")], "--evals", "3", *argv[argv.index("--evals") + 2:]])
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and "--out" in err[0] and "evals" in err[0], err
+
+
+def test_a_second_command_on_the_same_out_exits_2_with_one_line(tmp_path, capsys):
+    """Pieces are not train.py runs (no lock of their own): the orchestrator holds <out>/.lock, so a second one
+    on the same --out cannot delete a piece the first is writing; nothing is run, nothing written."""
+    import checkpoint
+
+    out = tmp_path / "out"
+    held = checkpoint.RunLock(out)
+    try:
+        with pytest.raises(SystemExit) as e:
+            draft.main(["--rewards", "aesthetic", "--methods", "baseline", "--seeds", "0", "--out", str(out),
+                        "--doc", str(tmp_path / "d.md")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "in use by" in err[0] and str(out) in err[0], err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"] and not (tmp_path / "d.md").exists()
+    finally:
+        held.release()

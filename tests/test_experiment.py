@@ -95,6 +95,58 @@ def test_experiment_end_to_end(tmp_path):
     assert mtimes == {p: p.stat().st_mtime for p in out.glob("*/stage*/adapters.safetensors")}
 
 
+def test_a_second_experiment_on_the_same_out_exits_2_with_one_line(tmp_path, capsys):
+    import checkpoint
+
+    out = tmp_path / "exp"
+    held = checkpoint.RunLock(out)
+    try:
+        with pytest.raises(SystemExit) as e:
+            experiment.main(["--seeds", "0", "--methods", "baseline", "--out", str(out), "--doc", str(tmp_path / "d.md")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and "in use by" in err[0], err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    finally:
+        held.release()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_experiment_takes_its_runs_with_it(tmp_path):
+    """kill -9 of an experiment script: the runs it started get SIGTERM (no orphan left writing a run
+    that a restarted experiment would start over beside it)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    child = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+             "time.sleep(120)", "--out", str(tmp_path / "run")]
+    parent = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                               "from experiments.common import run_parallel; "
+                               f"run_parallel([{child!r}] * 2, 2, __import__('pathlib').Path({str(tmp_path)!r}), "
+                               "'t', print)", str(ROOT)])
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    pid = int(pid_file.read_text())
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+
+    def alive(p):
+        try:
+            return Path(f"/proc/{p}/status").read_text().split("State:")[1].split()[0] not in ("Z", "X")
+        except (OSError, IndexError):
+            return False
+
+    deadline = time.time() + 20
+    while alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    if alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        pytest.fail("the run outlived the killed experiment")
+
+
 #### experiments.table3: the paper's Tables 3 and 6 ####
 
 from experiments import table3  # noqa: E402
