@@ -299,8 +299,7 @@ class LoRALinear(nn.Module):
         if not As:
             out = (None, None, None)
         else:
-            s_rep = None if all(s == 1.0 for s in scales) else torch.cat(
-                [torch.full((a.shape[0],), s, dtype=torch.float32) for a, s in zip(As, scales)]).to(self.A_frozen.device)
+            s_rep = kernels.lora_group.scale_vector(scales, [a.shape[0] for a in As], self.A_frozen.device)
             out = (torch.cat(As), torch.cat(Bs, 1), s_rep)
         if key is not None:
             self._cat_cache = (key, out)

@@ -257,6 +257,11 @@ def _scale_vector(scales: tuple, ranks: tuple, device: torch.device) -> torch.Te
     return torch.cat([torch.full((r,), s, dtype=torch.float32) for s, r in zip(scales, ranks)]).to(device)
 
 
+def scale_vector(scales: Sequence[float], ranks: Sequence[int], device: torch.device) -> Optional[torch.Tensor]:
+    """s_rep for the reference path: None when every scale is 1 (h · 1.0 == h, so the pass is skipped)."""
+    return None if all(s == 1.0 for s in scales) else _scale_vector(tuple(scales), tuple(ranks), device)
+
+
 def _concat(tensors: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(list(tensors), dim)
 
@@ -389,8 +394,7 @@ def _reference(x, weight, bias, As, Bs, scales):
         return lora_group_cat_reference(x, weight, bias, None, None, None)
     A_cat = torch.cat(list(As), 0)  # (R, in)
     B_cat = torch.cat(list(Bs), 1)  # (out, R)
-    s_rep = None if all(s == 1.0 for s in scales) else _scale_vector(
-        tuple(scales), tuple(a.shape[0] for a in As), x.device)  # (R,)
+    s_rep = scale_vector(scales, [a.shape[0] for a in As], x.device)  # (R,) or None
     return lora_group_cat_reference(x, weight, bias, A_cat, B_cat, s_rep)
 
 
@@ -412,7 +416,7 @@ def lora_group_cat_reference(x: torch.Tensor, weight: torch.Tensor, bias: Option
     # naive: y + sum(s_i * F.linear(F.linear(x, A_i), B_i) for A_i, B_i, s_i in the group)
     h = F.linear(x, A_cat)  # (..., R) one shrink for the whole group
     if s_rep is not None:  # h * 1.0 == h exactly: unit scales (the default) skip a pass over h
-        h = h * s_rep.to(dt)
+        h = h * (s_rep if s_rep.dtype == dt else s_rep.to(dt))
     return y.add_(F.linear(h, B_cat))  # one expand, added in place (autograd saves no linear output)
 
 

@@ -157,7 +157,7 @@ MUTANTS = [
     M("ema-torch-weight-swapped", "kernels/ema.py", "teacher.lerp_(student, 1.0 - float(alpha))",
       "teacher.lerp_(student, float(alpha))", ("tests/test_ema.py::test_matches_formula", EMA_STEP),
       "CPU EMA path (what rid runs without a GPU): α and 1−α swapped"),
-    M("lora-scale-ignored-reference", "kernels/lora_group.py", "        h = h * s_rep.to(dt)\n",
+    M("lora-scale-ignored-reference", "kernels/lora_group.py", "        h = h * (s_rep if s_rep.dtype == dt else s_rep.to(dt))\n",
       "        h = h\n", ("tests/test_lora_group.py::test_forward_and_grads_match_oracles",),
       "reference LoRA ignores the per-task scale"),
     M("lora-scale-ignored-triton", "kernels/lora_group.py", "hs = (h * s[None, :]).to(cdt)", "hs = h.to(cdt)",
