@@ -1,4 +1,4 @@
-"""End-to-end cost figures of the method (the kernels' own benchmarks: python -m kernels.bench).
+"""End-to-end cost figures of the method (the kernels' own benchmarks: python -m rid_kernels.bench).
 
     python bench.py                          the mini world's model (mini/world/model)
     python bench.py --model DIR --steps 50   any diffusers directory or hub id
@@ -23,7 +23,7 @@ import time
 
 import torch
 
-import kernels
+import rid_kernels
 import mini
 import rid
 
@@ -136,7 +136,7 @@ def unet_overhead(unet, z, text, reps: int, tasks: int = 3, log=print, wrapped: 
     lora = sum(2 * group.rank * tasks * (layer.in_features + layer.out_features) for layer in group.layers.values())
     base_w = sum(layer.in_features * layer.out_features for layer in group.layers.values())
     log(f"  plain {ms['plain']:8.2f} ms   with the group (T={tasks}) {ms['group']:8.2f} ms   "
-        f"group / plain = {ms['group'] / ms['plain']:.3f}   (kernel mode {kernels.kernel_mode()}, "
+        f"group / plain = {ms['group'] / ms['plain']:.3f}   (kernel mode {rid_kernels.kernel_mode()}, "
         f"{len(group.layers)} adapted layers; their LoRA multiply-adds per token are {lora / 2 / base_w:.1%} "
         f"of their base weights)")
     if wrapped:

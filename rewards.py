@@ -13,7 +13,7 @@ Higher is better for every reward. Gradients flow to the images only: reward wei
     hps        HPSv2: open_clip ViT-H-14 with the HPS_v2_compressed.pt weights; cosine similarity of the
                normalised image and prompt embeddings (about 0.26 for SD-1.5 on HPSv2's benchmark).
     compress   -||img - JPEG(img)||^2 per image (summed over pixels and channels, as the paper's norm and
-               RID's distillation term) with rid's differentiable JPEG (kernels.jpeg).
+               RID's distillation term) with rid's differentiable JPEG (rid_kernels.jpeg).
     clip       100 * cos(image, prompt) with the CLIP metric's own model (clip_arch/clip_weights), the
                CLIP score eval.py reports, differentiable: R0's text-alignment reward. A stage trained on
                it is scored by the model it maximised (eval.py's report says so).
@@ -346,7 +346,7 @@ def _hps(spec: RewardSpec, device: str) -> Callable:
 
 
 def _compress(spec: RewardSpec, device: str) -> Callable:
-    import kernels
+    import rid_kernels
 
     q = spec.jpeg_quality
 
@@ -354,7 +354,7 @@ def _compress(spec: RewardSpec, device: str) -> Callable:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be (N, 3, H, W) in [0, 1], got shape {tuple(images.shape)}")
         x = images.float()
-        return -(x - kernels.jpeg(x, quality=q)).square().sum(dim=(1, 2, 3))  # (N,)
+        return -(x - rid_kernels.jpeg(x, quality=q)).square().sum(dim=(1, 2, 3))  # (N,)
 
     return compress
 

@@ -19,7 +19,7 @@ import torch
 import torch.utils.checkpoint
 from torch import nn
 
-import kernels
+import rid_kernels
 
 ATTN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # AlignProp's LoRA targets, which RID follows
 FF_TARGETS = ("ff.net.0.proj", "ff.net.2")  # DRaFT also adapts the transformer feed-forward
@@ -184,11 +184,38 @@ class Models:
         return (self.unet.config.in_channels, h, w)
 
 
+def import_failure(e: BaseException) -> str | None:
+    """One line for an ImportError anywhere in e's chain (diffusers and transformers wrap them):
+    the module that failed, the module whose import of it failed, and the installed versions;
+    None when the chain holds no ImportError."""
+    from importlib import metadata
+
+    seen = set()
+    while e is not None and id(e) not in seen and not isinstance(e, ImportError):
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    if e is None or not isinstance(e, ImportError):
+        return None
+    importer, tb = "?", e.__traceback__
+    while tb is not None:  # the innermost frame outside importlib's own machinery
+        name = tb.tb_frame.f_globals.get("__name__", "?")
+        importer = importer if name.startswith(("importlib", "_frozen_importlib")) else name
+        tb = tb.tb_next
+    failed = e.name or "?"
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+    def version(dist):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    versions = ", ".join(f"{d} {version(d)}" for d in ("torch", "diffusers", "transformers"))
+    return f"importing {failed!r} failed in {importer} ({detail}); installed: {versions}"
+
+
 def load_models(model: str, device="cpu", dtype=torch.float32) -> Models:
     """Load unet/vae/text_encoder/tokenizer from a local diffusers-layout dir or a hub id."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
-
     model = str(model)
     how = ("a local diffusers directory with unet/ vae/ text_encoder/ tokenizer/ (what "
            "StableDiffusionPipeline.save_pretrained writes), or a hub id such as "
@@ -203,11 +230,19 @@ def load_models(model: str, device="cpu", dtype=torch.float32) -> Models:
     else:
         model_id = model
     try:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTokenizer
+
         unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
         vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype)
         text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype)
         tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-    except (OSError, ValueError) as e:
+    except (ImportError, OSError, ValueError, RuntimeError) as e:
+        broken = import_failure(e)
+        if broken:  # the libraries' own code, not the model: the line a user pastes into a bug report
+            raise ValueError(f"model={model!r} could not be loaded: {broken}") from e
+        if isinstance(e, RuntimeError):
+            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"model={model!r} could not be loaded ({first}); expected {how}") from e
     for m in (unet, vae, text_encoder):
@@ -299,7 +334,7 @@ class LoRALinear(nn.Module):
         if not As:
             out = (None, None, None)
         else:
-            s_rep = kernels.lora_group.scale_vector(scales, [a.shape[0] for a in As], self.A_frozen.device)
+            s_rep = rid_kernels.lora_group.scale_vector(scales, [a.shape[0] for a in As], self.A_frozen.device)
             out = (torch.cat(As), torch.cat(Bs, 1), s_rep)
         if key is not None:
             self._cat_cache = (key, out)
@@ -313,10 +348,10 @@ class LoRALinear(nn.Module):
         where = (x.is_cuda, w.is_cuda)
         fused = group._kernel.get(where)
         if fused is None:
-            fused = group._kernel[where] = kernels.use_triton(x, w)
+            fused = group._kernel[where] = rid_kernels.use_triton(x, w)
         if fused:  # the fused kernel concatenates inside its own launch path
-            return kernels.lora_group_linear(x, w, b, *self._entries(buf), check=False)
-        return kernels.lora_group_cat_reference(x, w, b, *self._concatenated(buf))
+            return rid_kernels.lora_group_linear(x, w, b, *self._entries(buf), check=False)
+        return rid_kernels.lora_group_cat_reference(x, w, b, *self._concatenated(buf))
 
 
 class AdapterGroup:
@@ -464,7 +499,7 @@ class AdapterGroup:
 
     def ema_update(self, alpha: float):
         """teacher ← α·teacher + (1−α)·student, one kernel over the flat buffer (α checked by StepConfig)."""
-        kernels.ema_(self.ema, self.flat.detach(), alpha)
+        rid_kernels.ema_(self.ema, self.flat.detach(), alpha)
 
 
 def group_of(unet) -> AdapterGroup | None:

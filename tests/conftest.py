@@ -1,8 +1,8 @@
 """Test-session set-up shared by every test file.
 
-The Triton interpreter must be chosen before any kernel is decorated, i.e. before `kernels` is
+The Triton interpreter must be chosen before any kernel is decorated, i.e. before `rid_kernels` is
 imported; without a GPU the kernel tests run the Triton path through it (RID_KERNELS=triton is
-set per test with monkeypatch, since kernels.kernel_mode() re-reads it on every call).
+set per test with monkeypatch, since rid_kernels.kernel_mode() re-reads it on every call).
 """
 import os
 

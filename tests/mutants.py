@@ -76,8 +76,8 @@ MUTANTS = [
       "α and 1−α swapped"),
     M("ema-for-every-method", "rid.py", 'if cfg.method == "rid":\n        group.ema_update',
       'if True:\n        group.ema_update', (OTHERS_NO_EMA,), "baselines move a teacher they do not have"),
-    M("ema-updates-student", "rid.py", "kernels.ema_(self.ema, self.flat.detach(), alpha)",
-      "kernels.ema_(self.flat.detach(), self.ema, alpha)", (EMA_STEP,), "teacher and student swapped in the EMA"),
+    M("ema-updates-student", "rid.py", "rid_kernels.ema_(self.ema, self.flat.detach(), alpha)",
+      "rid_kernels.ema_(self.flat.detach(), self.ema, alpha)", (EMA_STEP,), "teacher and student swapped in the EMA"),
     # -- rid.py: RID's loss ----------------------------------------------------------------------
     M("rid-lambda-dropped", "rid.py", "loss = -reward.mean() + cfg.lam * distill", "loss = -reward.mean() + distill",
       (RID_LOSS,), "λ does not reach the loss"),
@@ -137,32 +137,32 @@ MUTANTS = [
       "score(models, reward_fn, ddim.step(eps, t, z_t), prompts)",
       (REFL,), "one DDIM step instead of the direct x̂₀"),
     # -- kernels ---------------------------------------------------------------------------------
-    M("jpeg-table-clamp-0", "kernels/jpeg.py", "t = ((t * scale + 50) // 100).clamp(1, 255)",
+    M("jpeg-table-clamp-0", "rid_kernels/jpeg.py", "t = ((t * scale + 50) // 100).clamp(1, 255)",
       "t = ((t * scale + 50) // 100).clamp(0, 255)",
       ("tests/test_jpeg.py::test_quality_tables_are_libjpegs_at_every_quality",
        "tests/test_jpeg.py::test_extreme_qualities_are_finite"), "quality 100: zero quantiser, NaN"),
-    M("jpeg-chroma-gets-luma-table", "kernels/jpeg.py", "for base in (_LUMA_K1, _CHROMA_K2):",
+    M("jpeg-chroma-gets-luma-table", "rid_kernels/jpeg.py", "for base in (_LUMA_K1, _CHROMA_K2):",
       "for base in (_LUMA_K1, _LUMA_K1):", ("tests/test_jpeg.py::test_quality_tables_are_libjpegs_at_every_quality",),
       "wrong chroma table"),
-    M("jpeg-no-rounding", "kernels/jpeg.py", "return yr + (y - yr) ** 3", "return y",
+    M("jpeg-no-rounding", "rid_kernels/jpeg.py", "return yr + (y - yr) ** 3", "return y",
       ("tests/test_jpeg.py::test_close_to_pil_and_reproduces_its_artefacts",), "reference JPEG quantises nothing"),
-    M("jpeg-triton-bwd-straight-through", "kernels/jpeg.py", "* (3.0 * d * d)  # (G Kᵀ) ⊙ r'(Y)",
+    M("jpeg-triton-bwd-straight-through", "rid_kernels/jpeg.py", "* (3.0 * d * d)  # (G Kᵀ) ⊙ r'(Y)",
       "* (1.0 + 0.0 * d)  # (G Kᵀ) ⊙ r'(Y)", ("tests/test_jpeg.py::test_triton_matches_reference",),
       "Triton backward ignores the rounding derivative"),
-    M("jpeg-ycc-constant", "kernels/jpeg.py", "_RGB2YCC = ((0.299, 0.587, 0.114),",
+    M("jpeg-ycc-constant", "rid_kernels/jpeg.py", "_RGB2YCC = ((0.299, 0.587, 0.114),",
       "_RGB2YCC = ((0.299, 0.587, 0.144),",
       ("tests/test_jpeg.py::test_close_to_pil_and_reproduces_its_artefacts",), "wrong JFIF luma weights"),
-    M("ema-kernel-weight-swapped", "kernels/ema.py", "out = tl.fma(d, w, t)", "out = tl.fma(d, 1.0 - w, t)",
+    M("ema-kernel-weight-swapped", "rid_kernels/ema.py", "out = tl.fma(d, w, t)", "out = tl.fma(d, 1.0 - w, t)",
       ("tests/test_ema.py::test_matches_formula",), "Triton EMA: α and 1−α swapped (α > 0.5)"),
-    M("ema-torch-weight-swapped", "kernels/ema.py", "teacher.lerp_(student, 1.0 - float(alpha))",
+    M("ema-torch-weight-swapped", "rid_kernels/ema.py", "teacher.lerp_(student, 1.0 - float(alpha))",
       "teacher.lerp_(student, float(alpha))", ("tests/test_ema.py::test_matches_formula", EMA_STEP),
       "CPU EMA path (what rid runs without a GPU): α and 1−α swapped"),
-    M("lora-scale-ignored-reference", "kernels/lora_group.py", "        h = h * (s_rep if s_rep.dtype == dt else s_rep.to(dt))\n",
+    M("lora-scale-ignored-reference", "rid_kernels/lora_group.py", "        h = h * (s_rep if s_rep.dtype == dt else s_rep.to(dt))\n",
       "        h = h\n", ("tests/test_lora_group.py::test_forward_and_grads_match_oracles",),
       "reference LoRA ignores the per-task scale"),
-    M("lora-scale-ignored-triton", "kernels/lora_group.py", "hs = (h * s[None, :]).to(cdt)", "hs = h.to(cdt)",
+    M("lora-scale-ignored-triton", "rid_kernels/lora_group.py", "hs = (h * s[None, :]).to(cdt)", "hs = h.to(cdt)",
       ("tests/test_lora_group.py::test_forward_and_grads_match_oracles",), "fused LoRA ignores the per-task scale"),
-    M("lora-dB-unscaled", "kernels/lora_group.py", "dBs[t] = (_mm_f32(dy.t(), h[:, cols]) * s)",
+    M("lora-dB-unscaled", "rid_kernels/lora_group.py", "dBs[t] = (_mm_f32(dy.t(), h[:, cols]) * s)",
       "dBs[t] = (_mm_f32(dy.t(), h[:, cols]))", ("tests/test_lora_group.py::test_forward_and_grads_match_oracles",),
       "dB_t misses its scale s_t"),
     # -- rewards.py ------------------------------------------------------------------------------
@@ -176,8 +176,8 @@ MUTANTS = [
     M("hps-logit-scaled", "rewards.py", "return (img * txt).sum(-1)  # (N,) cosine",
       "return 100 * (img * txt).sum(-1)  # (N,) cosine", ("tests/test_rewards.py::test_hps_equals_direct_open_clip",),
       "HPS is not the plain cosine"),
-    M("compress-sign-flipped", "rewards.py", "return -(x - kernels.jpeg(x, quality=q))",
-      "return (x - kernels.jpeg(x, quality=q))",
+    M("compress-sign-flipped", "rewards.py", "return -(x - rid_kernels.jpeg(x, quality=q))",
+      "return (x - rid_kernels.jpeg(x, quality=q))",
       ("tests/test_rewards.py::test_compress_zero_for_constant_and_drops_with_noise",), "compression penalised"),
     M("joint-weights-ignored", "rewards.py", "return sum(w * fns[name](images, prompts)",
       "return sum(fns[name](images, prompts)", ("tests/test_rewards.py::test_joint_is_the_weighted_sum",),
@@ -304,7 +304,7 @@ def reason(tail: str) -> str:
 
 def check_imports(tree: Path) -> None:
     """The copy's product modules must be the ones imported (not an installed or the original copy)."""
-    code = "import sys, rid, rewards, kernels; print('\\n'.join(m.__file__ for m in (rid, rewards, kernels)))"
+    code = "import sys, rid, rewards, rid_kernels; print('\\n'.join(m.__file__ for m in (rid, rewards, rid_kernels)))"
     out = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env_for(tree), capture_output=True, text=True)
     paths = out.stdout.split()
     if out.returncode or not paths or not all(Path(p).resolve().is_relative_to(tree.resolve()) for p in paths):

@@ -1,6 +1,6 @@
 """Every Triton kernel compiled for the GPUs users have, on a machine without one.
 
-`python -m kernels.bench compile` compiles each kernel × each autotune config its pruning hook lets
+`python -m rid_kernels.bench compile` compiles each kernel × each autotune config its pruning hook lets
 it try on that arch × each dtype rid launches, for sm_80 (A100) and sm_90 (H100), through Triton's
 ahead-of-time path (ASTSource + GPUTarget; ptxas and cuobjdump ship in triton's wheel). Oracle: the
 cubin itself — stack 0 (no register spills) and shared memory within the arch's per-block maximum.
@@ -22,8 +22,8 @@ import torch
 
 triton = pytest.importorskip("triton")  # the compile path is Triton's own
 
-import kernels  # noqa: E402
-from kernels import bench, lora_group as lg  # noqa: E402
+import rid_kernels  # noqa: E402
+from rid_kernels import bench, lora_group as lg  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 def rows(tmp_path_factory):
     out = tmp_path_factory.mktemp("compile") / "rows.json"
     env = dict(os.environ, TRITON_INTERPRET="0")
-    proc = subprocess.run([sys.executable, "-m", "kernels.bench", "compile", "--json", str(out)], cwd=REPO, env=env,
+    proc = subprocess.run([sys.executable, "-m", "rid_kernels.bench", "compile", "--json", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=1800)
     assert out.exists(), proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), proc
@@ -48,8 +48,8 @@ def test_every_config_compiles_without_spills_and_fits_shared_memory(rows):
 
 def test_covers_every_kernel_arch_dtype_and_every_config_the_autotuner_may_try(rows):
     rows, _ = rows
-    # every Triton kernel in kernels/ (by the naming convention `_..._kernel`), on every arch
-    kernel_fns = {name for mod in ("kernels.lora_group", "kernels.jpeg", "kernels.ema")
+    # every Triton kernel in rid_kernels/ (by the naming convention `_..._kernel`), on every arch
+    kernel_fns = {name for mod in ("rid_kernels.lora_group", "rid_kernels.jpeg", "rid_kernels.ema")
                   for name, obj in vars(importlib.import_module(mod)).items()
                   if name.endswith("_kernel") and hasattr(obj, "run")}
     assert kernel_fns == {"_lora_group_kernel", "_jpeg_blocks_fwd_kernel", "_jpeg_blocks_bwd_kernel", "_ema_kernel"}
@@ -146,8 +146,8 @@ def test_gpu_check_body_runs_on_a_cpu_under_the_interpreter(monkeypatch, capsys)
 
 def test_gpu_check_reports_a_kernel_that_differs_from_its_reference(monkeypatch, capsys):
     monkeypatch.setenv("RID_KERNELS", "triton")
-    real = kernels.lora_group_linear
-    monkeypatch.setattr(kernels, "lora_group_linear", lambda *a, **k: real(*a, **k) * 1.01)
+    real = rid_kernels.lora_group_linear
+    monkeypatch.setattr(rid_kernels, "lora_group_linear", lambda *a, **k: real(*a, **k) * 1.01)
     assert bench.gpu_check(torch.device("cpu"), 1, _cpu_ms, arch=90, max_smem=232448, **GPU_CHECK_TOY) == 1
     out = capsys.readouterr().out
     assert "differs from the reference" in out and "All results match" not in out

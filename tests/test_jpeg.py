@@ -1,4 +1,4 @@
-"""kernels.jpeg: the differentiable JPEG round trip.
+"""rid_kernels.jpeg: the differentiable JPEG round trip.
 
 Oracles: PIL's real JPEG codec (libjpeg-turbo: its quantisation tables and its encode/decode),
 torch.autograd.gradcheck (finite differences) for the reference's gradients, the plain-torch
@@ -16,11 +16,11 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import kernels  # noqa: E402
-from kernels import jpeg, jpeg_reference, quality_tables  # noqa: E402
+import rid_kernels  # noqa: E402
+from rid_kernels import jpeg, jpeg_reference, quality_tables  # noqa: E402
 
-jmod = sys.modules["kernels.jpeg"]  # the module (kernels.jpeg is the function)
-needs_triton = pytest.mark.skipif(not kernels.HAS_TRITON, reason="triton is not installed")
+jmod = sys.modules["rid_kernels.jpeg"]  # the module (rid_kernels.jpeg is the function)
+needs_triton = pytest.mark.skipif(not rid_kernels.HAS_TRITON, reason="triton is not installed")
 
 
 def scene(h: int, w: int, seed: int, noise: float = 0.02) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""kernels.lora_group_linear: the Triton path (under the interpreter on CPU) and the plain-torch
+"""rid_kernels.lora_group_linear: the Triton path (under the interpreter on CPU) and the plain-torch
 reference, each against an independent oracle — torch autograd on the unfused formula (a Python
 loop over adapters) in float64 — and against each other.
 
@@ -8,8 +8,8 @@ block, tokens 2×5×7 = 70 rows over three 32-row blocks) and tiny: the interpre
 import pytest
 import torch
 
-import kernels  # conftest.py has set TRITON_INTERPRET=1 before this import on a machine without a GPU
-from kernels import lora_group_linear, lora_group_reference
+import rid_kernels  # conftest.py has set TRITON_INTERPRET=1 before this import on a machine without a GPU
+from rid_kernels import lora_group_linear, lora_group_reference
 
 IN, OUT, LEAD = 37, 53, (2, 5, 7)
 RANKS = {0: (), 1: (4,), 3: (3, 13, 4)}  # T → ranks; the middle 13 stands for a pre-concatenated frozen block
@@ -17,8 +17,8 @@ RANKS = {0: (), 1: (4,), 3: (3, 13, 4)}  # T → ranks; the middle 13 stands for
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 pytestmark = pytest.mark.skipif(
-    not kernels.HAS_TRITON or not (kernels.INTERPRET or torch.cuda.is_available()),
-    reason="the Triton path needs triton and either a GPU or TRITON_INTERPRET=1 set before kernels was imported",
+    not rid_kernels.HAS_TRITON or not (rid_kernels.INTERPRET or torch.cuda.is_available()),
+    reason="the Triton path needs triton and either a GPU or TRITON_INTERPRET=1 set before rid_kernels was imported",
 )
 
 
@@ -122,7 +122,7 @@ def test_forward_and_grads_match_oracles(T, dtype):
 def test_unit_scales_skip_the_scale_pass_and_give_the_same_bits():
     """Every scale 1 (rid's default) passes s_rep=None: the reference skips h ⊙ s_rep, which changes no
     bit (h · 1.0 == h), and the result still matches the oracles; a single non-unit scale brings it back."""
-    from kernels.lora_group import lora_group_cat_reference
+    from rid_kernels.lora_group import lora_group_cat_reference
 
     x, w, b, As, Bs, _, dy = make(3, torch.float32, seed=2)
     unit = [1.0, 1.0, 1.0]
@@ -176,7 +176,7 @@ def test_non_contiguous_x():
 
 def test_no_grad_forward(monkeypatch):
     # Sampling runs under no_grad with the current adapter still requiring grad: no h is saved.
-    import kernels.lora_group as lg
+    import rid_kernels.lora_group as lg
 
     stored = []
     fused = lg._fused

@@ -169,10 +169,10 @@ def test_models_load_once(spec):
 #### GRADIENTS ####
 
 def _jpeg_ready():
-    import kernels
+    import rid_kernels
 
     try:
-        kernels.jpeg(torch.rand(1, 3, 16, 16), quality=80)
+        rid_kernels.jpeg(torch.rand(1, 3, 16, 16), quality=80)
         return True
     except NotImplementedError:
         return False
@@ -181,7 +181,7 @@ def _jpeg_ready():
 @pytest.mark.parametrize("name", rewards.REWARDS)
 def test_gradient_reaches_image_not_weights(spec, name):
     if name == "compress" and not _jpeg_ready():
-        pytest.skip("kernels.jpeg is not implemented yet (raises NotImplementedError)")
+        pytest.skip("rid_kernels.jpeg is not implemented yet (raises NotImplementedError)")
     img = _images(2, 24, 20).requires_grad_(True)  # non-square, not the model size: resize is in the graph
     score = rewards.get(name, spec)(img, ["a cat", "a dog"])
     assert score.shape == (2,) and torch.isfinite(score).all()
@@ -197,7 +197,7 @@ def test_gradient_reaches_image_not_weights(spec, name):
 
 def test_compress_zero_for_constant_and_drops_with_noise(spec):
     if not _jpeg_ready():
-        pytest.skip("kernels.jpeg is not implemented yet (raises NotImplementedError)")
+        pytest.skip("rid_kernels.jpeg is not implemented yet (raises NotImplementedError)")
     fn = rewards.get("compress", spec)
     flat = torch.full((1, 3, 32, 32), 0.5)
     g = torch.Generator().manual_seed(0)
@@ -213,7 +213,7 @@ def test_compress_measures_pils_jpeg_error(spec):
     """-‖img − JPEG(img)‖² with PIL's own JPEG at the spec's quality (libjpeg, integer DCT and rounding, which the
     differentiable JPEG relaxes: 1 % apart on noise, ~15 % on smooth images whose error is tiny)."""
     if not _jpeg_ready():
-        pytest.skip("kernels.jpeg is not implemented yet (raises NotImplementedError)")
+        pytest.skip("rid_kernels.jpeg is not implemented yet (raises NotImplementedError)")
     import io
 
     g = torch.Generator().manual_seed(0)

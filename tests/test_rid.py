@@ -537,13 +537,45 @@ def test_bad_inputs(models, tmp_path):
         rid.load_models(str(tmp_path))
 
 
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_import_failure_while_loading_names_the_module_and_versions(sd_path, tmp_path, monkeypatch, wrapped):
+    """A library that fails to import while a model loads (transformers 5.25 importing a shadowed
+    `kernels`) gives one line: the module that failed, the module importing it, and the installed
+    torch / diffusers / transformers, also when the library wraps the ImportError (transformers'
+    lazy modules raise RuntimeError from it)."""
+    from importlib import metadata
+
+    from diffusers import UNet2DConditionModel
+
+    (tmp_path / "rid_broken_integration.py").write_text("from json import CUDAProperties\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def from_pretrained(*a, **k):
+        try:
+            import rid_broken_integration  # noqa: F401
+        except ImportError as e:
+            if wrapped:
+                raise RuntimeError("Failed to import diffusers.models.unet (look up to see its traceback)") from e
+            raise
+
+    monkeypatch.setattr(UNet2DConditionModel, "from_pretrained", from_pretrained)
+    with pytest.raises(ValueError) as err:
+        rid.load_models(sd_path)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "importing 'json' failed in rid_broken_integration" in msg
+    assert "cannot import name 'CUDAProperties' from 'json'" in msg
+    for dist in ("torch", "diffusers", "transformers"):
+        assert f"{dist} {metadata.version(dist)}" in msg
+
+
 def test_hot_path_does_no_input_independent_work_per_call(models, monkeypatch):
     """Per wrapped-layer forward under no_grad (a sampling loop): no argument checks, no kernel-mode
     lookup, no dtype casts (Tensor.to: the UNet's own calls are the floor) and no concatenation of
     the frozen and current adapters after the first call; an optimizer step (an in-place change of
     the flat buffer) or the teacher's buffer rebuilds it once, with the new values."""
-    import kernels
-    import kernels.lora_group as lg
+    import rid_kernels
+    import rid_kernels.lora_group as lg
 
     monkeypatch.setenv("RID_KERNELS", "torch")  # the reference path's cache, whatever another file set
     plain = copy.deepcopy(models)  # the UNet's own torch.cat calls (skip connections) are the floor
@@ -552,7 +584,7 @@ def test_hot_path_does_no_input_independent_work_per_call(models, monkeypatch):
         group.add_task(t)
         randomize(group, seed=len(group.tasks))
     calls = {"cat": 0, "validate": 0, "to": 0, "mode": 0}
-    real_cat, real_validate, real_to, real_mode = torch.cat, lg._validate, torch.Tensor.to, kernels.use_triton
+    real_cat, real_validate, real_to, real_mode = torch.cat, lg._validate, torch.Tensor.to, rid_kernels.use_triton
 
     def counting_cat(*a, **k):
         calls["cat"] += 1
@@ -571,7 +603,7 @@ def test_hot_path_does_no_input_independent_work_per_call(models, monkeypatch):
         return real_mode(*a, **k)
 
     monkeypatch.setattr(lg, "_validate", counting_validate)
-    monkeypatch.setattr(kernels, "use_triton", counting_mode)
+    monkeypatch.setattr(rid_kernels, "use_triton", counting_mode)
     first = unet_out(models)
     assert calls["mode"] == 1  # resolved by the first layer call, once for the group
     calls["mode"] = 0
@@ -599,11 +631,11 @@ def test_hot_path_does_no_input_independent_work_per_call(models, monkeypatch):
 
 
 def kernels_lora(layer, x):
-    import kernels
+    import rid_kernels
 
     As, Bs, scales = layer._entries(layer.group._active)
     with torch.no_grad():
-        return kernels.lora_group_linear(x, layer.weight, layer.bias, As, Bs, scales)
+        return rid_kernels.lora_group_linear(x, layer.weight, layer.bias, As, Bs, scales)
 
 
 def test_resolution_sets_the_latent_shape_as_diffusers_does(models, sd_path):

@@ -74,7 +74,7 @@ _RANGE_TOL = 1e-3
 # Blocks per Triton program, and warps. Every program holds the 64×64 K (and Kᵀ) in registers
 # beside its (BB, 64) tiles, and tf32x3 splits each dot operand in two: at BB = 64 both kernels
 # spill kilobytes on sm_80 (4 or 8 warps); at BB = 16 with 8 warps neither spills on sm_80 or
-# sm_90 (python -m kernels.bench compile).
+# sm_90 (python -m rid_kernels.bench compile).
 _BB, _WARPS = 16, 8
 _MCU = 16  # 4:2:0 minimum coded unit: 16×16 pixels = 4 luma blocks + 1 Cb + 1 Cr
 
@@ -350,7 +350,7 @@ def jpeg_reference(img: torch.Tensor, quality: int = 80) -> torch.Tensor:
 def jpeg(img: torch.Tensor, quality: int = 80) -> torch.Tensor:
     """Differentiable JPEG round trip of img (N, 3, H, W) in [0, 1] at quality 1..100 (4:2:0).
 
-    Triton block stage when kernels.use_triton(img) (fp16/bf16/fp32 inputs; fp64 always runs
+    Triton block stage when rid_kernels.use_triton(img) (fp16/bf16/fp32 inputs; fp64 always runs
     the reference), plain torch otherwise. Returns the same shape and dtype as img.
     """
     _check_img(img)

@@ -1,4 +1,4 @@
-"""python -m kernels.bench [time | compile | gpu-check] — the kernels measured and checked.
+"""python -m rid_kernels.bench [time | compile | gpu-check] — the kernels measured and checked.
 
     time       (default) each kernel's dispatched path vs its reference vs the naive alternative,
                on whatever device is here (on a CPU the dispatched path is the torch reference)
@@ -24,9 +24,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import lora_group as lg
-from kernels.ema import ema_reference_
+import rid_kernels
+from rid_kernels import lora_group as lg
+from rid_kernels.ema import ema_reference_
 
 
 class UsageError(Exception):
@@ -54,7 +54,7 @@ def timeit(fn, device, warmup=3, reps=20):
 
 
 def path_name(*tensors):
-    return "triton" if kernels.use_triton(*tensors) else "torch-reference"
+    return "triton" if rid_kernels.use_triton(*tensors) else "torch-reference"
 
 
 SD15_ADAPTER_SHAPES = [(4, 320), (320, 4)] * 32 + [(4, 640), (640, 4)] * 32 + [(4, 1280), (1280, 4)] * 64
@@ -96,10 +96,10 @@ def bench_ema(device, reps):
     check_t = flat_t.clone()
     ema_reference_(check_t, flat_s, 0.99)
     probe = flat_t.clone()
-    kernels.ema_(probe, flat_s, 0.99)
+    rid_kernels.ema_(probe, flat_s, 0.99)
     assert torch.equal(probe, check_t), "ema_ does not match torch.lerp_"
     print(f"All results match. {len(views_t)} adapter tensors in one buffer, {n / 1e6:.2f} M fp32 values, {device}.")
-    t_fused = timeit(lambda: kernels.ema_(flat_t, flat_s, 0.99), device, reps=reps)
+    t_fused = timeit(lambda: rid_kernels.ema_(flat_t, flat_s, 0.99), device, reps=reps)
     t_each = timeit(lambda: torch._foreach_lerp_(views_t, views_s, 0.01), device, reps=reps)
     t_naive = timeit(naive, device, reps=reps)
     gbs = 3 * 4 * n / t_fused / 1e9  # read t, read s, write t
@@ -118,9 +118,9 @@ def bench_jpeg(device, reps, shape=(8, 3, 256, 256), quality=80):
             (f(x) * w).sum().backward()
         return run
 
-    runs = {f"dispatched ({path_name(img)})": fwd_bwd(lambda x: kernels.jpeg(x, quality)),
-            "reference": fwd_bwd(lambda x: kernels.jpeg_reference(x, quality))}
-    out, ref = kernels.jpeg(img, quality), kernels.jpeg_reference(img, quality)
+    runs = {f"dispatched ({path_name(img)})": fwd_bwd(lambda x: rid_kernels.jpeg(x, quality)),
+            "reference": fwd_bwd(lambda x: rid_kernels.jpeg_reference(x, quality))}
+    out, ref = rid_kernels.jpeg(img, quality), rid_kernels.jpeg_reference(img, quality)
     assert torch.allclose(out, ref, atol=1e-4), f"jpeg: dispatched path differs by {(out - ref).abs().max()}"
     msg = "All results match."
     try:
@@ -181,7 +181,7 @@ def bench_lora_group(device, reps, dtype=None, batch=2, tokens=1024, dim=320, ra
             return run
 
         outs = []  # validate before timing: op and reference vs the loop, forward and all grads
-        for fn in (kernels.lora_group_linear, kernels.lora_group_reference, naive_lora_loop):
+        for fn in (rid_kernels.lora_group_linear, rid_kernels.lora_group_reference, naive_lora_loop):
             y = fn(xg, W, b, As, Bs, scales)
             outs.append([y.float(), *[t.float() for t in torch.autograd.grad(y, [xg, As[-1], Bs[-1]], dy)]])
         tol = 1e-4 if dtype == torch.float32 else 3e-2
@@ -189,8 +189,8 @@ def bench_lora_group(device, reps, dtype=None, batch=2, tokens=1024, dim=320, ra
             for a, e in zip(got, outs[2]):
                 err = ((a - e).abs().max() / e.abs().max()).item()
                 assert err <= tol, f"lora_group {name} T={T}: rel err {err:.2e} > {tol}"
-        t_op = timeit(step(kernels.lora_group_linear), device, reps=reps)
-        t_ref = timeit(step(kernels.lora_group_reference), device, reps=reps)
+        t_op = timeit(step(rid_kernels.lora_group_linear), device, reps=reps)
+        t_ref = timeit(step(rid_kernels.lora_group_reference), device, reps=reps)
         t_loop = timeit(step(naive_lora_loop), device, reps=reps)
         flops = 2 * M * dim * dim * 2 + 2 * M * dim * rank * (2 * T + 2 * T + 2)
         print(f"{T:>3} {t_op * 1e3:9.2f} {t_ref * 1e3:9.2f} {t_loop * 1e3:9.2f} {t_loop / t_op:8.2f} "
@@ -202,7 +202,7 @@ SECTIONS = {"lora_group": bench_lora_group, "jpeg": bench_jpeg, "ema": bench_ema
 
 
 def cmd_time(argv):
-    p = Parser(prog="python -m kernels.bench [time]", description=__doc__,
+    p = Parser(prog="python -m rid_kernels.bench [time]", description=__doc__,
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)} (default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present")
@@ -214,7 +214,7 @@ def cmd_time(argv):
         p.error(f"--only {','.join(bad)}: unknown; allowed: {', '.join(SECTIONS)}")
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}, "
-          f"RID_KERNELS={kernels.kernel_mode()}")
+          f"RID_KERNELS={rid_kernels.kernel_mode()}")
     for name in names:
         SECTIONS[name](device, args.reps)
     return 0
@@ -266,7 +266,7 @@ def lora_jobs(arch, layout, label, dt, adt, precision, configs, kept):
             cx = dict(HAS_BIAS=f, HAS_LORA=True, STORE_H=True, DOT_F32=False, PRECISION=precision,
                       BLOCK_R=block_r, **cfg.kwargs)
             yield dict(kernel=f"lora_group {pas}", arch=arch, layout=layout, dtype=label, config=_cfg_name(cfg),
-                       tried=cfg in kept, module="kernels.lora_group", fn="_lora_group_kernel", args=args,
+                       tried=cfg in kept, module="rid_kernels.lora_group", fn="_lora_group_kernel", args=args,
                        constexprs=cx, options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
@@ -280,21 +280,21 @@ def compile_jobs(archs=tuple(ARCHS), everything=False):
             for label, dt, adt, precision in LORA_CASES:
                 kept = lg.configs_for(arch, ARCHS[arch], (dt, dt, adt), precision, 16, layout == "aligned")
                 jobs += lora_jobs(arch, layout, label, dt, adt, precision, lg.CONFIGS if everything else kept, kept)
-        jp = importlib.import_module("kernels.jpeg")  # the module (kernels.jpeg is the function)
+        jp = importlib.import_module("rid_kernels.jpeg")  # the module (rid_kernels.jpeg is the function)
         n_blocks = 8 * 6144  # 8 images at 512²: 4096 luma + 2048 chroma blocks each
         for name, ptrs in (("_jpeg_blocks_fwd_kernel", ("x_ptr", "out_ptr")),
                            ("_jpeg_blocks_bwd_kernel", ("x_ptr", "g_ptr", "gx_ptr"))):
             args = {p: _t(torch.float32) for p in ptrs + ("k_ptr", "q_ptr")}
             args.update(n_blocks=n_blocks, n_luma=n_blocks * 2 // 3)
             jobs.append(dict(kernel="jpeg " + name.split("_")[3], arch=arch, layout="aligned", dtype="fp32",
-                             tried=True, config=f"BB={jp._BB} w{jp._WARPS}", module="kernels.jpeg", fn=name,
+                             tried=True, config=f"BB={jp._BB} w{jp._WARPS}", module="rid_kernels.jpeg", fn=name,
                              args=args, constexprs=dict(BB=jp._BB, PRECISION="tf32x3"),
                              options=dict(num_warps=jp._WARPS)))
-        em = importlib.import_module("kernels.ema")
+        em = importlib.import_module("rid_kernels.ema")
         for label, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
             args = dict(t_ptr=_t(dt), s_ptr=_t(dt), n=adapter_views(None), w=0.01, v=0.99)
             jobs.append(dict(kernel="ema", arch=arch, layout="aligned", dtype=label, config=f"BLOCK={em._BLOCK} w4",
-                             tried=True, module="kernels.ema", fn="_ema_kernel", args=args,
+                             tried=True, module="rid_kernels.ema", fn="_ema_kernel", args=args,
                              constexprs=dict(BLOCK=em._BLOCK, FMA64=False), options={}))
     return jobs
 
@@ -379,7 +379,7 @@ def compile_all(jobs, workers):
 
 
 def cmd_compile(argv):
-    p = Parser(prog="python -m kernels.bench compile",
+    p = Parser(prog="python -m rid_kernels.bench compile",
                description="Compile every Triton kernel × autotune config × dtype for sm_80 and sm_90 (no GPU "
                            "needed); exit 1 if any fails, spills or overflows shared memory.")
     p.add_argument("--arch", default=",".join(map(str, ARCHS)), help="comma list of 80, 90 (default: both)")
@@ -453,7 +453,7 @@ GPU_JPEG_SHAPE = (8, 3, 512, 512)
 
 
 def cmd_gpu_check(argv):
-    p = Parser(prog="python -m kernels.bench gpu-check",
+    p = Parser(prog="python -m rid_kernels.bench gpu-check",
                description="Once, on a GPU: every kernel against its reference at SD-1.5 shapes, the autotuner's "
                            "picks, timings against the unfused alternatives.")
     p.add_argument("--batch", type=int, default=2, help="images per UNet call, CFG included (default 2)")
@@ -462,10 +462,10 @@ def cmd_gpu_check(argv):
         p.error(f"--batch {args.batch}: allowed: an int ≥ 1")
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA GPU is visible (torch.cuda.is_available() is False); "
-              "without one, run `python -m kernels.bench compile`", file=sys.stderr)
+              "without one, run `python -m rid_kernels.bench compile`", file=sys.stderr)
         return 2
-    if kernels.INTERPRET or kernels.kernel_mode() == "torch":
-        print(f"gpu-check: TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} RID_KERNELS={kernels.kernel_mode()} "
+    if rid_kernels.INTERPRET or rid_kernels.kernel_mode() == "torch":
+        print(f"gpu-check: TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} RID_KERNELS={rid_kernels.kernel_mode()} "
               "would bypass the compiled kernels; allowed: TRITON_INTERPRET unset or 0, RID_KERNELS auto or triton",
               file=sys.stderr)
         return 2
@@ -495,11 +495,11 @@ def gpu_check(dev, batch, bench_ms, arch, max_smem, shapes=GPU_LORA_SHAPES, jpeg
     for where, tokens, k, n in shapes:
         for label, dt, adt in GPU_LORA_CASES:
             prob = _lora_problem(batch, tokens, k, n, dt, adt, dev)
-            y = kernels.lora_group_linear(*prob[:6])
+            y = rid_kernels.lora_group_linear(*prob[:6])
             fwd = tuner.best_config
             got = [y, *torch.autograd.grad(y, [prob[0], prob[3][-1], prob[4][-1]], prob[6])]
             picks[where, label] = (_cfg_name(fwd), _cfg_name(tuner.best_config))
-            ref = _fwd_bwd(kernels.lora_group_reference, *prob)
+            ref = _fwd_bwd(rid_kernels.lora_group_reference, *prob)
             for name, a, e in zip(("y", "dx", "dA", "dB"), got, ref):
                 if not torch.isfinite(a).all() or _rel(a, e) > tol[dt]:
                     failures.append(f"lora_group {where} {label}: {name} differs from the reference by "
@@ -507,7 +507,7 @@ def gpu_check(dev, batch, bench_ms, arch, max_smem, shapes=GPU_LORA_SHAPES, jpeg
     img = torch.rand(*jpeg_shape, device=dev, generator=torch.Generator(dev).manual_seed(0))
     w = torch.randn(img.shape, device=dev, generator=torch.Generator(dev).manual_seed(1))
     outs = []
-    for fn in (kernels.jpeg, kernels.jpeg_reference):
+    for fn in (rid_kernels.jpeg, rid_kernels.jpeg_reference):
         x = img.clone().requires_grad_()
         out = fn(x, 80)
         (out * w).sum().backward()
@@ -521,7 +521,7 @@ def gpu_check(dev, batch, bench_ms, arch, max_smem, shapes=GPU_LORA_SHAPES, jpeg
     views_t, views_s = adapter_views(flat_t, ema_shapes), adapter_views(flat_s, ema_shapes)
     for alpha in (0.99, 0.3):  # both branches of lerp's formula
         t, e = flat_t.clone(), adapter_views(flat_t.clone(), ema_shapes)
-        kernels.ema_(t, flat_s, alpha)
+        rid_kernels.ema_(t, flat_s, alpha)
         torch._foreach_lerp_(e, views_s, 1 - alpha)
         if not torch.equal(t, torch.cat([v.reshape(-1) for v in e])):
             failures.append(f"ema_ α={alpha}: not bit-identical to torch._foreach_lerp_")
@@ -544,7 +544,7 @@ def gpu_check(dev, batch, bench_ms, arch, max_smem, shapes=GPU_LORA_SHAPES, jpeg
         for label, dt, adt in GPU_LORA_CASES:
             prob = _lora_problem(batch, tokens, k, n, dt, adt, dev)
             x, W, b = prob[:3]
-            t_op = bench_ms(lambda: _fwd_bwd(kernels.lora_group_linear, *prob))
+            t_op = bench_ms(lambda: _fwd_bwd(rid_kernels.lora_group_linear, *prob))
             t_loop = bench_ms(lambda: _fwd_bwd(naive_lora_loop, *prob))
             t_lin = bench_ms(lambda: torch.autograd.grad(F.linear(x, W, b), x, prob[6]))
             M = x.shape[0]
@@ -555,7 +555,7 @@ def gpu_check(dev, batch, bench_ms, arch, max_smem, shapes=GPU_LORA_SHAPES, jpeg
                   f"| {t_loop / t_op:.2f}× | {t_lin:.3f} | {t_op / t_lin:.2f}× | {flops / t_op / 1e9:.1f} |")
 
     print(f"\n### differentiable JPEG, {'×'.join(map(str, jpeg_shape))} fp32, q80, fwd+bwd\n")
-    runs = {"triton": kernels.jpeg, "torch reference": kernels.jpeg_reference}
+    runs = {"triton": rid_kernels.jpeg, "torch reference": rid_kernels.jpeg_reference}
     note = ""
     try:
         from kornia.enhance import jpeg_codec_differentiable as kjpeg
@@ -580,7 +580,7 @@ def gpu_check(dev, batch, bench_ms, arch, max_smem, shapes=GPU_LORA_SHAPES, jpeg
     which = "an SD-1.5" if ema_shapes is SD15_ADAPTER_SHAPES else "an"
     print(f"\n### EMA over {which} adapter group: {len(views_t)} tensors, {n_ema / 1e6:.2f} M fp32 values\n")
     print("| path | ms | GB/s | ratio |\n| --- | --- | --- | --- |")
-    rows = [("triton, one flat buffer", lambda: kernels.ema_(flat_t, flat_s, 0.99)),
+    rows = [("triton, one flat buffer", lambda: rid_kernels.ema_(flat_t, flat_s, 0.99)),
             ("torch._foreach_lerp_ per tensor", lambda: torch._foreach_lerp_(views_t, views_s, 0.01)),
             ("per-tensor mul_/add_ loop", lambda: [t.mul_(0.99).add_(s, alpha=0.01) for t, s in zip(views_t, views_s)])]
     base = None

@@ -21,7 +21,7 @@ fp32 gradients.
 
 Measured (CPU, 1 thread, reference path, fp32, x (2, 1024, 320), r = 4, x and the current
 adapter training): fwd+bwd stays ~18–20 ms for T = 1..8 while a loop of T LoRA linears goes
-~20 → ~40 ms (2.1–2.35× slower at T = 8). GPU numbers: `python -m kernels.bench gpu-check`.
+~20 → ~40 ms (2.1–2.35× slower at T = 8). GPU numbers: `python -m rid_kernels.bench gpu-check`.
 """
 import functools
 from typing import Optional, Sequence
@@ -37,7 +37,7 @@ if HAS_TRITON:
 
     # Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) that compile without register spills,
     # biggest first, per MMA family, operand kind and alignment: every candidate compiled for sm_80
-    # and sm_90 with triton 3.8 at R ≤ 16 (`python -m kernels.bench compile --all`;
+    # and sm_90 with triton 3.8 at R ≤ 16 (`python -m rid_kernels.bench compile --all`;
     # tests/test_compile.py keeps them honest). "mma" is Ampere's mma.sync, used on every GPU but
     # Hopper; "wgmma" is Hopper's, whose accumulators cost fewer registers, so 128×256 tiles fit
     # there and nowhere else. fp32 "ieee" dots run on CUDA cores (FMA) and need the most registers;
@@ -374,7 +374,7 @@ def lora_group_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     """y = x Wᵀ + b + Σ_i s_i (x A_iᵀ) B_iᵀ.   x (..., in) → y (..., out) in x.dtype.
 
     weight (out, in); bias (out,) or None; As[i] (r_i, in); Bs[i] (out, r_i); scales: floats
-    (not differentiated). Triton (fused, one pass over x) when kernels.use_triton says so, else
+    (not differentiated). Triton (fused, one pass over x) when rid_kernels.use_triton says so, else
     lora_group_reference. Gradients go only to inputs with requires_grad. check=False skips the
     argument checks, for a caller that built the arguments itself (rid.LoRALinear: lists, a tuple of
     floats, shapes fixed when its adapters change) and calls this 100+ times per UNet forward.
