@@ -73,7 +73,13 @@ BLACK_BOX_LIKE = "compress"
 MINI_SURROGATE = {"pretrain_prompts": 64, "pretrain_noises": 4, "pretrain_steps": 150, "pair_batch": 16, "pairs": "any"}
 LR_SCHEDULES = ("constant", "cosine")
 
-# Simple animal prompts in DDPO's style ("a photo of a <animal>"): the fallback for SD without --prompts.
+# The paper's prompts (seed 000's appendix): HPD v2's "photo" style split 750 train / 50 test exactly as
+# AlignProp ships it (data/paper_prompts/NOTICE.md: origin and MIT licence). The train file has 752 lines:
+# AlignProp reads its 2 empty lines as prompts; rid drops them (an empty prompt is the unconditional
+# branch of CFG, not a caption) and says so in the log. The default for every model but the mini world.
+PAPER_PROMPTS = Path(__file__).resolve().parent / "data" / "paper_prompts"
+PAPER_TRAIN, PAPER_TEST = PAPER_PROMPTS / "hps_v2_all.txt", PAPER_PROMPTS / "hps_v2_all_eval.txt"
+# Simple animal prompts in DDPO's style ("a photo of a <animal>"): bench.py's end-to-end prompts.
 ANIMALS = ("cat dog horse monkey rabbit zebra spider bird sheep deer cow goat lion tiger bear raccoon fox "
            "wolf lizard beetle ant butterfly fish shark whale dolphin squirrel mouse rat snake turtle frog "
            "chicken duck goose bee pig turkey fly llama camel bat gorilla hedgehog kangaroo").split()
@@ -96,8 +102,8 @@ class Config(rid.StepConfig):
     # -- what is trained, on what --
     model: str = SD15          # diffusers directory or hub id (the mini-world preset points at mini/)
     reward_spec: str | None = None  # rewards.load_spec JSON saying where reward weights live; None: SD's
-    prompts: str | None = None      # prompt file (txt one a line, or HPD json); None: ANIMALS
-    test_prompts: str | None = None  # fixed held-out prompt file (mini world); None: split off `prompts`
+    prompts: str = str(PAPER_TRAIN)  # prompt file (txt one a line, or HPD json); the paper's 750 by default
+    test_prompts: str | None = str(PAPER_TEST)  # fixed held-out prompt file; None: split off `prompts`
     n_train: int = 750         # training prompts kept after the split (paper: 750 HPD "photo")
     n_test: int = 50           # held-out prompts eval.py scores (paper: 50)
     rank: int = 4              # LoRA rank of each task's adapter
@@ -197,10 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
                       f"the paper's SD-1.5 is {SD15})")
     a("--reward-spec", help="JSON saying where reward weights live (rewards.RewardSpec keys; default: the "
                             "mini world's spec for the mini model, the public checkpoints otherwise)")
-    a("--prompts", help="prompt file: text, one prompt a line, or the HPD json (a list of strings or of "
-                        "{'prompt'|'caption': ...}); split deterministically from --seed into "
-                        f"{d.n_train} train / {d.n_test} test (default: mini world's train/test files; "
-                        "for SD a built-in list of simple animal prompts)")
+    a("--prompts", help="'paper' (the paper's 750 train / 50 test HPD v2 photo prompts as AlignProp ships them, "
+                        "data/paper_prompts/), or a prompt file: text, one prompt a line, or the HPD json (a list "
+                        "of strings or of {'prompt'|'caption': ...}), split deterministically from --seed into "
+                        f"{d.n_train} train / {d.n_test} test (default: paper; the mini world's own train/test "
+                        "files for the mini model)")
     a("--out", help=f"run directory (default: {d.out})")
     a("--seed", type=int, help=f"seed of the split, prompt order, LoRA init and noise, 0 to 2**63-1 "
                                f"(default: {d.seed})")
@@ -337,7 +344,9 @@ def resolve(args) -> tuple[Config, bool]:
         cfg = mini_world(cfg)
     else:
         cfg.model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
-    if args.prompts is not None:
+    if args.prompts == "paper":
+        cfg.prompts, cfg.test_prompts = str(PAPER_TRAIN), str(PAPER_TEST)
+    elif args.prompts is not None:
         cfg.prompts, cfg.test_prompts = str(Path(args.prompts).resolve()), None
     if args.branch_from is not None:
         cfg.branch_from = str(Path(args.branch_from).resolve())
@@ -436,10 +445,14 @@ def read_prompts(path: str, flag: str = "--prompts") -> list[str]:
                              "'prompt' or 'caption' string")
     else:
         prompts = text.splitlines()
-    prompts = list(dict.fromkeys(p.strip() for p in prompts if p.strip()))  # no duplicates across the split
-    if not prompts:
+    kept = list(dict.fromkeys(p.strip() for p in prompts if p.strip()))  # no duplicates across the split
+    if not kept:
         raise UsageError(f"{flag} {path}: no prompts in it (one prompt a line, or a JSON list)")
-    return prompts
+    empty = sum(not p.strip() for p in prompts)
+    if empty or len(kept) + empty < len(prompts):
+        log(f"{path}: {len(kept)} prompts kept of {len(prompts)} entries ({empty} empty, "
+            f"{len(prompts) - empty - len(kept)} repeated, dropped)")
+    return kept
 
 
 def split_prompts(prompts: list, n_train: int, n_test: int, seed: int) -> tuple[list, list]:
@@ -490,7 +503,7 @@ def open_run(cfg: Config, resume: bool, world: int = 1) -> tuple[dict, list, lis
         return run, *run_prompts(out, run)
     if cfg.branch_from:
         return branch_run(cfg, world)
-    prompts = read_prompts(cfg.prompts) if cfg.prompts else [f"a photo of a {a}" for a in ANIMALS]
+    prompts = read_prompts(cfg.prompts)
     if cfg.test_prompts:
         train, test = prompts[:cfg.n_train], read_prompts(cfg.test_prompts, "test prompts")[:cfg.n_test]
     else:

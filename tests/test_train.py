@@ -7,6 +7,7 @@ stage directory (for samples.png). The tiny model comes from tests/tiny.py; rewa
 tiny.toy_reward by patching train.reward_fn (in this process, or through tests/train_launcher.py in
 a subprocess), so no CLIP weights.
 """
+import dataclasses
 import json
 import math
 import os
@@ -260,6 +261,22 @@ def test_prompt_files_and_split(tmp_path):
     for e in range(4):
         assert sorted(stream[6 * e:6 * e + 6]) == small
     assert stream[:6] != stream[6:12]
+
+
+def test_the_papers_prompts_are_the_default_for_sd_and_by_name(tmp_path, capsys):
+    """The paper's split (750 train / 50 test HPD v2 photo prompts, AlignProp's files): the default for any
+    model but the mini world, and `--prompts paper`. Oracle: the shipped files read line by line here."""
+    folder = ROOT / "data" / "paper_prompts"
+    raw_train = (folder / "hps_v2_all.txt").read_text(encoding="utf-8").split("\n")
+    raw_test = (folder / "hps_v2_all_eval.txt").read_text(encoding="utf-8").splitlines()
+    assert (folder / "NOTICE.md").is_file() and "MIT License" in (folder / "LICENSE-AlignProp").read_text()
+    for cfg in (resolve("--model", train.SD15), resolve("--model", "mini/world/model", "--prompts", "paper")):
+        run, tr, te = train.open_run(dataclasses.replace(cfg, out=str(tmp_path / "none")), resume=False)
+        assert len(tr) == 750 and len(te) == 50 and not set(tr) & set(te)
+        assert tr == [p.strip() for p in raw_train if p.strip()] and te == [p.strip() for p in raw_test]
+        assert run["config"]["prompts"] == str(folder / "hps_v2_all.txt")
+    assert "2 empty" in capsys.readouterr().out  # AlignProp reads its 2 empty lines as prompts; rid says it drops them
+    assert resolve().prompts == str(ROOT / "mini" / "world" / "prompts" / "train.txt")  # the mini world keeps its own
 
 
 #### BAD INPUT: exit 2, one line, no traceback ####
