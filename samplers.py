@@ -1,0 +1,195 @@
+"""Samplers, written out: DDIM / η-DDIM (timestep spacing leading, trailing or linspace) and LCM's
+multistep consistency sampler. Each is built from a model directory's scheduler config — betas,
+prediction type, timestep spacing, offset, the last step's ᾱ — never from constants, and each equals
+diffusers' own scheduler on the same inputs step by step (tests/test_samplers.py):
+    DDIM(steps, config) == DDIMScheduler.from_config(config) after set_timesteps(steps)
+    LCM(steps, config)  == LCMScheduler.from_config(config)  after set_timesteps(steps)
+A config of another scheduler class (SDXL ships EulerDiscreteScheduler) gives the DDIM that
+`DDIMScheduler.from_config` would make of it: its keys, DDIMScheduler's defaults for the rest.
+
+The interface the methods use (rid.py): `timesteps` (steps,) int64, first = noisiest;
+`x0(pred, t, z)` the clean estimate from the model's output at timestep t; `step(pred, t, z, eta,
+noise)` z_t → z_prev; `needs_noise(t, eta)` whether that step takes fresh noise (drawn by the
+caller from its seeded generator); `add_noise(x0, eps, t)` the forward process q(z_t | x0).
+Shapes: latents z (B, C, h, w); pred as z.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+SAMPLERS = ("ddim", "lcm")
+
+# DDIMScheduler's own defaults: what a key missing from the directory's config means.
+DDIM_DEFAULTS = {
+    "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+    "trained_betas": None, "clip_sample": True, "clip_sample_range": 1.0, "set_alpha_to_one": True,
+    "steps_offset": 0, "prediction_type": "epsilon", "thresholding": False, "timestep_spacing": "leading",
+    "rescale_betas_zero_snr": False,
+}
+# LCMScheduler's: the same keys, its own values where they differ, and the consistency parametrisation.
+LCM_DEFAULTS = {**DDIM_DEFAULTS, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+                "clip_sample": False, "original_inference_steps": 50, "timestep_scaling": 10.0}
+# SD-1.5's shipped scheduler_config.json (what rid.DDIM(steps) means without a config).
+SD15_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                  "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
+                  "set_alpha_to_one": False, "steps_offset": 1, "prediction_type": "epsilon",
+                  "timestep_spacing": "leading"}
+PREDICTIONS = ("epsilon", "v_prediction", "sample")
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def default_kind(config: dict) -> str:
+    """The sampler a scheduler config asks for: lcm for LCMScheduler, ddim for everything else."""
+    return "lcm" if config.get("_class_name") == "LCMScheduler" else "ddim"
+
+
+def build(config: dict, steps: int, kind: str = "auto"):
+    """The sampler `kind` ('auto': the config's own, see default_kind) with `steps` steps."""
+    if kind not in ("auto",) + SAMPLERS:
+        raise ValueError(f"sampler {kind!r} is not allowed; allowed: auto (the model's scheduler config), "
+                         f"{', '.join(SAMPLERS)}")
+    kind = default_kind(config) if kind == "auto" else kind
+    return (LCM if kind == "lcm" else DDIM)(steps, config)
+
+
+def _betas(c: dict) -> torch.Tensor:
+    """β_1..β_T (T,) float32, as diffusers' DDIMScheduler/LCMScheduler make them."""
+    T = c["num_train_timesteps"]
+    if c["trained_betas"] is not None:
+        return torch.tensor(c["trained_betas"], dtype=torch.float32)
+    if c["beta_schedule"] == "linear":
+        return torch.linspace(c["beta_start"], c["beta_end"], T, dtype=torch.float32)
+    if c["beta_schedule"] == "scaled_linear":  # linear in √β (SD's)
+        return torch.linspace(c["beta_start"] ** 0.5, c["beta_end"] ** 0.5, T, dtype=torch.float32) ** 2
+    if c["beta_schedule"] == "squaredcos_cap_v2":  # Nichol & Dhariwal's cosine ᾱ(t), β capped at 0.999
+        abar = lambda t: math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+        return torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), 0.999) for i in range(T)], dtype=torch.float32)
+    raise ValueError(f"scheduler beta_schedule {c['beta_schedule']!r} is not allowed; allowed: linear, "
+                     "scaled_linear, squaredcos_cap_v2, or trained_betas")
+
+
+class DDIM:
+    """DDIM (η = 0 unless a step is given one) from a scheduler config. SD-1.5's (the default):
+    scaled-linear betas √0.00085 → √0.012 over 1000 steps, spacing "leading", steps_offset 1 (→ 981,
+    961, …, 1 at 50 steps), set_alpha_to_one False (the last step's ᾱ_prev = ᾱ_0), ε-prediction.
+    SDXL-Turbo's: spacing "trailing" (→ 999 at 1 step; 999, 749, 499, 249 at 4). float32, as diffusers."""
+
+    defaults = DDIM_DEFAULTS
+
+    def __init__(self, steps: int = 50, config: dict | None = None):
+        c = {**self.defaults, **{k: v for k, v in (config or SD15_SCHEDULER).items() if k in self.defaults}}
+        T = c["num_train_timesteps"]
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T:
+            raise ValueError(f"steps {steps!r} is not allowed; allowed: an integer in [1, {T}]")
+        for key, allowed in (("prediction_type", PREDICTIONS), ("timestep_spacing", SPACINGS)):
+            if c[key] not in allowed:
+                raise ValueError(f"scheduler {key} {c[key]!r} is not allowed; allowed: {', '.join(allowed)}")
+        for key in ("thresholding", "rescale_betas_zero_snr"):
+            if c[key]:
+                raise ValueError(f"scheduler {key} {c[key]!r} is not allowed; allowed: false (not implemented)")
+        self.config, self.prediction_type = c, c["prediction_type"]
+        self.clip = c["clip_sample_range"] if c["clip_sample"] else None
+        self.alphas_cumprod = torch.cumprod(1.0 - _betas(c), dim=0)  # ᾱ_t (T,)
+        self.final_alpha = torch.tensor(1.0) if c["set_alpha_to_one"] else self.alphas_cumprod[0]
+        self.ratio = T // steps  # diffusers' prev_timestep = t − T // steps, whatever the spacing
+        self.timesteps = self._timesteps(steps, c)  # (steps,) int64, noisiest first
+
+    @staticmethod
+    def _timesteps(steps: int, c: dict) -> torch.Tensor:
+        T = c["num_train_timesteps"]
+        if c["timestep_spacing"] == "leading":  # 0, r, 2r, … reversed, + offset
+            return torch.arange(steps - 1, -1, -1, dtype=torch.int64) * (T // steps) + c["steps_offset"]
+        if c["timestep_spacing"] == "trailing":  # T, T − T/n, … rounded, − 1: starts at the last timestep
+            return torch.from_numpy(np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1)
+        return torch.from_numpy(np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64).copy())  # linspace
+
+    def alpha(self, t: int) -> torch.Tensor:
+        return self.alphas_cumprod[t] if t >= 0 else self.final_alpha  # ᾱ_prev of the last step
+
+    def x0(self, pred: torch.Tensor, t: int, z: torch.Tensor) -> torch.Tensor:
+        """x̂₀ from the model's output: ε → (z_t − √(1−ᾱ_t) ε)/√ᾱ_t; v → √ᾱ_t z_t − √(1−ᾱ_t) v; x₀ itself."""
+        a_t = self.alpha(t)
+        if self.prediction_type == "epsilon":
+            x0 = (z - (1 - a_t) ** 0.5 * pred) / a_t ** 0.5
+        elif self.prediction_type == "v_prediction":
+            x0 = a_t ** 0.5 * z - (1 - a_t) ** 0.5 * pred
+        else:
+            x0 = pred
+        return x0 if self.clip is None else x0.clamp(-self.clip, self.clip)
+
+    def eps(self, pred: torch.Tensor, t: int, z: torch.Tensor) -> torch.Tensor:
+        """ε̂ from the model's output, never from a clipped x̂₀ (as diffusers)."""
+        if self.prediction_type == "epsilon":
+            return pred
+        a_t = self.alpha(t)
+        if self.prediction_type == "v_prediction":
+            return a_t ** 0.5 * pred + (1 - a_t) ** 0.5 * z
+        return (z - a_t ** 0.5 * pred) / (1 - a_t) ** 0.5
+
+    def needs_noise(self, t: int, eta: float) -> bool:
+        return eta > 0
+
+    def step(self, pred: torch.Tensor, t: int, z: torch.Tensor, eta: float = 0.0,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
+        """z_t → z_{t−ratio} = √ᾱ_prev x̂₀ + √(1−ᾱ_prev−σ²) ε + σ·noise,
+        σ = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_prev) (DDIM's Eq. 16; diffusers' DDIMScheduler.step with
+        eta and variance_noise). η = 0: no fresh noise, and exactly the formula it always was."""
+        a_prev = self.alpha(t - self.ratio)
+        x0 = self.x0(pred, t, z)
+        eps = self.eps(pred, t, z)
+        if eta == 0:
+            return a_prev ** 0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+        a_t = self.alpha(t)
+        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
+        return a_prev ** 0.5 * x0 + (1 - a_prev - sigma ** 2) ** 0.5 * eps + sigma * noise
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
+        a_t = self.alpha(t)
+        return a_t ** 0.5 * x0 + (1 - a_t) ** 0.5 * eps
+
+
+class LCM(DDIM):
+    """LCM's multistep consistency sampler (LCMScheduler; LCM-SSD-1B, LCM-LoRA). Timesteps: every
+    (T / original_inference_steps)-th training step ending at k − 1, `steps` of them evenly by index
+    (4 of 50 → 999, 759, 499, 259). A step: the consistency function
+        f(z_t) = c_out(t)·x̂₀ + c_skip(t)·z_t,  c_skip = σ_d²/((s t)² + σ_d²),  c_out = s t/√((s t)² + σ_d²)
+    (σ_d = 0.5, s = timestep_scaling), then re-noised to the next timestep with fresh noise:
+    z_next = √ᾱ_next f + √(1−ᾱ_next) noise; the last step returns f. η plays no part."""
+
+    defaults = LCM_DEFAULTS
+
+    @staticmethod
+    def _timesteps(steps: int, c: dict) -> torch.Tensor:
+        original = c["original_inference_steps"]
+        if steps > original:
+            raise ValueError(f"steps {steps} is not allowed with the LCM sampler; allowed: an integer in "
+                             f"[1, {original}] (the scheduler's original_inference_steps)")
+        k = c["num_train_timesteps"] // original
+        origin = torch.arange(original, 0, -1, dtype=torch.int64) * k - 1  # (original,) noisiest first
+        return origin[torch.from_numpy(np.floor(np.linspace(0, original, num=steps, endpoint=False)).astype(np.int64))]
+
+    def _next(self, t: int) -> int | None:
+        """The timestep after t in the schedule; None after the last."""
+        i = self.timesteps.tolist().index(t)
+        return int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else None
+
+    def x0(self, pred: torch.Tensor, t: int, z: torch.Tensor) -> torch.Tensor:
+        """The consistency function's output f(z_t): what the sampler returns as the clean image."""
+        st = torch.tensor(t) * self.config["timestep_scaling"]
+        c_skip, c_out = 0.25 / (st ** 2 + 0.25), st / (st ** 2 + 0.25) ** 0.5
+        return c_out * super().x0(pred, t, z) + c_skip * z
+
+    def needs_noise(self, t: int, eta: float) -> bool:
+        return self._next(t) is not None
+
+    def step(self, pred: torch.Tensor, t: int, z: torch.Tensor, eta: float = 0.0,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
+        denoised = self.x0(pred, t, z)
+        t_next = self._next(t)
+        if t_next is None:
+            return denoised
+        a_next = self.alpha(t_next)
+        return a_next.sqrt() * denoised + (1 - a_next).sqrt() * noise
