@@ -133,6 +133,67 @@ def test_buffer_is_fifo_and_bounded(models):
     assert idx.tolist() == [0, 1, 2, 3, 4] and len(pairs) == 8  # C(5,2) = 10 minus the ties (0, 2) and (1, 3)
 
 
+def test_online_adaptation_is_the_hand_run_of_bradley_terry_steps_on_the_fifo_buffer(models):
+    """LaSRO's stage 2 as observe() runs it, against a hand run: a FIFO buffer of the last `buffer` samples,
+    every k-th step m Adam steps of −mean log σ(±(s_a − s_b)) over the buffer's same-prompt pairs, the
+    running statistics an EMA of each step's scores. Oracle pairs: every same-prompt pair of the buffer
+    (2 samples of each of 4 prompts, so 4 pairs; 64 draws per step take all of them), enumerated by hand."""
+    import copy
+
+    emb = rid.encode_prompts(models, PROMPTS)
+    k, m, lr, mom = 2, 3, 2e-2, 0.8
+    cfg = S.SurrogateConfig(hidden=8, lr=lr, buffer=8, pair_batch=64, adapt_every=k, adapt_steps=m,
+                            stats_momentum=mom)
+    sur = S.Surrogate(models.unet, cfg, emb, seed=3)
+    frozen = S.Surrogate(models.unet, S.SurrogateConfig(**{**cfg.__dict__, "adapt_every": 0}), emb, seed=3)
+    head0 = copy.deepcopy(sur.model.head)
+    hand = copy.deepcopy(sur.model.head)
+    hand_opt = torch.optim.Adam(hand.parameters(), lr=lr)
+    sur.stats.reset(torch.tensor([0.5, -1.0, 2.0]))  # as after pre-training
+    mean, var = sur.stats.mean, sur.stats.var
+    g = torch.Generator().manual_seed(11)
+    buf_z, buf_pid, buf_r, adapted = [], [], [], []
+    for step in range(1, 7):
+        z = torch.randn(4, *models.latent_shape, generator=g)  # one sample of each prompt per step
+        pid = torch.tensor([2, 0, 3, 1])
+        r = torch.randn(4, generator=g, dtype=torch.float64)
+        with torch.no_grad():
+            raw = sur.score(z, pid)
+        adapted.append(sur.observe(z, pid, r, raw))
+        frozen.observe(z, pid, r, raw)
+        # FIFO: the last 8 samples, oldest first
+        buf_z, buf_pid, buf_r = (buf_z + list(z))[-8:], (buf_pid + pid.tolist())[-8:], (buf_r + r.tolist())[-8:]
+        assert torch.equal(torch.stack(sur.buf["z"]), torch.stack(buf_z))
+        assert torch.stack(sur.buf["pid"]).tolist() == buf_pid and torch.stack(sur.buf["r"]).tolist() == buf_r
+        # running statistics: an EMA of the step's scores
+        mean = mom * mean + (1 - mom) * raw.double().mean().item()
+        var = mom * var + (1 - mom) * raw.double().var().item()
+        assert sur.stats.mean == pytest.approx(mean, rel=1e-12) and sur.stats.var == pytest.approx(var, rel=1e-12)
+        if step % k == 0:  # the hand run: m Bradley–Terry steps on every same-prompt pair of the buffer
+            pairs = [(a, b) for a in range(8) for b in range(a + 1, 8) if buf_pid[a] == buf_pid[b]]
+            assert len(pairs) == 4
+            zb = torch.stack(buf_z)
+            with torch.no_grad():
+                feats = sur.model.features(zb, emb[torch.tensor(buf_pid)])
+            for _ in range(m):
+                s = hand(feats).squeeze(-1).double()
+                terms = [-torch.nn.functional.logsigmoid((s[a] - s[b]) if buf_r[a] > buf_r[b] else (s[b] - s[a]))
+                         for a, b in pairs]
+                hand_opt.zero_grad()
+                torch.stack(terms).mean().backward()
+                hand_opt.step()
+        for p, q in zip(sur.model.head.parameters(), hand.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-7)
+    assert adapted == [False, True, False, True, False, True]  # every k-th step
+    # the frozen ablation kept its pre-trained head; the adapted one moved away from it
+    assert all(torch.equal(p, q) for p, q in zip(frozen.model.head.parameters(), head0.parameters()))
+    moved = max((p - q).abs().max().item() for p, q in zip(sur.model.head.parameters(), head0.parameters()))
+    assert moved > 10 * lr * 1e-2, moved
+    with torch.no_grad():
+        zt = torch.randn(8, *models.latent_shape, generator=g)
+        assert (sur.score(zt, torch.arange(8) % 4) - frozen.score(zt, torch.arange(8) % 4)).abs().max() > 1e-4
+
+
 def test_config_checks_every_knob():
     for bad in ({"hidden": 0}, {"lr": float("nan")}, {"pairs": "all"}, {"adapt_every": -1}, {"buffer": True},
                 {"stats_momentum": 1.0}):
@@ -213,14 +274,31 @@ def test_surrogate_task_scores_the_latents_it_was_given_with_the_true_reward(mod
     want = S.true_scores("jpeg-kb", S.black_box("jpeg-kb"), rid.decode(models, z), [])  # prompts unused
     assert torch.equal(torch.cat([torch.stack(task.sur.buf["r"]), task.held["r"]]), want)
     assert torch.stack(task.sur.buf["pid"]).tolist() == [0, 0, 1, 1] and task.held["pid"].tolist() == [2, 2]
+    # the running statistics after pre-training: the pre-trained surrogate's scores over the whole buffer
+    with torch.no_grad():
+        s_buf = task.sur.score(torch.stack(task.sur.buf["z"]), torch.stack(task.sur.buf["pid"])).double()
+    assert task.sur.stats.mean == pytest.approx(s_buf.mean().item(), rel=1e-6, abs=1e-12)
+    assert task.sur.stats.var == pytest.approx(s_buf.var().item(), rel=1e-6, abs=1e-12)
     # as the methods call it: on latents, differentiable; after the step the same latents are scored
     zs = z[[1, 4]].clone().requires_grad_(True)
     out = task(zs, [prompts[0], prompts[2]])
     out.sum().backward()
     assert zs.grad.abs().sum() > 0
+    with torch.no_grad():
+        raw = task.sur.score(z[[1, 4]], torch.tensor([0, 2])).double()  # the surrogate before it adapts
+    before = (task.sur.stats.mean, task.sur.stats.var)
     logs = task.after_step()
     assert logs["true_reward"] == pytest.approx(float(want[[1, 4]].mean()))
-    assert len(task.sur.buf["r"]) == 6 and task._seen == [] and 0 <= logs["pair_acc"] <= 1
+    assert logs["surrogate"] == pytest.approx(raw.mean().item(), rel=1e-6)
+    assert task.sur.stats.mean == pytest.approx(0.9 * before[0] + 0.1 * raw.mean().item(), rel=1e-6)
+    assert task.sur.stats.var == pytest.approx(0.9 * before[1] + 0.1 * raw.var().item(), rel=1e-6)
+    assert len(task.sur.buf["r"]) == 6 and task._seen == []
+    # the logged pair accuracy is the adapted surrogate's on the held-out pair (prompt 2's two samples)
+    with torch.no_grad():
+        s_held = task.sur.score(task.held["z"], task.held["pid"]).double()
+    r_held = task.held["r"]
+    assert r_held[0] != r_held[1]
+    assert logs["pair_acc"] == float((s_held[0] - s_held[1]) * (r_held[0] - r_held[1]) > 0)
     held = task.heldout(PROMPTS[3:], torch.randn(3, *models.latent_shape), steps=2, guidance=2.0, reps=3)
     assert set(held) == {"pair_acc", "kendall_tau", "true_reward"}
 
