@@ -120,9 +120,12 @@ class Config(rid.StepConfig):
     seed: int = 0              # split, prompt order, LoRA init, noise: everything random derives from it
     # How a step's batch splits into micro-batches sets the order the gradient is summed in (adapters
     # differ by ~1e-6), so --resume refuses to change these two (and the world size).
-    micro_batch: int | None = 8  # prompts per forward/backward on one process
+    # "auto" (the default on a GPU): the largest that fits the device's free memory (plan_micro_batch).
+    micro_batch: int | str | None = 8  # prompts per forward/backward on one process
     grad_accum: int | None = None  # alternatively: micro-batches per step per process (sets micro_batch)
-    dtype: str = "fp32"        # fp32, or bf16 (bf16 frozen base, fp32 LoRA: DRaFT's recipe)
+    # bf16 (the default on a GPU): the frozen UNet and text encoder in bf16, the VAE too unless its config
+    # says force_upcast (SD-1.5's does: decoded in fp32), adapters, EMA and AdamW in fp32 (DRaFT's recipe).
+    dtype: str = "fp32"
     resolution: int | None = None  # image side in pixels; None: the model's own (SD-1.5: 512; mini world: 32)
     # -- runtime: knobs that do not change what is computed; --resume may change them --
     ckpt_every: int = 100      # optimizer steps between mid-task checkpoints
@@ -228,14 +231,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--batch", help=f"global batch per optimizer step (1 to {MAX_BATCH}), N or task=N[,...] (default: rid "
                       f"{PAPER_RID['batch']}, other methods {PAPER_BASELINE['batch']} by gradient accumulation; mini world: "
                       f"{MINI_BATCH} for every method)")
-    a("--micro-batch", type=int, help=f"prompts per forward/backward on one process; micro-batches per step "
-                                      f"= batch / world size / micro-batch; it sets the order the gradient sums in, "
-                                      f"so --resume keeps it (default: {d.micro_batch})")
+    a("--micro-batch", help="prompts per forward/backward on one process, or auto: the largest that fits the "
+                            "device's free memory (15 %% kept free), from the fake-tensor memory model of "
+                            "experiments.memory run on the loaded model; micro-batches per step = batch / world size "
+                            "/ micro-batch; it sets the order the gradient sums in, so --resume keeps it "
+                            f"(default: auto on a GPU, {d.micro_batch} on a CPU)")
     a("--grad-accum", type=int, help="micro-batches per step per process; sets the micro-batch size "
                                      "instead of --micro-batch (default: from --micro-batch)")
     a("--max-steps", type=int, help="cap on optimizer steps per task, for smoke runs (default: none)")
-    a("--dtype", choices=("fp32", "bf16"), help="fp32, or a bf16 frozen base with fp32 LoRA as DRaFT did "
-                                                f"(default: {d.dtype})")
+    a("--dtype", choices=("fp32", "bf16"), help="fp32, or bf16: the frozen base in bf16 (the VAE decodes in fp32 "
+                                                "where its config says force_upcast, as SD-1.5's does), adapters and "
+                                                f"optimizer in fp32, as DRaFT did (default: bf16 on a GPU, {d.dtype} on a CPU)")
     a("--resolution", type=int, help="image side in pixels, a multiple of the VAE factor × the UNet's "
                                      "downsampling (SD-1.5: 64; 256/384 fit smaller GPUs) (default: the model's "
                                      "own: 512 for SD-1.5, 32 in the mini world)")
@@ -368,7 +374,15 @@ def resolve(args) -> tuple[Config, bool]:
         cfg.check(lambda name: "--" + name.replace("_", "-"))
     except ValueError as e:
         raise UsageError(str(e)) from None
-    for name, top in (("rank", MAX_RANK), ("max_steps", None), ("ckpt_every", None), ("micro_batch", None)):
+    if args.micro_batch is not None and args.micro_batch != "auto":
+        try:
+            args.micro_batch = int(args.micro_batch)
+        except ValueError:
+            raise UsageError(f"--micro-batch {args.micro_batch!r} is not allowed; allowed: auto or an integer ≥ 1") from None
+    if args.micro_batch == "auto":
+        cfg.micro_batch = "auto"
+    for name, top in (("rank", MAX_RANK), ("max_steps", None), ("ckpt_every", None),
+                      *((("micro_batch", None),) if args.micro_batch != "auto" else ())):
         value = _positive("--" + name.replace("_", "-"), getattr(args, name), top=top)
         if value is not None:
             setattr(cfg, name, value)
@@ -399,7 +413,17 @@ def resolve(args) -> tuple[Config, bool]:
     if not 0 <= cfg.seed <= MAX_SEED:
         raise UsageError(f"--seed {cfg.seed} is not allowed; allowed: an integer in [0, 2**63-1]")
     cfg.device = checkpoint.check_device("--device", cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return cfg, is_mini
+    return gpu_defaults(cfg, args), is_mini
+
+
+def gpu_defaults(cfg: Config, args) -> Config:
+    """On a GPU, unless the flags say otherwise: a bf16 base and the micro-batch that fits (--micro-batch auto)."""
+    if cfg.device.startswith("cuda"):
+        if args.dtype is None:
+            cfg.dtype = "bf16"
+        if args.micro_batch is None and args.grad_accum is None:
+            cfg.micro_batch = "auto"
+    return cfg
 
 
 def step_config(cfg: Config) -> rid.StepConfig:
@@ -417,6 +441,8 @@ def micro_plan(cfg: Config, task: str, world: int) -> tuple[int, int]:
         if per_rank % cfg.grad_accum:
             raise UsageError(f"--grad-accum {cfg.grad_accum} does not divide {task}'s batch per process {per_rank}")
         return per_rank // cfg.grad_accum, cfg.grad_accum
+    if cfg.micro_batch == "auto":
+        raise ValueError("micro_plan before plan_micro_batch resolved --micro-batch auto")
     micro = min(cfg.micro_batch, per_rank)
     if per_rank % micro:
         raise UsageError(f"--micro-batch {micro} does not divide {task}'s batch per process {per_rank} "
@@ -923,6 +949,54 @@ def bad_input():
         raise UsageError(str(e)) from None
 
 
+def adopt_micro_batch(cfg: Config, resume: bool) -> None:
+    """--micro-batch auto on a run that continues another (--resume, --branch-from): the micro-batch it was
+    planned with, since it sets the order the gradient sums in (the numbers) and this GPU may differ."""
+    if cfg.micro_batch != "auto":
+        return
+    src = Path(cfg.out) if resume and (Path(cfg.out) / "run.json").exists() else \
+        Path(cfg.branch_from) if cfg.branch_from else None
+    if src is not None:
+        old = saved_run(src)["config"]
+        cfg.micro_batch, cfg.grad_accum = old.get("micro_batch"), old.get("grad_accum")
+        log(f"--micro-batch auto: {cfg.micro_batch or f'--grad-accum {cfg.grad_accum}'}, as {src} was trained")
+
+
+def plan_micro_batch(cfg: Config, models, reward_fns: dict, world: int, free=None) -> int:
+    """--micro-batch auto: the largest micro-batch whose training step fits the free memory of the device
+    (experiments.memory's fake-tensor model of the loaded architecture, per task's reward, 15 % kept free)
+    and divides every task's batch per process. Sets cfg.micro_batch; UsageError when not even 1 fits."""
+    from experiments import memory  # the model that writes docs/sd15_memory.md, run here on this run's model
+
+    step_cfg = step_config(cfg)
+    budget = memory.free_bytes(cfg.device) if free is None else free
+    per_rank = {t: cfg.batch[t] // world for t in cfg.tasks}
+    top, need = None, None
+    for task in cfg.tasks:
+        if surrogate.is_black_box(task):  # scored on latents: no VAE decode with gradient, less than any other
+            continue
+        p = memory.plan_micro_batch(models, reward_fns[task], cfg.method, budget, steps=cfg.steps,
+                                    truncate=step_cfg.truncate, checkpointing=cfg.gradient_checkpointing,
+                                    rank=cfg.rank, frozen_tasks=len(cfg.tasks) - 1)
+        if top is None or p["top"] < top:
+            top, need = p["top"], p
+    if top is None:  # black-box tasks only
+        top = max(per_rank.values())
+    micro = max((d for d in range(1, min(top, max(per_rank.values())) + 1) if all(b % d == 0 for b in per_rank.values())), default=0)
+    gib = 2 ** 30
+    if micro == 0:
+        raise UsageError(f"--micro-batch auto: not even 1 sample fits {cfg.device}: a step needs "
+                         f"{(need['fixed'] + need['per_sample']) / gib:.1f} GiB beyond the loaded weights, "
+                         f"{need['usable'] / gib:.1f} GiB of the {budget / gib:.1f} GiB free is usable (15 % kept "
+                         "free); try --dtype bf16, a smaller --resolution, --gradient-checkpointing, or a larger GPU")
+    cfg.micro_batch = micro
+    how = (f"{need['fixed'] / gib:.2f} GiB + {need['per_sample'] / gib:.2f} GiB per sample beyond the weights, "
+           f"{need['usable'] / gib:.1f} of {budget / gib:.1f} GiB free usable" if need else "black-box tasks only")
+    log(f"--micro-batch auto: {micro} ({how}; largest that fits {top if need else '-'}, "
+        f"a divisor of the batch per process {sorted(set(per_rank.values()))})")
+    return micro
+
+
 def run(cfg: Config, is_mini: bool, model_given: bool, resume: bool, world: int) -> None:
     lock = checkpoint.RunLock(Path(cfg.out), log=log) if _rank() == 0 else None  # before anything is read
     try:
@@ -949,13 +1023,17 @@ def _run(cfg: Config, is_mini: bool, model_given: bool, resume: bool, world: int
         raise UsageError(f"black-box task(s) {black} train on one process only (each would fit its own "
                          f"surrogate); run without torchrun, WORLD_SIZE is {world}")
     with bad_input():
+        adopt_micro_batch(cfg, resume)
         run_info, train, test = open_run(cfg, resume, world)
         step_cfg = step_config(cfg)
         for task in cfg.tasks:
-            micro_plan(cfg, task, world)
+            if cfg.micro_batch != "auto":
+                micro_plan(cfg, task, world)
     with reading(f"--model {cfg.model}"), bad_input():  # a weight file in it may be truncated or garbage
         models = rid.load_models(cfg.model, device=cfg.device,
                                  dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
+        if cfg.dtype == "bf16" and models.vae.config.get("force_upcast", False):
+            models.vae.to(torch.float32)  # rid.decode casts the latents to the VAE's dtype
     with bad_input():
         models.set_resolution(cfg.resolution, "--resolution")
     reward_fns = {}
@@ -966,6 +1044,10 @@ def _run(cfg: Config, is_mini: bool, model_given: bool, resume: bool, world: int
     with bad_input():
         if cfg.report_to == "tensorboard":
             plots.TensorBoardLogger.writer_class()  # fails here, with one line, when tensorboard is missing
+    if cfg.micro_batch == "auto":
+        with bad_input():
+            plan_micro_batch(cfg, models, reward_fns, world)
+        run_info["config"] = config_dict(cfg)
     if dist.is_initialized():  # every rank has looked at --out before rank 0 writes to it
         dist.barrier()
     create_run(cfg, run_info, train, test)

@@ -166,7 +166,7 @@ def step_memory(models, reward_fn, modules, method: str, batch: int, checkpointi
         opt.state[group.flat][st] = torch.zeros_like(group.flat)
     opt.state[group.flat]["step"] = torch.tensor(1.0)
     cfg = rid.StepConfig(method=method, steps=steps, truncate=truncate, gradient_checkpointing=checkpointing)
-    noise = torch.randn(batch, *models.latent_shape)
+    noise = torch.randn(batch, *models.latent_shape, device=models.device)
     own = [t for m in (models.unet, models.vae, models.text_encoder, *modules)
            for t in (*m.parameters(), *m.buffers())]
     own += [group.flat, group.ema, *opt.state[group.flat].values()]
@@ -175,6 +175,110 @@ def step_memory(models, reward_fn, modules, method: str, batch: int, checkpointi
         static = mem.now
         rid.train_step(models, group, reward_fn, [(["a photo of a cat"] * batch, noise)], opt, cfg)
     return {"static": static, "peak": mem.peak}
+
+
+def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kw) -> int:
+    """FlopCounterMode counts the CUDA attention kernels; on CPU SDPA runs as its own op: the same count."""
+    from torch.utils.flop_counter import sdpa_flop_count
+
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kw) -> int:
+    from torch.utils.flop_counter import sdpa_backward_flop_count
+
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def step_flops(models, reward_fn, method: str, batch: int, steps: int, rank: int = 4, frozen_tasks: int = 2) -> dict:
+    """FLOPs of one rid.train_step (one micro-batch of `batch` prompts, `steps` DDIM steps) as
+    torch.utils.flop_counter counts them (matmuls, convolutions, attention; 2 per multiply-add;
+    elementwise ops not counted) -> {"total", "unet_call"}: unet_call = one CFG-batched UNet forward."""
+    import rid
+    from torch.utils.flop_counter import FlopCounterMode
+
+    aten = torch.ops.aten
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+               aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops}
+    group = rid.group_of(models.unet) or rid.inject(models.unet, rank=rank)
+    group.clear()
+    for k in range(frozen_tasks):
+        group.add_task(f"t{k}")
+    group.add_task("current")
+    opt = torch.optim.AdamW([group.flat], lr=1e-4)
+    cfg = rid.StepConfig(method=method, steps=steps)
+    noise = torch.randn(batch, *models.latent_shape)
+    with FlopCounterMode(display=False, custom_mapping=mapping) as fc, PeakMemory():  # PeakMemory: fake .item()
+        rid.train_step(models, group, reward_fn, [(["a photo of a cat"] * batch, noise)], opt, cfg)
+    total = fc.get_total_flops()
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=mapping) as fc, PeakMemory():
+        z = torch.randn(2 * batch, *models.latent_shape)
+        ctx = torch.randn(2 * batch, models.tokenizer.model_max_length, models.text_encoder.config.hidden_size)
+        models.unet(z, torch.tensor(1), encoder_hidden_states=ctx)
+    return {"total": total, "unet_call": fc.get_total_flops()}
+
+
+def free_bytes(device) -> int:
+    """Memory a run may still take on `device`: the GPU's free memory, or the host's available memory."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    import os
+
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+MARGIN = 0.15  # kept free: the caching allocator's fragmentation and cuBLAS/cuDNN workspaces (~10 %), and 5 % more
+
+
+def fake_copy(models):
+    """The loaded models' architecture, built from their configs as fake tensors (call inside
+    FakeTensorMode): what the planner runs the step on, so it allocates nothing on the device."""
+    import rid
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    def build(real, make):
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(next(real.parameters()).dtype)  # Module.to() cannot swap fake parameters
+        try:
+            return make(real.config)
+        finally:
+            torch.set_default_dtype(default)
+
+    unet = build(models.unet, UNet2DConditionModel.from_config)
+    vae = build(models.vae, AutoencoderKL.from_config)  # fp32 in a bf16 run when its config says force_upcast
+    text = build(models.text_encoder, type(models.text_encoder))
+    for m in (unet, vae, text):
+        m.eval().requires_grad_(False)
+    unet.rid_base_model = getattr(models.unet, "rid_base_model", "fake")
+    fake = rid.Models(unet, vae, text, models.tokenizer)
+    fake.resolution = models.resolution
+    return fake
+
+
+def plan_micro_batch(models, reward_fn, method: str, budget: int, *, steps: int, truncate: int = 1,
+                     checkpointing: bool = False, rank: int = 4, frozen_tasks: int = 2) -> dict:
+    """train.py --micro-batch auto: the largest micro-batch whose step fits `budget` bytes less MARGIN
+    (train.py then takes the largest divisor of the batch at most that), from the fake-tensor step of the loaded
+    architecture at micro-batches 1 and 2 (the fixed part and the part per sample, as docs/sd15_memory.md).
+    Weights the run has already loaded are in neither `budget` (free memory) nor the count: the count is
+    the step's peak above everything alive before it, plus the adapters and AdamW's state.
+    -> {"top": 0 when not even 1 fits, "fixed", "per_sample", "usable"} (bytes)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    runs = []
+    with FakeTensorMode(allow_non_fake_inputs=True), torch.device(models.device):
+        fake = fake_copy(models)
+        weights = sum(t.untyped_storage().nbytes() for m in (fake.unet, fake.vae, fake.text_encoder)
+                      for t in (*m.parameters(), *m.buffers()))
+        for b in (1, 2):
+            r = step_memory(fake, reward_fn, [], method, b, checkpointing, steps_for(method, steps, truncate),
+                            truncate=truncate, rank=rank, frozen_tasks=frozen_tasks)
+            runs.append(r["peak"] - weights)
+    per = runs[1] - runs[0]
+    fixed = runs[0] - per
+    usable = int(budget * (1 - MARGIN))
+    return {"top": fits(fixed, per, usable / 1e9), "fixed": fixed, "per_sample": per, "usable": usable}
 
 
 def steps_for(method: str, paper_steps: int, truncate: int) -> int:
@@ -198,8 +302,15 @@ def main(argv=None) -> int:
     p.add_argument("--batches", default="1,2", help="two micro-batch sizes, the fixed part and the slope (default: 1,2)")
     p.add_argument("--paper-steps", type=int, default=50, help="DDIM steps of draft (all with gradient) (default: 50)")
     p.add_argument("--truncate", type=int, default=10, help="draft-k's K (default: 10)")
-    p.add_argument("--out", default="docs/sd15_memory.md", help="report to write, and its .json (default: %(default)s)")
+    p.add_argument("--out", default=None, help="report to write, and its .json (default: docs/sd15_memory.md; "
+                                               "with --flops docs/sd15_cost.md)")
+    p.add_argument("--flops", action="store_true", help="count FLOPs per training step instead of memory (rid and "
+                                                        "baseline at the largest --resolution, --paper-steps DDIM steps) "
+                                                        "and estimate the paper run's GPU hours")
     args = p.parse_args(argv)
+    if args.flops:
+        return flops_main(args, argv)
+    args.out = args.out or "docs/sd15_memory.md"
     sizes, batches = ints(p, "--resolution", args.resolution), ints(p, "--batches", args.batches)
     if not sizes or any(s < 64 or s % 64 or s > 2048 for s in sizes):
         p.error(f"--resolution {args.resolution!r}: every size must be a multiple of 64 from 64 to 2048")
@@ -248,6 +359,90 @@ def main(argv=None) -> int:
     write_doc(out, report(rows, batches, args, time.time() - t0, " ".join(["python -m experiments.memory", *(argv if argv is not None else sys.argv[1:])])))
     log(f"wrote {out} in {(time.time() - t0) / 60:.1f} min")
     return 0
+
+
+# The sustained throughput the GPU-hour estimate assumes: 40 % of the dense bf16 tensor-core peak, a
+# typical model-FLOPs utilisation for a UNet at this size (an assumption until a run is timed).
+PEAK_BF16_TFLOPS = {"A100": 312, "H100 SXM": 989}
+UTILISATION = 0.4
+
+
+def paper_samples() -> dict:
+    """Images generated with gradient over the paper's run, per task: epochs × 750 training prompts."""
+    from train import PAPER_EPOCHS
+
+    return {t: PAPER_EPOCHS[t] * 750 for t in ("aesthetic", "hps", "compress")}
+
+
+def flops_main(args, argv) -> int:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import tempfile
+
+    from experiments.sd15 import clip_tokenizer
+
+    log, t0 = logger(PROG), time.time()
+    res = max(int(x) for x in args.resolution.split(","))
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = clip_tokenizer(Path(tmp))
+    rows = []
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        models, fns, _ = sd15_world(torch.float32, tok)
+        models.set_resolution(res)
+        for m in ("rid", "baseline"):
+            r = [step_flops(models, fns["hps"], m, b, args.paper_steps) for b in (1, 2)]
+            rows.append({"method": m, "resolution": res, "steps": args.paper_steps, "flops": [x["total"] for x in r],
+                         "per_sample": r[1]["total"] - r[0]["total"], "unet_call_cfg_b1": r[0]["unet_call"]})
+            log(f"{m} {res}²: {r[0]['total'] / 1e12:.1f} TFLOP per step at micro-batch 1, "
+                f"{rows[-1]['per_sample'] / 1e12:.1f} per sample")
+    samples = paper_samples()
+    out = ROOT / (args.out or "docs/sd15_cost.md")
+    out.with_suffix(".json").write_text(json.dumps({"rows": rows, "samples": samples,
+                                                    "peak_bf16_tflops": PEAK_BF16_TFLOPS,
+                                                    "utilisation": UTILISATION}, indent=1) + "\n")
+    write_doc(out, cost_report(rows, samples, time.time() - t0))
+    log(f"wrote {out} in {(time.time() - t0) / 60:.1f} min")
+    return 0
+
+
+def gpu_hours(flops: float, gpu: str) -> float:
+    return flops / (PEAK_BF16_TFLOPS[gpu] * 1e12 * UTILISATION) / 3600
+
+
+def cost_report(rows: list, samples: dict, seconds: float) -> str:
+    n = sum(samples.values())
+    lines = ["# What the paper's run costs at SD-1.5's size: counted FLOPs, estimated GPU hours", "",
+             f"Regenerate: `python -m experiments.memory --flops` ({seconds / 60:.1f} min on a 2-core CPU; fake tensors, "
+             "no GPU, no weights). `torch.utils.flop_counter` counts every matmul, convolution and attention of one "
+             "real `rid.train_step` (2 FLOPs per multiply-add; elementwise ops, normalisations and the optimizer "
+             "not counted) on the SD-1.5 UNet, VAE and text encoder with the hps reward (ViT-H-14), "
+             f"{rows[0]['steps']} DDIM steps with CFG (the UNet runs on 2 × micro-batch), at micro-batches 1 and 2; "
+             "the difference is the cost per sample.", "",
+             "| method | res | TFLOP per step, micro-batch 1 | 2 | TFLOP per sample | one CFG UNet call (batch 2) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['resolution']}² | {r['flops'][0] / 1e12:.2f} | {r['flops'][1] / 1e12:.2f} | "
+                     f"{r['per_sample'] / 1e12:.2f} | {r['unet_call_cfg_b1'] / 1e12:.3f} |")
+    lines += ["", f"The paper's run: epochs aesthetic {samples['aesthetic'] // 750}, hps {samples['hps'] // 750}, "
+              f"compress {samples['compress'] // 750} over 750 training prompts = {n:,} samples with gradient "
+              "(the same for every batch size: the baseline's batch 128 makes fewer, larger steps).", "",
+              "| method | total FLOPs | " + " | ".join(f"GPU hours, {g} (estimate)" for g in PEAK_BF16_TFLOPS) + " |",
+              "|---|---|" + "---|" * len(PEAK_BF16_TFLOPS)]
+    for r in rows:
+        total = r["per_sample"] * n
+        lines.append(f"| {r['method']} | {total:.3g} | " +
+                     " | ".join(f"{gpu_hours(total, g):.0f}" for g in PEAK_BF16_TFLOPS) + " |")
+    lines += ["", "## How far to trust it", "",
+              f"- **An estimate until measured**: the hours assume a sustained {UTILISATION:.0%} of each GPU's dense "
+              f"bf16 peak ({', '.join(f'{g} {v} TFLOP/s' for g, v in PEAK_BF16_TFLOPS.items())}) for the whole "
+              "run. No run of this repository has been timed on a GPU yet; replace this line with the measured "
+              "figure when one is (train.py logs each stage's seconds and metrics.jsonl its steps' times).",
+              "- fp32 (`--dtype fp32`) runs on TF32 tensor cores at half the bf16 peak: about twice the hours.",
+              "- 2 GPUs (torchrun) halve the wall time, not the GPU hours.",
+              "- Not counted: eval.py (50 test prompts × 4 images × 4 stages × 50 CFG UNet calls: under 1 % of "
+              "training), the sampling of each stage's samples.png, and data-parallel communication (the adapters' "
+              "gradient is 0.8 M values per step).", ""]
+    return "\n".join(lines)
 
 
 def report(rows: list, batches: list, args, seconds: float, command: str = PROG) -> str:

@@ -279,6 +279,65 @@ def test_the_papers_prompts_are_the_default_for_sd_and_by_name(tmp_path, capsys)
     assert resolve().prompts == str(ROOT / "mini" / "world" / "prompts" / "train.txt")  # the mini world keeps its own
 
 
+#### MEMORY: --micro-batch auto, the GPU defaults ####
+
+def _real_need(world, batch):
+    """Oracle for the planner: the bytes one real training step (tiny SD, real tensors, toy reward; 1 frozen
+    task + the current one, DDIM 2, rid) holds at its peak beyond the model's weights, counted live."""
+    import rid
+    from experiments import memory
+
+    models = rid.load_models(world.sd)
+    weights = sum(t.untyped_storage().nbytes() for m in (models.unet, models.vae, models.text_encoder)
+                  for t in (*m.parameters(), *m.buffers()))
+    r = memory.step_memory(models, tiny.toy_reward, [], "rid", batch, False, 2, frozen_tasks=0)
+    return r["peak"] - weights
+
+
+def test_micro_batch_auto_picks_the_largest_that_fits_a_given_device(world, tmp_path, monkeypatch, capsys):
+    """--micro-batch auto against a fake device size: batch 4 (micro-batches 1, 2 or 4); the device is sized
+    between what the real step needs at 2 and at 4 (after the 15 % margin), so 2 is the answer."""
+    from experiments import memory
+
+    need = {b: _real_need(world, b) for b in (1, 2, 4)}
+    assert need[1] < need[2] < need[4]
+    argv = tiny_args(world, tmp_path / "fit", "--batch", "4", "--max-steps", "1", tasks="aesthetic")
+    argv[argv.index("--micro-batch") + 1] = "auto"
+    for free, want in (((need[2] + need[4]) / 2 / (1 - memory.MARGIN), 2), (need[4] * 2, 4)):
+        out = tmp_path / f"fit{want}"
+        argv[argv.index("--out") + 1] = str(out)
+        monkeypatch.setattr(memory, "free_bytes", lambda device, free=free: int(free))
+        assert run_main(monkeypatch, argv) == 0
+        assert json.loads((out / "run.json").read_text())["config"]["micro_batch"] == want
+        stage = json.loads((out / "stage1-aesthetic" / "config.json").read_text())
+        assert (stage["micro_batch_resolved"], stage["grad_accum_resolved"]) == (want, 4 // want)
+        assert f"--micro-batch auto: {want} (" in capsys.readouterr().out
+    # --resume keeps the micro-batch the run was planned with, whatever this device has free now
+    monkeypatch.setattr(memory, "free_bytes", lambda device: int(need[4] * 10))
+    argv[argv.index("--out") + 1] = str(tmp_path / "fit2")
+    assert run_main(monkeypatch, [*argv, "--resume"]) == 0
+    assert json.loads((tmp_path / "fit2" / "run.json").read_text())["config"]["micro_batch"] == 2
+    # not even one sample: exit 2, one line naming the flag and what to try
+    monkeypatch.setattr(memory, "free_bytes", lambda device: int(need[1] / 2))
+    argv[argv.index("--out") + 1] = str(tmp_path / "none")
+    capsys.readouterr()
+    assert run_main(monkeypatch, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--micro-batch auto: not even 1 sample fits" in err[0] and "--dtype bf16" in err[0]
+
+
+def test_gpu_defaults_are_bf16_and_micro_batch_auto():
+    args = train.build_parser().parse_args(["--model", train.SD15])
+    cfg = train.gpu_defaults(train.Config(device="cuda"), args)
+    assert (cfg.dtype, cfg.micro_batch) == ("bf16", "auto")
+    cfg = train.gpu_defaults(train.Config(device="cpu"), args)
+    assert (cfg.dtype, cfg.micro_batch) == ("fp32", 8)
+    args = train.build_parser().parse_args(["--dtype", "fp32", "--micro-batch", "2"])
+    cfg = train.gpu_defaults(train.Config(device="cuda", micro_batch=2), args)
+    assert (cfg.dtype, cfg.micro_batch) == ("fp32", 2)
+    assert resolve("--micro-batch", "auto").micro_batch == "auto"
+
+
 #### BAD INPUT: exit 2, one line, no traceback ####
 
 def test_cli_error_is_one_line_in_a_subprocess():
@@ -301,6 +360,7 @@ def test_cli_error_is_one_line_in_a_subprocess():
     (["--joint", "aesthetic:0.01", "--tasks", "hps"], ["--joint", "--tasks"]),
     (["--joint", "beauty:1"], ["--joint", "beauty"]),
     (["--batch", "4", "--micro-batch", "3"], ["--micro-batch 3", "does not divide"]),
+    (["--micro-batch", "many"], ["--micro-batch 'many'", "auto or an integer"]),
     (["--truncate", "5"], ["truncate", "5"]),
 ])
 def test_bad_flags(world, tmp_path, monkeypatch, capsys, argv, words):
