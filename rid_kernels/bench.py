@@ -73,6 +73,40 @@ def adapter_views(flat, shapes=SD15_ADAPTER_SHAPES):
     return views
 
 
+# Every LoRA-target linear of each backbone rid supports or will (attention q/k/v/out, the transformer
+# feed-forward DRaFT adapts, and the MMDiTs' text-stream twins add_q/k/v_proj, to_add_out, ff_context,
+# which diffusers' SD3/FLUX LoRA scripts target) at its native resolution: (where, tokens per image,
+# in, out), from the diffusers configs; M = batch · tokens. Each list moves next to its backbone
+# (backbones/) when that lands.
+BACKBONE_LORA_SHAPES = {
+    # SD-1.5 UNet, 512² (latent 64²): channels 320/640/1280, one transformer block per attention,
+    # GEGLU feed-forward (C → 2·4C, 4C → C), cross-attention on 77 CLIP tokens of width 768
+    "sd15": [("attn 64²", 4096, 320, 320), ("attn 32²", 1024, 640, 640), ("attn 16²", 256, 1280, 1280),
+             ("attn 8² (mid)", 64, 1280, 1280), ("cross k/v 64²", 77, 768, 320), ("cross k/v 32²", 77, 768, 640),
+             ("cross k/v 16²", 77, 768, 1280), ("ff in 64²", 4096, 320, 2560), ("ff out 64²", 4096, 1280, 320),
+             ("ff in 32²", 1024, 640, 5120), ("ff out 32²", 1024, 2560, 640), ("ff in 16²", 256, 1280, 10240),
+             ("ff out 16²", 256, 5120, 1280), ("ff in 8²", 64, 1280, 10240), ("ff out 8²", 64, 5120, 1280)],
+    # SDXL UNet, 1024² (latent 128²): attention at 64² (640 ch, 2 blocks) and 32² (1280 ch, 10 blocks,
+    # mid too), cross-attention on 77 tokens of width 2048 (two CLIPs), GEGLU feed-forward
+    "sdxl": [("attn 64²", 4096, 640, 640), ("attn 32²", 1024, 1280, 1280), ("cross k/v 64²", 77, 2048, 640),
+             ("cross k/v 32²", 77, 2048, 1280), ("ff in 64²", 4096, 640, 5120), ("ff out 64²", 4096, 2560, 640),
+             ("ff in 32²", 1024, 1280, 10240), ("ff out 32²", 1024, 5120, 1280)],
+    # SD3-Medium MMDiT, 1024²: 24 blocks of width 1536 (24 heads × 64), 4096 image tokens (64² patches of
+    # 2×2) and 333 text tokens (77 CLIP + 256 T5) in their own projections, GELU feed-forward 1536 → 6144
+    "sd3": [("image q/k/v/out", 4096, 1536, 1536), ("text add_q/k/v, to_add_out", 333, 1536, 1536),
+            ("image ff in", 4096, 1536, 6144), ("image ff out", 4096, 6144, 1536),
+            ("text ff in", 333, 1536, 6144), ("text ff out", 333, 6144, 1536)],
+    # FLUX.1-dev, 1024²: width 3072 (24 heads × 128); 19 double blocks as SD3's with 4096 image and 512
+    # T5 tokens, feed-forward 3072 → 12288; 38 single blocks on the joint 4608 tokens: q/k/v, proj_mlp
+    # 3072 → 12288, proj_out (3072 + 12288) → 3072. Guidance-distilled: batch = images, no CFG doubling.
+    "flux": [("image q/k/v/out", 4096, 3072, 3072), ("text add_q/k/v, to_add_out", 512, 3072, 3072),
+             ("image ff in", 4096, 3072, 12288), ("image ff out", 4096, 12288, 3072),
+             ("text ff in", 512, 3072, 12288), ("text ff out", 512, 12288, 3072),
+             ("single q/k/v", 4608, 3072, 3072), ("single proj_mlp", 4608, 3072, 12288),
+             ("single proj_out", 4608, 15360, 3072)],
+}
+
+
 def naive_lora_loop(x, weight, bias, As, Bs, scales):
     """What a stack of T peft-style LoRA layers does under autocast: base linear, then T shrink+expand pairs."""
     dt = x.dtype
@@ -231,12 +265,18 @@ ARCHS = {80: 163 * 1024, 90: 227 * 1024}  # max shared memory per block (opt-in)
 LORA_CASES = [("fp16", torch.float16, torch.float16, "ieee"), ("bf16", torch.bfloat16, torch.bfloat16, "ieee"),
               ("bf16+fp32 LoRA", torch.bfloat16, torch.float32, "ieee"),
               ("fp32", torch.float32, torch.float32, "ieee"), ("fp32 tf32", torch.float32, torch.float32, "tf32")]
-LORA_R = 12  # T = 3 adapters of rank 4 (the paper's three tasks): BLOCK_R = 16
-# Triton specialises a launch on which ints are multiples of 16 and which pointers are 16-byte
-# aligned. "aligned": every SD layer (widths multiples of 16, contiguous tensors) — 16-byte vector
-# loads, cp.async/TMA pipelining. "odd": other widths or offset views — a second kernel with
-# scalar loads and its own register use. (M, in, out) of each; M's divisibility changes nothing.
-LORA_LAYOUTS = {"aligned": (2 * 4096, 320, 320), "odd": (2 * 4096, 321, 319)}
+# Total ranks R = Σ r_i. The default compiles one of each kernel mode: R = 12 (the paper's 3 tasks ×
+# rank 4, shrink fused) and R = 64 (RIL's 16 tasks × rank 4, or one rank-64 LoRA: h streamed).
+# --all compiles every R up to 128.
+LORA_RANKS = (12, 64)
+LORA_RANKS_ALL = tuple(range(1, 129))
+LORA_RANKS_REPORT = (1, 4, 12, 16, 17, 32, 36, 64, 100, 128)  # --all's summary lines
+COMPILE_BATCH = 2  # images per UNet call with CFG: M = 2 · tokens
+# Triton specialises a launch on which ints are multiples of 16 (or equal to 1) and which pointers
+# are 16-byte aligned. "aligned": every backbone layer (widths multiples of 16, contiguous tensors) —
+# 16-byte vector loads, cp.async/TMA pipelining. "odd": other widths and offset views — a second
+# kernel with scalar loads and its own register use. (where, tokens, in, out) as in BACKBONE_LORA_SHAPES.
+ODD_SHAPES = [("odd widths, offset views", 4096, 321, 319), ("odd widths, offset views", 500, 321, 319)]
 
 
 def _t(dtype, aligned=True):
@@ -247,11 +287,10 @@ def _cfg_name(c):
     return "{BLOCK_M}x{BLOCK_N}x{BLOCK_K} w{w} s{s}".format(**c.kwargs, w=c.num_warps, s=c.num_stages)
 
 
-def lora_jobs(arch, layout, label, dt, adt, precision, configs, kept):
-    """Forward and backward-dx launches of _lora_group_kernel, one per config (tried: in kept)."""
-    M, K, N = LORA_LAYOUTS[layout]
-    R, al = LORA_R, layout == "aligned"
-    block_r = max(16, 1 << (R - 1).bit_length())
+def lora_jobs(arch, M, K, N, R, aligned, label, dt, adt, precision, configs, kept):
+    """Forward and backward-dx launches of _lora_group_kernel at one layer shape and total rank R, one
+    per config (tried: in kept), with the arguments lora_group._fused passes."""
+    al, fuse = aligned, R <= lg.RANK_TILE
     for cfg in configs:
         for pas in ("fwd", "bwd"):  # forward; backward's dx: (dy, Wᵀ, B_catᵀ, A_catᵀ) views
             f = pas == "fwd"
@@ -263,39 +302,80 @@ def lora_jobs(arch, layout, label, dt, adt, precision, configs, kept):
                         stride_ar=k if f else 1, stride_ak=1 if f else R,
                         stride_bn=R if f else 1, stride_br=1 if f else n,
                         stride_ym=n, stride_yn=1, stride_hm=R, stride_hr=1)
-            cx = dict(HAS_BIAS=f, HAS_LORA=True, STORE_H=True, DOT_F32=False, PRECISION=precision,
-                      BLOCK_R=block_r, **cfg.kwargs)
-            yield dict(kernel=f"lora_group {pas}", arch=arch, layout=layout, dtype=label, config=_cfg_name(cfg),
-                       tried=cfg in kept, module="rid_kernels.lora_group", fn="_lora_group_kernel", args=args,
-                       constexprs=cx, options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+            cx = dict(HAS_BIAS=f, HAS_LORA=True, FUSE_SHRINK=fuse, STORE_H=fuse, DOT_F32=False, PRECISION=precision,
+                      BLOCK_R=lg.RANK_TILE, **cfg.kwargs)
+            yield dict(kernel=f"lora_group {pas}", arch=arch, layout="aligned" if al else "odd", dtype=label,
+                       mode="fused" if fuse else "streamed", config=_cfg_name(cfg), tried=cfg in kept,
+                       module="rid_kernels.lora_group", fn="_lora_group_kernel",
+                       args=args, constexprs=cx, options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
-def compile_jobs(archs=tuple(ARCHS), everything=False):
-    """One dict per compilation: the kernel's launch arguments as the launcher passes them at an
-    SD-1.5 layer (sizes and strides decide Triton's specialisation), constexprs and options.
-    everything=True adds the LoRA-group tiles the pruning hook drops on that arch (tried=False)."""
+def specialisation(job):
+    """What Triton compiles for this job: (signature, constexprs, attrs) as a launch specialises its
+    arguments (ints equal to 1 become constants; multiples of 16 and 16-byte aligned pointers get
+    divisibility hints). Two jobs with the same specialisation, arch and options compile to the same cubin."""
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import MockTensor, native_specialize_impl
+
+    signature, constexprs, attrs = {}, dict(job["constexprs"]), {}
+    for name, value in job["args"].items():
+        if isinstance(value, (list, tuple)):
+            value = (MockTensor if value[2] else _OffsetTensor)(getattr(torch, value[1]))
+        kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)
+        signature[name] = kind
+        if kind == "constexpr":
+            constexprs[name] = value
+        elif isinstance(spec, str) and spec:
+            attrs[name] = spec
+    return signature, constexprs, attrs
+
+
+def compile_jobs(archs=tuple(ARCHS), everything=False, candidates=False):
+    """One dict per compilation: the kernel's launch arguments as the launcher passes them (sizes and
+    strides decide Triton's specialisation), constexprs and options. The LoRA group runs at SD-1.5's
+    64² self-attention and an odd-width layer with R in LORA_RANKS; everything=True: at every layer
+    shape of every backbone in BACKBONE_LORA_SHAPES and every R in LORA_RANKS_ALL, where (shape, R)
+    pairs that specialise alike are compiled once (their ranks, shapes and count ride along).
+    candidates=True adds the tiles the pruning hook drops on that arch (tried=False)."""
+    if everything:
+        shapes = [(f"{bb} {where}", t, k, n) for bb, rows in BACKBONE_LORA_SHAPES.items() for where, t, k, n in rows]
+        shapes, ranks = shapes + ODD_SHAPES, LORA_RANKS_ALL
+    else:
+        where, t, k, n = BACKBONE_LORA_SHAPES["sd15"][0]
+        shapes, ranks = [(f"sd15 {where}", t, k, n), ODD_SHAPES[0]], LORA_RANKS
+    groups = {}  # the (shape, R) launches of one specialisation, fwd and bwd together
+    for where, tokens, K, N in shapes:
+        aligned = K % 16 == 0 and N % 16 == 0
+        for R in ranks:
+            probe = lora_jobs(80, COMPILE_BATCH * tokens, K, N, R, aligned, *LORA_CASES[0], lg.CONFIGS[:1], [])
+            groups.setdefault(repr([specialisation(j) for j in probe]), []).append((where, tokens, K, N, R))
     jobs = []
     for arch in archs:
-        for layout in LORA_LAYOUTS:
+        for group in groups.values():
+            where, tokens, K, N, R = group[0]
+            aligned = K % 16 == 0 and N % 16 == 0
             for label, dt, adt, precision in LORA_CASES:
-                kept = lg.configs_for(arch, ARCHS[arch], (dt, dt, adt), precision, 16, layout == "aligned")
-                jobs += lora_jobs(arch, layout, label, dt, adt, precision, lg.CONFIGS if everything else kept, kept)
+                kept = lg.configs_for(arch, ARCHS[arch], (dt, dt, adt), precision, aligned)
+                for job in lora_jobs(arch, COMPILE_BATCH * tokens, K, N, R, aligned, label, dt, adt,
+                                     precision, lg.CONFIGS if candidates else kept, kept):
+                    jobs.append(dict(job, launches=len(group), ranks=sorted({g[4] for g in group}),
+                                     shapes=sorted({g[0] for g in group})))
         jp = importlib.import_module("rid_kernels.jpeg")  # the module (rid_kernels.jpeg is the function)
         n_blocks = 8 * 6144  # 8 images at 512²: 4096 luma + 2048 chroma blocks each
         for name, ptrs in (("_jpeg_blocks_fwd_kernel", ("x_ptr", "out_ptr")),
                            ("_jpeg_blocks_bwd_kernel", ("x_ptr", "g_ptr", "gx_ptr"))):
             args = {p: _t(torch.float32) for p in ptrs + ("k_ptr", "q_ptr")}
             args.update(n_blocks=n_blocks, n_luma=n_blocks * 2 // 3)
-            jobs.append(dict(kernel="jpeg " + name.split("_")[3], arch=arch, layout="aligned", dtype="fp32",
-                             tried=True, config=f"BB={jp._BB} w{jp._WARPS}", module="rid_kernels.jpeg", fn=name,
-                             args=args, constexprs=dict(BB=jp._BB, PRECISION="tf32x3"),
-                             options=dict(num_warps=jp._WARPS)))
+            jobs.append(dict(kernel="jpeg " + name.split("_")[3], arch=arch, layout="aligned", dtype="fp32", mode="-",
+                             launches=1, ranks=[], shapes=["8×3×512²"], tried=True,
+                             config=f"BB={jp._BB} w{jp._WARPS}", module="rid_kernels.jpeg", fn=name, args=args,
+                             constexprs=dict(BB=jp._BB, PRECISION="tf32x3"), options=dict(num_warps=jp._WARPS)))
         em = importlib.import_module("rid_kernels.ema")
         for label, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)):
             args = dict(t_ptr=_t(dt), s_ptr=_t(dt), n=adapter_views(None), w=0.01, v=0.99)
-            jobs.append(dict(kernel="ema", arch=arch, layout="aligned", dtype=label, config=f"BLOCK={em._BLOCK} w4",
-                             tried=True, module="rid_kernels.ema", fn="_ema_kernel", args=args,
-                             constexprs=dict(BLOCK=em._BLOCK, FMA64=False), options={}))
+            jobs.append(dict(kernel="ema", arch=arch, layout="aligned", dtype=label, mode="-", launches=1, ranks=[],
+                             shapes=["0.90 M"], tried=True, config=f"BLOCK={em._BLOCK} w4", module="rid_kernels.ema",
+                             fn="_ema_kernel", args=args, constexprs=dict(BLOCK=em._BLOCK, FMA64=False), options={}))
     return jobs
 
 
@@ -315,29 +395,16 @@ def compile_one(job):
     import triton
     from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction, MockTensor, native_specialize_impl
+    from triton.runtime.jit import JITFunction
 
     fn = getattr(importlib.import_module(job["module"]), job["fn"])
     while hasattr(fn, "fn") and not isinstance(fn, JITFunction):  # through the autotuner
         fn = fn.fn
     if not isinstance(fn, JITFunction):
         raise RuntimeError("compile needs TRITON_INTERPRET=0 in the compiling process (kernels were interpreted)")
-    # Specialise each argument exactly as a launch would (ints equal to 1 become constants,
-    # multiples of 16 and 16-byte aligned pointers get divisibility hints).
-    signature, constexprs, attrs = {}, dict(job["constexprs"]), {}
-    for i, name in enumerate(fn.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-            continue
-        value = job["args"][name]
-        if isinstance(value, (list, tuple)):
-            value = (MockTensor if value[2] else _OffsetTensor)(getattr(torch, value[1]))
-        kind, spec = native_specialize_impl(BaseBackend, value, False, True, True)
-        signature[name] = kind
-        if kind == "constexpr":
-            constexprs[name] = value
-        elif isinstance(spec, str) and spec:
-            attrs[(i,)] = BaseBackend.parse_attr(spec)
+    sig, constexprs, specs = specialisation(job)
+    signature = {name: "constexpr" if name in job["constexprs"] else sig[name] for name in fn.arg_names}
+    attrs = {(i,): BaseBackend.parse_attr(specs[name]) for i, name in enumerate(fn.arg_names) if name in specs}
     t0 = time.perf_counter()
     try:
         k = triton.compile(ASTSource(fn, signature, constexprs, attrs),
@@ -378,13 +445,39 @@ def compile_all(jobs, workers):
         return list(pool.map(compile_one, jobs))
 
 
+def _span(ranks):
+    return "-" if not ranks else str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]} ({len(ranks)})"
+
+
+def summary(rows, ranks):
+    """Per total rank R and per backbone: compilations that serve it, problems, most registers, worst
+    shared memory per arch (the LoRA group's rows)."""
+    lora = [r for r in rows if r["fn"] == "_lora_group_kernel" and r["tried"]]
+    keys = [(f"R = {R}", lambda r, R=R: R in r["ranks"]) for R in ranks]
+    keys += [(bb, lambda r, bb=bb: any(w.startswith(bb + " ") for w in r["shapes"])) for bb in BACKBONE_LORA_SHAPES]
+    keys += [("odd widths", lambda r: r["layout"] == "odd")]
+    lines = []
+    for name, pick in keys:
+        got = [r for r in lora if pick(r)]
+        if not got:
+            continue
+        smem = ", ".join(f"sm_{a} {max(r.get('smem', 0) for r in got if r['arch'] == a) / 1024:.0f} of "
+                         f"{ARCHS[a] // 1024} KB" for a in sorted({r["arch"] for r in got}))
+        lines.append(f"  {name:14} {len(got):5} compilations, {sum(bool(problems(r)) for r in got)} with problems, "
+                     f"≤ {max(r.get('regs', 0) for r in got)} registers, shared memory ≤ {smem}")
+    return lines
+
+
 def cmd_compile(argv):
     p = Parser(prog="python -m rid_kernels.bench compile",
                description="Compile every Triton kernel × autotune config × dtype for sm_80 and sm_90 (no GPU "
                            "needed); exit 1 if any fails, spills or overflows shared memory.")
     p.add_argument("--arch", default=",".join(map(str, ARCHS)), help="comma list of 80, 90 (default: both)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: all cores)")
-    p.add_argument("--all", action="store_true", help="also compile the LoRA-group tiles pruned on that arch")
+    p.add_argument("--all", action="store_true", help="the full matrix: the LoRA group at every layer shape of every "
+                   f"backbone ({', '.join(BACKBONE_LORA_SHAPES)}) and every total rank 1–{LORA_RANKS_ALL[-1]} "
+                   f"(default: SD-1.5's 64² self-attention and odd widths at R = {', '.join(map(str, LORA_RANKS))})")
+    p.add_argument("--candidates", action="store_true", help="also compile the LoRA-group tiles pruned on that arch")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     args = p.parse_args(argv)
     try:
@@ -396,20 +489,23 @@ def cmd_compile(argv):
     if args.jobs < 1:
         p.error(f"--jobs {args.jobs}: allowed: an int ≥ 1")
     t0 = time.perf_counter()
-    rows = compile_all(compile_jobs(archs, args.all), args.jobs)
+    rows = compile_all(compile_jobs(archs, args.all, args.candidates), args.jobs)
     wall = time.perf_counter() - t0
-    print(f"{'kernel':15} {'arch':5} {'shapes':7} {'dtype':14} {'config':17} {'regs':>4} {'smem KB':>7} "
-          f"{'spill B':>7}  status")
+    print(f"{'kernel':15} {'arch':5} {'shapes':7} {'mode':8} {'R':13} {'dtype':14} {'config':17} {'regs':>4} "
+          f"{'smem KB':>7} {'spill B':>7}  status")
     for r in rows:
         status = problems(r) or "ok"
         if not r["tried"]:
             status = f"not tried here ({status})"
-        print(f"{r['kernel']:15} sm_{r['arch']:<2} {r['layout']:7} {r['dtype']:14} {r['config']:17} "
-              f"{r.get('regs', '-'):>4} {r.get('smem', 0) / 1024:7.1f} {r.get('stack', '-'):>7}  {status}")
+        print(f"{r['kernel']:15} sm_{r['arch']:<2} {r['layout']:7} {r['mode']:8} {_span(r['ranks']):13} "
+              f"{r['dtype']:14} {r['config']:17} {r.get('regs', '-'):>4} {r.get('smem', 0) / 1024:7.1f} "
+              f"{r.get('stack', '-'):>7}  {status}")
     bad = [r for r in rows if r["tried"] and problems(r)]
-    tried = sum(r["tried"] for r in rows)
-    print(f"{tried} compilations the autotuners may launch, {len(bad)} with problems; "
+    tried = [r for r in rows if r["tried"]]
+    print(f"{len(tried)} compilations the autotuners may launch, standing for {sum(r['launches'] for r in tried)} "
+          f"launches (kernel × arch × dtype × tile × pass × layer shape × total rank), {len(bad)} with problems; "
           f"{wall:.0f} s with {args.jobs} jobs")
+    print("\n".join(summary(rows, LORA_RANKS_REPORT if args.all else LORA_RANKS)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=0)
@@ -417,11 +513,10 @@ def cmd_compile(argv):
 
 
 # ================================================================ gpu-check (once, on a GPU) ======
-# SD-1.5's attention projections at 512² (latent 64²) for one prompt with CFG (batch 2): where, M, in, out
-GPU_LORA_SHAPES = [("self-attn 64²", 4096, 320, 320), ("self-attn 32²", 1024, 640, 640),
-                   ("self-attn 16²", 256, 1280, 1280), ("self-attn 8² (mid)", 64, 1280, 1280),
-                   ("cross-attn k/v 64²", 77, 768, 320), ("cross-attn k/v 16²", 77, 768, 1280),
-                   ("odd widths (not in SD)", 1000, 321, 319)]
+# Every backbone's LoRA-target layers (where, tokens per image, in, out), and one odd-width layer
+GPU_LORA_SHAPES = {**BACKBONE_LORA_SHAPES, "odd": [("odd widths (in no backbone)", 500, 321, 319)]}
+GPU_LORA_RANK = 4  # rank of each adapter; R = T · 4
+GPU_LORA_RANKS = (12, 64)  # total ranks: the paper's 3 tasks (shrink fused), RIL's 16 tasks (h streamed)
 GPU_LORA_CASES = [("bf16+fp32 LoRA", torch.bfloat16, torch.float32), ("fp16+fp32 LoRA", torch.float16, torch.float32),
                   ("fp32", torch.float32, torch.float32)]
 GPU_TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}  # max |Δ| / max |reference|
@@ -454,12 +549,17 @@ GPU_JPEG_SHAPE = (8, 3, 512, 512)
 
 def cmd_gpu_check(argv):
     p = Parser(prog="python -m rid_kernels.bench gpu-check",
-               description="Once, on a GPU: every kernel against its reference at SD-1.5 shapes, the autotuner's "
-                           "picks, timings against the unfused alternatives.")
+               description="Once, on a GPU: every kernel against its reference at every backbone's layer shapes, "
+                           "the autotuner's picks, timings against the unfused alternatives.")
     p.add_argument("--batch", type=int, default=2, help="images per UNet call, CFG included (default 2)")
+    p.add_argument("--backbones", default=",".join(GPU_LORA_SHAPES),
+                   help=f"comma list of {', '.join(GPU_LORA_SHAPES)} (default: all)")
     args = p.parse_args(argv)
     if args.batch < 1:
         p.error(f"--batch {args.batch}: allowed: an int ≥ 1")
+    names = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    if not names or any(b not in GPU_LORA_SHAPES for b in names):
+        p.error(f"--backbones {args.backbones}: allowed: a comma list of {', '.join(GPU_LORA_SHAPES)}")
     if not torch.cuda.is_available():
         print("gpu-check: no CUDA GPU is visible (torch.cuda.is_available() is False); "
               "without one, run `python -m rid_kernels.bench compile`", file=sys.stderr)
@@ -478,32 +578,37 @@ def cmd_gpu_check(argv):
           f"torch {torch.__version__}, triton {triton.__version__}, "
           f"fp32 matmul precision {torch.get_float32_matmul_precision()}")
     return gpu_check(dev, args.batch, lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median"),
-                     arch=10 * cap[0] + cap[1], max_smem=lg._max_smem(dev.index or 0))
+                     arch=10 * cap[0] + cap[1], max_smem=lg._max_smem(dev.index or 0),
+                     shapes={b: GPU_LORA_SHAPES[b] for b in names})
 
 
-def gpu_check(dev, batch, bench_ms, arch, max_smem, shapes=GPU_LORA_SHAPES, jpeg_shape=GPU_JPEG_SHAPE,
-              ema_shapes=SD15_ADAPTER_SHAPES) -> int:
+def gpu_check(dev, batch, bench_ms, arch, max_smem, shapes=GPU_LORA_SHAPES, ranks=GPU_LORA_RANKS,
+              jpeg_shape=GPU_JPEG_SHAPE, ema_shapes=SD15_ADAPTER_SHAPES) -> int:
     """gpu-check's body on `dev`: validate every kernel against its reference (0 when all match, else the
-    failures and 1), then print the timing tables; bench_ms(fn) -> ms. tests/test_compile.py runs it on a
+    failures and 1), then print the timing tables; bench_ms(fn) -> ms. shapes: {backbone: [(where, tokens,
+    in, out)]}; ranks: total ranks R, T = R / GPU_LORA_RANK adapters. tests/test_compile.py runs it on a
     CPU under the Triton interpreter at toy shapes, so no line of it meets its first run on a GPU."""
     tuner = lg._lora_group_kernel
     precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"  # as lora_group._fused
     tol = {**GPU_TOL, **({} if precision == "ieee" else {torch.float32: 5e-3})}
     failures, picks = [], {}
 
+    layers = [(f"{bb} {where}", tokens, k, n) for bb, rows in shapes.items() for where, tokens, k, n in rows]
+
     # ---- validate everything first ----
-    for where, tokens, k, n in shapes:
-        for label, dt, adt in GPU_LORA_CASES:
-            prob = _lora_problem(batch, tokens, k, n, dt, adt, dev)
-            y = rid_kernels.lora_group_linear(*prob[:6])
-            fwd = tuner.best_config
-            got = [y, *torch.autograd.grad(y, [prob[0], prob[3][-1], prob[4][-1]], prob[6])]
-            picks[where, label] = (_cfg_name(fwd), _cfg_name(tuner.best_config))
-            ref = _fwd_bwd(rid_kernels.lora_group_reference, *prob)
-            for name, a, e in zip(("y", "dx", "dA", "dB"), got, ref):
-                if not torch.isfinite(a).all() or _rel(a, e) > tol[dt]:
-                    failures.append(f"lora_group {where} {label}: {name} differs from the reference by "
-                                    f"{_rel(a, e):.2e} (allowed {tol[dt]:.0e})")
+    for where, tokens, k, n in layers:
+        for R in ranks:
+            for label, dt, adt in GPU_LORA_CASES:
+                prob = _lora_problem(batch, tokens, k, n, dt, adt, dev, GPU_LORA_RANK, R // GPU_LORA_RANK)
+                y = rid_kernels.lora_group_linear(*prob[:6])
+                fwd = tuner.best_config
+                got = [y, *torch.autograd.grad(y, [prob[0], prob[3][-1], prob[4][-1]], prob[6])]
+                picks[where, R, label] = (_cfg_name(fwd), _cfg_name(tuner.best_config))
+                ref = _fwd_bwd(rid_kernels.lora_group_reference, *prob)
+                for name, a, e in zip(("y", "dx", "dA", "dB"), got, ref):
+                    if not torch.isfinite(a).all() or _rel(a, e) > tol[dt]:
+                        failures.append(f"lora_group {where} R={R} {label}: {name} differs from the reference by "
+                                        f"{_rel(a, e):.2e} (allowed {tol[dt]:.0e})")
     img = torch.rand(*jpeg_shape, device=dev, generator=torch.Generator(dev).manual_seed(0))
     w = torch.randn(img.shape, device=dev, generator=torch.Generator(dev).manual_seed(1))
     outs = []
@@ -531,28 +636,30 @@ def gpu_check(dev, batch, bench_ms, arch, max_smem, shapes=GPU_LORA_SHAPES, jpeg
     print("All results match. Starting benchmarks.")
 
     # ---- time ----
-    print(f"\n### LoRA group, T = 3 adapters of rank 4 (x and the last adapter train), fwd+bwd, batch {batch}\n")
+    print(f"\n### LoRA group, R = {' and '.join(map(str, ranks))} (adapters of rank {GPU_LORA_RANK}; x and the last "
+          f"adapter train), fwd+bwd, batch {batch}; R ≤ {lg.RANK_TILE}: shrink fused, larger R: h streamed\n")
     for label, dt, adt in GPU_LORA_CASES:
         for aligned in (True, False):
-            tiles = lg.configs_for(arch, max_smem, (dt, dt, adt), precision, 16, aligned)
+            tiles = lg.configs_for(arch, max_smem, (dt, dt, adt), precision, aligned)
             print(f"{label}, {'widths multiples of 16' if aligned else 'odd widths'}: the autotuner tries "
                   f"{len(tiles)} of {len(lg.CONFIGS)} tiles here: {', '.join(_cfg_name(c) for c in tiles)}")
-    print("\n| layer | x (M, in) → out | dtype | autotune pick fwd / bwd | fused ms | loop ms | loop/fused "
+    print("\n| layer | x (M, in) → out | R | dtype | autotune pick fwd / bwd | fused ms | loop ms | loop/fused "
           "| linear ms | fused/linear | fused TFLOP/s |")
-    print("|" + " --- |" * 10)
-    for where, tokens, k, n in shapes:
-        for label, dt, adt in GPU_LORA_CASES:
-            prob = _lora_problem(batch, tokens, k, n, dt, adt, dev)
-            x, W, b = prob[:3]
-            t_op = bench_ms(lambda: _fwd_bwd(rid_kernels.lora_group_linear, *prob))
-            t_loop = bench_ms(lambda: _fwd_bwd(naive_lora_loop, *prob))
-            t_lin = bench_ms(lambda: torch.autograd.grad(F.linear(x, W, b), x, prob[6]))
-            M = x.shape[0]
-            # base fwd + dx, then the group's shrink and expand (R = 12) in the forward and in dx, dA_t and dB_t (r = 4)
-            flops = 2 * M * k * n * 2 + 2 * M * (k + n) * (12 + 12 + 4)
-            fwd, bwd = picks[where, label]
-            print(f"| {where} | ({M}, {k}) → {n} | {label} | {fwd} / {bwd} | {t_op:.3f} | {t_loop:.3f} "
-                  f"| {t_loop / t_op:.2f}× | {t_lin:.3f} | {t_op / t_lin:.2f}× | {flops / t_op / 1e9:.1f} |")
+    print("|" + " --- |" * 11)
+    for where, tokens, k, n in layers:
+        for R in ranks:
+            for label, dt, adt in GPU_LORA_CASES:
+                prob = _lora_problem(batch, tokens, k, n, dt, adt, dev, GPU_LORA_RANK, R // GPU_LORA_RANK)
+                x, W, b = prob[:3]
+                t_op = bench_ms(lambda: _fwd_bwd(rid_kernels.lora_group_linear, *prob))
+                t_loop = bench_ms(lambda: _fwd_bwd(naive_lora_loop, *prob))
+                t_lin = bench_ms(lambda: torch.autograd.grad(F.linear(x, W, b), x, prob[6]))
+                M = x.shape[0]
+                # base fwd + dx, then the group's shrink and expand (R) in the forward and in dx, dA_t and dB_t (r)
+                flops = 2 * M * k * n * 2 + 2 * M * (k + n) * (2 * R + GPU_LORA_RANK)
+                fwd, bwd = picks[where, R, label]
+                print(f"| {where} | ({M}, {k}) → {n} | {R} | {label} | {fwd} / {bwd} | {t_op:.3f} | {t_loop:.3f} "
+                      f"| {t_loop / t_op:.2f}× | {t_lin:.3f} | {t_op / t_lin:.2f}× | {flops / t_op / 1e9:.1f} |")
 
     print(f"\n### differentiable JPEG, {'×'.join(map(str, jpeg_shape))} fp32, q80, fwd+bwd\n")
     runs = {"triton": rid_kernels.jpeg, "torch reference": rid_kernels.jpeg_reference}

@@ -7,12 +7,21 @@ r_i times, and the whole group is one shrink and one expand:
     h = x A_catᵀ                      (M, R)     skinny: R = T·r, e.g. 8·4 = 32
     y = x Wᵀ + b + (h ⊙ s_rep) B_catᵀ   (M, out)
 
-The Triton kernel computes both in the base GEMM's K-loop: the x tile it loads feeds
-`acc += x·Wᵀ` and `h += x·A_catᵀ`, and the epilogue adds `(h ⊙ s)·B_catᵀ` while `acc` is still
-fp32. Compared with base GEMM + shrink + expand as separate launches (how multi-LoRA servers
-run it) x is read once and y written once. The price is that every N-tile recomputes its rows'
-h: BLOCK_R/BLOCK_N extra MMA work on top of the base GEMM (16/128 for R ≤ 16). A block of frozen
-adapters concatenated once by the caller is just one entry of As/Bs.
+The Triton kernel has two modes, chosen per launch by R:
+
+  R ≤ RANK_TILE (16: the paper's 3 tasks × rank 4)   the shrink is fused into the base GEMM's K-loop:
+      the x tile it loads feeds `acc += x·Wᵀ` and `h += x·A_catᵀ`, and the epilogue adds
+      `(h ⊙ s)·B_catᵀ` while `acc` is still fp32. Compared with base GEMM + shrink + expand as separate
+      launches (how multi-LoRA servers run it) x is read once and y written once. The price is that
+      every N-tile recomputes its rows' h: RANK_TILE/BLOCK_N extra MMA work (16/128).
+  R > RANK_TILE (many tasks, or users' rank 16–64)   h = x A_catᵀ is one skinny matmul before the
+      launch (cuBLAS; x read once more, h is M × R) and the kernel's epilogue streams h and B_cat in
+      RANK_TILE-wide chunks into the fp32 acc. Fusing the shrink here would cost R/BLOCK_N extra MMA
+      work per N-tile (50 % at R = 64) and h's BLOCK_M × R accumulator in registers, which spills as R
+      grows (R = 64 fused: 49 of 180 tile configs spilled); streamed, each launch holds one chunk,
+      so registers and shared memory are those of R = 16 whatever R is.
+
+A block of frozen adapters concatenated once by the caller is just one entry of As/Bs.
 
 Precision follows torch.autocast: every matmul runs on operands in x.dtype (adapters or a weight
 stored in another dtype are cast per tile, in registers) with fp32 accumulation, and y has
@@ -31,13 +40,16 @@ import torch.nn.functional as F
 
 from . import HAS_TRITON, INTERPRET, use_triton
 
+RANK_TILE = 16  # the kernel's rank block (tl.dot's minimum): R ≤ RANK_TILE fuses the shrink, larger R streams
+
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     # Tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) that compile without register spills,
     # biggest first, per MMA family, operand kind and alignment: every candidate compiled for sm_80
-    # and sm_90 with triton 3.8 at R ≤ 16 (`python -m rid_kernels.bench compile --all`;
+    # and sm_90 with triton 3.8 in both modes (fused shrink, streamed h), at every total rank up to
+    # 128 and every backbone's layer shapes (`python -m rid_kernels.bench compile --all --candidates`;
     # tests/test_compile.py keeps them honest). "mma" is Ampere's mma.sync, used on every GPU but
     # Hopper; "wgmma" is Hopper's, whose accumulators cost fewer registers, so 128×256 tiles fit
     # there and nowhere else. fp32 "ieee" dots run on CUDA cores (FMA) and need the most registers;
@@ -76,21 +88,23 @@ if HAS_TRITON:
                                        key=lambda t: (-t[0] * t[1], -t[2], -t[3], t[4]))
     ]
 
-    def smem_bytes(cfg, all_stages: bool, sizes, block_r: int) -> int:
+    def smem_bytes(cfg, all_stages: bool, sizes) -> int:
         """Shared memory of the K-loop's pipeline: x, W and A_cat tiles (element sizes `sizes`) in
         num_stages buffers when all_stages (Hopper's wgmma), one fewer on mma.sync and FMA (Triton
-        3.8's pipeliner; tests/test_compile.py checks that this bounds every compiled kernel's)."""
+        3.8's pipeliner; tests/test_compile.py checks that this bounds every compiled kernel's, the
+        streamed mode's included: its K-loop has no A_cat tile and its epilogue's h, B_cat chunks are
+        RANK_TILE ≤ BLOCK_K wide)."""
         bm, bn, bk = cfg.kwargs["BLOCK_M"], cfg.kwargs["BLOCK_N"], cfg.kwargs["BLOCK_K"]
-        return (cfg.num_stages - (not all_stages)) * bk * (bm * sizes[0] + bn * sizes[1] + block_r * sizes[2])
+        return (cfg.num_stages - (not all_stages)) * bk * (bm * sizes[0] + bn * sizes[1] + RANK_TILE * sizes[2])
 
-    def configs_for(arch: int, max_smem: int, dtypes, precision: str, block_r: int, aligned: bool) -> list:
+    def configs_for(arch: int, max_smem: int, dtypes, precision: str, aligned: bool) -> list:
         """The tiles the autotuner may try on a GPU of compute capability `arch` (80, 86, 90, ...)
         with `max_smem` bytes of shared memory per block, for operands of dtypes (x, W, A_cat)."""
         kind = "half" if dtypes[0].itemsize == 2 else precision
         tiles = _TILES["wgmma" if arch == 90 else "mma", kind, aligned]
         all_stages = arch >= 90 and kind != "ieee"  # archs after Hopper: assume its pipelining
         sizes = [d.itemsize for d in dtypes]
-        fits = [c for c in CONFIGS if _tile(c) in tiles and smem_bytes(c, all_stages, sizes, block_r) <= max_smem]
+        fits = [c for c in CONFIGS if _tile(c) in tiles and smem_bytes(c, all_stages, sizes) <= max_smem]
         return fits or [c for c in CONFIGS if _tile(c) == tiles[-1]]
 
     def _prune(configs, named_args, **launch):
@@ -102,8 +116,7 @@ if HAS_TRITON:
         # 16, x, W, A_cat and B_cat at 16-byte aligned addresses
         aligned = (named_args["K"] % 16 == 0 and named_args["N"] % 16 == 0
                    and all(named_args[p].data_ptr() % 16 == 0 for p in ("x_ptr", "w_ptr", "a_ptr", "b_ptr")))
-        keep = configs_for(10 * major + minor, _max_smem(x.device.index), dtypes, launch["PRECISION"],
-                           launch["BLOCK_R"], aligned)
+        keep = configs_for(10 * major + minor, _max_smem(x.device.index), dtypes, launch["PRECISION"], aligned)
         return [c for c in configs if c in keep]
 
     @functools.lru_cache(maxsize=None)
@@ -124,7 +137,7 @@ if HAS_TRITON:
         b_ptr,  # (N, R) concatenated expand matrix B_cat
         s_ptr,  # (R,) fp32 per-rank scale s_rep
         y_ptr,  # (M, N) output, x.dtype
-        h_ptr,  # (M, R) output: h = x A_catᵀ (unscaled), written only if STORE_H
+        h_ptr,  # (M, R) h = x A_catᵀ (unscaled): written here if FUSE_SHRINK and STORE_H, else read
         M, N, K, R,  # problem sizes (autotune key)
         stride_xm, stride_xk,  # x strides
         stride_wn, stride_wk,  # W strides (the backward passes Wᵀ as a strided view)
@@ -134,13 +147,14 @@ if HAS_TRITON:
         stride_hm, stride_hr,  # h strides
         HAS_BIAS: tl.constexpr,  # add bias in the epilogue
         HAS_LORA: tl.constexpr,  # R > 0
-        STORE_H: tl.constexpr,  # write h for the backward
+        FUSE_SHRINK: tl.constexpr,  # R ≤ BLOCK_R: h computed in the K-loop; else h_ptr holds it, streamed
+        STORE_H: tl.constexpr,  # FUSE_SHRINK: write h for the backward
         DOT_F32: tl.constexpr,  # interpreter + bf16: dots on fp32 operands (tl.dot on bf16 is wrong there)
         PRECISION: tl.constexpr,  # fp32 dots: "tf32" or "ieee", following torch's matmul precision
         BLOCK_M: tl.constexpr,  # rows per program
         BLOCK_N: tl.constexpr,  # output columns per program
         BLOCK_K: tl.constexpr,  # reduction step
-        BLOCK_R: tl.constexpr,  # ≥ R, power of two, ≥ 16 (tl.dot's minimum)
+        BLOCK_R: tl.constexpr,  # rank block, RANK_TILE: ≥ R when FUSE_SHRINK, else the chunk streamed
         GROUP_M: tl.constexpr,  # M-tiles sharing one W column panel in L2 (grouped ordering)
     ):
         # Grouped program ordering (Triton tutorial 03): neighbouring programs reuse W tiles.
@@ -178,14 +192,14 @@ if HAS_TRITON:
                 mask=mask_k[:, None] & mask_n[None, :], other=0.0,
             ).to(cdt)  # (BK, BN) tile of Wᵀ
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
-            if HAS_LORA:
+            if FUSE_SHRINK:
                 a = tl.load(
                     a_ptr + offs_k[:, None] * stride_ak + offs_r[None, :] * stride_ar,
                     mask=mask_k[:, None] & mask_r[None, :], other=0.0,
                 ).to(cdt)  # (BK, BR) tile of A_catᵀ
                 h = tl.dot(x, a, h, input_precision=PRECISION)  # the shrink, same x tile
 
-        if HAS_LORA:
+        if FUSE_SHRINK:
             if STORE_H:  # one N-tile per row block writes h
                 tl.store(
                     h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr,
@@ -199,6 +213,20 @@ if HAS_TRITON:
             ).to(cdt)  # (BR, BN) tile of B_catᵀ
             hs = (h * s[None, :]).to(cdt)  # rounded to x.dtype, as autocast rounds h
             acc = tl.dot(hs, bt, acc, input_precision=PRECISION)  # the expand, into the fp32 acc
+        elif HAS_LORA:  # the expand of a precomputed h, BLOCK_R ranks at a time: registers bounded in R
+            for r0 in range(0, R, BLOCK_R):
+                offs_c = r0 + offs_r
+                mask_c = offs_c < R
+                hc = tl.load(
+                    h_ptr + offs_m[:, None] * stride_hm + offs_c[None, :] * stride_hr,
+                    mask=mask_m[:, None] & mask_c[None, :], other=0.0,
+                ).to(tl.float32)  # (BM, BR) chunk of h
+                s = tl.load(s_ptr + offs_c, mask=mask_c, other=0.0)  # (BR,) fp32
+                bt = tl.load(
+                    b_ptr + offs_c[:, None] * stride_br + offs_n[None, :] * stride_bn,
+                    mask=mask_c[:, None] & mask_n[None, :], other=0.0,
+                ).to(cdt)  # (BR, BN) chunk of B_catᵀ
+                acc = tl.dot((hc * s[None, :]).to(cdt), bt, acc, input_precision=PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(
@@ -214,14 +242,19 @@ def _fused(x, w, bias, a, b, s_rep, store_h: bool):
     x (M, K); w (N, K); bias (N,) or None; a (R, K) or None; b (N, R) or None; s_rep (R,) fp32.
     Returns y (M, N) in x.dtype and h (M, R) in x.dtype (None unless store_h). The backward calls
     this with (dy, Wᵀ, None, B_catᵀ, A_catᵀ) — the same fusion, transposed views, no copies.
+    R ≤ RANK_TILE: the kernel computes h in its K-loop; larger R: one matmul here, streamed by the kernel.
     """
     if x.stride(-1) != 1:
         x = x.contiguous()  # the kernel takes strides, but a strided K axis defeats coalescing
     M, K = x.shape
     N = w.shape[0]
     R = 0 if a is None else a.shape[0]
+    fuse = R <= RANK_TILE
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    h = torch.empty((M, R), dtype=x.dtype, device=x.device) if (store_h and R) else None
+    if not fuse:
+        h = torch.mm(x, a.t().to(x.dtype))  # (M, R) the shrink, in x.dtype as autocast computes it
+    else:
+        h = torch.empty((M, R), dtype=x.dtype, device=x.device) if (store_h and R) else None
     dummy = y  # never read: its branch is compiled out by a constexpr flag
     a_, b_, s_, h_ = (a, b, s_rep, h if h is not None else dummy) if R else (dummy, dummy, dummy, dummy)
     a_str = a.stride() if R else (0, 0)
@@ -236,12 +269,12 @@ def _fused(x, w, bias, a, b, s_rep, store_h: bool):
         x, w, bias if bias is not None else dummy, a_, b_, s_, y, h_,
         M, N, K, R,
         *x.stride(), *w.stride(), *a_str, *b_str, *y.stride(), *h_str,
-        HAS_BIAS=bias is not None, HAS_LORA=R > 0, STORE_H=h is not None,
+        HAS_BIAS=bias is not None, HAS_LORA=R > 0, FUSE_SHRINK=0 < R <= RANK_TILE, STORE_H=fuse and h is not None,
         DOT_F32=INTERPRET and x.dtype == torch.bfloat16,
         PRECISION="tf32" if fp32_tf32 else "ieee",
-        BLOCK_R=max(16, triton.next_power_of_2(R)),
+        BLOCK_R=RANK_TILE,
     )
-    return y, h
+    return y, h if store_h else None
 
 
 def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,10 @@
 reference, each against an independent oracle — torch autograd on the unfused formula (a Python
 loop over adapters) in float64 — and against each other.
 
-Shapes are deliberately awkward (in=37, out=53, ranks 3/13/4 so R=20 > 16 needs a 32-wide rank
-block, tokens 2×5×7 = 70 rows over three 32-row blocks) and tiny: the interpreter runs in numpy.
+Shapes are deliberately awkward (in=37, out=53, tokens 2×5×7 = 70 rows over three 32-row blocks) and
+tiny: the interpreter runs in numpy. Total ranks cover both kernel modes: R ≤ 16 (the shrink fused into
+the K-loop: 4, and 16 = 3 + 9 + 4 filling the rank block) and R > 16 (h streamed in 16-wide chunks:
+20 = 3 + 13 + 4, and 36, 100 — not multiples of the chunk, with a last chunk part-masked).
 """
 import pytest
 import torch
@@ -13,6 +15,8 @@ from rid_kernels import lora_group_linear, lora_group_reference
 
 IN, OUT, LEAD = 37, 53, (2, 5, 7)
 RANKS = {0: (), 1: (4,), 3: (3, 13, 4)}  # T → ranks; the middle 13 stands for a pre-concatenated frozen block
+# total rank R → ranks, frozen blocks first and the current adapter last (T = 3 scales 0.5, 1, 2)
+GROUPS = {4: (4,), 16: (3, 9, 4), 20: (3, 13, 4), 36: (16, 16, 4), 100: (64, 32, 4)}
 # max |a − oracle| / max |oracle|; bf16 keeps 8 mantissa bits, and h is rounded to x.dtype as under autocast
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -37,8 +41,9 @@ def naive(x, weight, bias, As, Bs, scales):
     return y
 
 
-def make(T, dtype, adapter_dtype=None, lead=LEAD, bias=True, trainable="last", seed=0):
-    """Inputs as rid uses them: x and the current (last) adapter train, W, b and older adapters frozen."""
+def make(T, dtype, adapter_dtype=None, lead=LEAD, bias=True, trainable="last", seed=0, ranks=None):
+    """Inputs as rid uses them: x and the current (last) adapter train, W, b and older adapters frozen.
+    ranks overrides RANKS[T]."""
     g = torch.Generator().manual_seed(seed)
     adapter_dtype = adapter_dtype or dtype
 
@@ -48,7 +53,8 @@ def make(T, dtype, adapter_dtype=None, lead=LEAD, bias=True, trainable="last", s
     x = rand(*lead, IN).requires_grad_()
     weight = rand(OUT, IN, scale=IN ** -0.5)
     b = rand(OUT, scale=0.1) if bias else None
-    ranks = RANKS[T]
+    ranks = RANKS[T] if ranks is None else ranks
+    T = len(ranks)
     As = [rand(r, IN, scale=IN ** -0.5, dt=adapter_dtype) for r in ranks]
     Bs = [rand(OUT, r, scale=r ** -0.5, dt=adapter_dtype) for r in ranks]
     for i in range(T):
@@ -117,6 +123,25 @@ def check_against_oracles(args, tol):
 @pytest.mark.parametrize("T", [0, 1, 3])
 def test_forward_and_grads_match_oracles(T, dtype):
     check_against_oracles(make(T, dtype), TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("R", [16, 36, 100])
+def test_rank_tiling_forward_and_grads_match_oracles(R, dtype, monkeypatch):
+    """R ≤ RANK_TILE fuses the shrink; larger R streams h in RANK_TILE chunks (36 = 2 full + 4, 100 = 6 full
+    + 4): forward and every gradient against the float64 loop, with every input trainable, at the mode the
+    launcher must pick."""
+    import rid_kernels.lora_group as lg
+
+    modes = []
+    real = lg._lora_group_kernel.run
+    monkeypatch.setattr(lg._lora_group_kernel, "run", lambda *a, **k: modes.append(k["FUSE_SHRINK"]) or real(*a, **k))
+    x, w, b, As, Bs, s, dy = make(3, dtype, ranks=GROUPS[R], trainable="all", seed=R)
+    w.requires_grad_()
+    check_against_oracles((x, w, b, As, Bs, s, dy), TOL[dtype])
+    assert sum(a.shape[0] for a in As) == R
+    assert modes == [R <= lg.RANK_TILE] * 2  # the forward's launch and dx's
+    check_against_oracles(make(3, torch.bfloat16, torch.float32, ranks=GROUPS[R], seed=R), TOL[torch.bfloat16])
 
 
 def test_unit_scales_skip_the_scale_pass_and_give_the_same_bits():
