@@ -135,10 +135,20 @@ def test_report_on_synthetic_runs(synthetic):
 
 
 def test_curves_figure_writes_its_data(tmp_path):
-    panels = {"test a": ("x", {"m1": {"x": [0, 1], "mean": [1, 2], "std": [0, 0.5]}, "m2": {"x": [], "mean": [], "std": []}})}
-    data = plots.curves_figure(panels, tmp_path / "c.png", title="t", hline=("level", 1.5))
-    assert (tmp_path / "c.png").stat().st_size > 0
-    assert json.loads((tmp_path / "c.json").read_text()) == json.loads(json.dumps(data))
+    from PIL import Image
+
+    m1 = {"x": [0, 1], "mean": [1, 2], "std": [0, 0.5]}
+    panels = {"test a": ("x", {"m1": m1, "m2": {"x": [], "mean": [], "std": []}}),
+              "train b": ("calls", {"m1": {"x": [5], "mean": [-1.5], "std": [0]}})}
+    plots.curves_figure(panels, tmp_path / "c.png", title="t", hline=("level", 1.5))
+    # the JSON beside the figure is the data it was given, written out by hand here
+    assert json.loads((tmp_path / "c.json").read_text()) == {
+        "title": "t", "hline": ["level", 1.5],
+        "panels": {"test a": {"xlabel": "x", "lines": {"m1": {"x": [0, 1], "mean": [1, 2], "std": [0, 0.5]},
+                                                       "m2": {"x": [], "mean": [], "std": []}}},
+                   "train b": {"xlabel": "calls", "lines": {"m1": {"x": [5], "mean": [-1.5], "std": [0]}}}}}
+    with Image.open(tmp_path / "c.png") as im:  # a real PNG, two panels side by side
+        assert im.format == "PNG" and im.width > im.height
 
 
 @pytest.mark.parametrize("argv", [["--seeds", "0,x"], ["--rewards", "compress"], ["--methods", "refl"], ["--jobs", "0"]])

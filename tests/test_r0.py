@@ -223,28 +223,40 @@ def assert_grad_close(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5 * scale)
 
 
-@pytest.mark.parametrize("eta_range", [(0.0, 1.0), (0.0, 0.0)])
-def test_r0_gradient_is_the_hand_unrolled_chain_with_random_eta(models, eta_range):
+def test_r0_gradient_is_the_hand_unrolled_chain_with_random_eta(models):
+    """η ~ U[0, 1] and η = 0 (deterministic DDIM) each against the hand chain, and the gradient changes
+    with η exactly as the hand chain's does (random η is a regulariser, not a no-op)."""
     group = adapters(models)
     K, lam_w, seed = 3, 0.7, 5
     z = torch.randn(2, *models.latent_shape, generator=gen(0))
-    hand = HandChain(models, K, eta_range, seed)
-    if eta_range[1] > 0:
-        assert len({round(e, 6) for e in hand.etas}) == K and all(0 < e < 1 for e in hand.etas)
-    z0, _ = hand.run(z)
-    expected_loss = surrogate(hand.decode(z0), PARTS) + lam_w * (group.flat - group.ema).pow(2).sum()
-    (expected,) = torch.autograd.grad(expected_loss, group.flat)
-    for checkpointing in (False, True):
-        cfg = rid.StepConfig(method="r0", steps=K, guidance=W, lam_w=lam_w, eta_range=eta_range,
-                             gradient_checkpointing=checkpointing)
-        loss, logs = rid.method_loss(models, group, with_parts(PARTS), PROMPTS, z, cfg, gen(seed))
-        (g,) = torch.autograd.grad(loss, group.flat)
-        assert_grad_close(g, expected)
-        with torch.no_grad():
-            img = hand.decode(z0)
-        assert logs["reward"] == pytest.approx(sum(w * fn(img, PROMPTS).mean().item() for w, fn in PARTS.values()),
-                                               rel=1e-4)
-        assert set(logs) >= {"reward_red", "reward_green", "weight_reg"}
+    grads, hands = {}, {}
+    for eta_range in ((0.0, 1.0), (0.0, 0.0)):
+        hand = HandChain(models, K, eta_range, seed)
+        if eta_range[1] > 0:
+            assert len({round(e, 6) for e in hand.etas}) == K and all(0 < e < 1 for e in hand.etas)
+        z0, _ = hand.run(z)
+        expected_loss = surrogate(hand.decode(z0), PARTS) + lam_w * (group.flat - group.ema).pow(2).sum()
+        (expected,) = torch.autograd.grad(expected_loss, group.flat)
+        hands[eta_range] = expected
+        for checkpointing in (False, True):
+            cfg = rid.StepConfig(method="r0", steps=K, guidance=W, lam_w=lam_w, eta_range=eta_range,
+                                 gradient_checkpointing=checkpointing)
+            loss, logs = rid.method_loss(models, group, with_parts(PARTS), PROMPTS, z, cfg, gen(seed))
+            (g,) = torch.autograd.grad(loss, group.flat)
+            assert_grad_close(g, expected)
+            grads[eta_range] = g
+            with torch.no_grad():
+                img = hand.decode(z0)
+            assert logs["reward"] == pytest.approx(
+                sum(w * fn(img, PROMPTS).mean().item() for w, fn in PARTS.values()), rel=1e-4)
+            assert set(logs) >= {"reward_red", "reward_green", "weight_reg"}
+    # η > 0 against η = 0: rid's change of the gradient is the hand chain's, and it is not small
+    change, hand_change = grads[(0.0, 1.0)] - grads[(0.0, 0.0)], hands[(0.0, 1.0)] - hands[(0.0, 0.0)]
+    reward_part = hands[(0.0, 0.0)] - 2 * lam_w * (group.flat - group.ema).detach()  # the λ_w term does not move
+    assert hand_change.norm() > 0.02 * reward_part.norm()  # measured: 5.7 %
+    tol = 2e-5 * hands[(0.0, 0.0)].abs().max().item()  # the two gradients' own tolerances, added
+    assert hand_change.abs().max() > 100 * tol
+    torch.testing.assert_close(change, hand_change, rtol=0, atol=tol)
 
 
 def test_r0_plus_passes_no_gradient_before_the_chosen_step(models):

@@ -9,6 +9,7 @@ eval/). The tiny model comes from tests/tiny.py, rewards are tiny.toy_reward (tr
 or test_rewards.tiny_spec's tiny CLIP models (eval.py).
 """
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -201,9 +202,13 @@ def test_second_train_on_the_same_out_exits_2_naming_the_holder(world, tmp_path,
     assert code == 0 and not (out / ".lock").exists()  # released when the run ends
 
 
+@pytest.mark.skipif(not Path("/proc/sys/kernel/pid_max").exists(), reason="needs Linux's kernel.pid_max")
 def test_stale_lock_is_taken_over_and_a_foreign_host_refused(world, tmp_path, monkeypatch, capsys):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    pid = int(dead.stdout)  # a pid that has exited
+    # a pid no process can have: Linux hands out pids below kernel.pid_max only (a pid that merely exited
+    # may be handed out again, to a live process, before the lock is read)
+    pid = int(Path("/proc/sys/kernel/pid_max").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
     out = tmp_path / "stale"
     out.mkdir()
     (out / ".lock").write_text(json.dumps({"pid": pid, "host": socket.gethostname()}))

@@ -202,11 +202,19 @@ def test_compress_zero_for_constant_and_drops_with_noise(spec):
     flat = torch.full((1, 3, 32, 32), 0.5)
     g = torch.Generator().manual_seed(0)
     noise = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
-    scores = [fn((flat + a * noise).clamp(0, 1), ["x"]).item() for a in (0.0, 0.05, 0.2)]
+    images = [(flat + a * noise).clamp(0, 1) for a in (0.0, 0.05, 0.2)]
+    scores = [fn(x, ["x"]).item() for x in images]
     n = flat[0].numel()  # the reward sums over the image's 3·32·32 values
     assert abs(scores[0]) < 1e-4 * n  # a flat block is all DC: JPEG keeps it up to rounding
     assert scores[0] > scores[1] > scores[2]
     assert scores[2] < -1e-3 * n
+    # each value is −‖x − JPEG(x)‖², summed over the image, with the plain-torch JPEG at the spec's quality
+    import rid_kernels
+
+    for x, got in zip(images, scores):
+        x64 = x.double()
+        want = -(x64 - rid_kernels.jpeg_reference(x64, spec.jpeg_quality)).square().sum().item()
+        assert got == pytest.approx(want, rel=1e-4, abs=1e-6)
 
 
 def test_compress_measures_pils_jpeg_error(spec):

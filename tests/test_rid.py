@@ -174,19 +174,31 @@ def test_sample_equals_pipeline(models, sd_path):
 # -- methods --------------------------------------------------------------------------------------
 
 def test_every_method_takes_a_step(models):
-    """Smoke test: one rid.train_step per method moves the adapters and logs what train.py reads.
-    Each method's defining property is checked against an oracle in tests/test_methods.py."""
+    """One rid.train_step per method is the clipped gradient step of that method's loss: the logged
+    grad_norm is ‖∇loss‖ and, with SGD, θ ← θ − lr·min(1, c/‖∇loss‖)·∇loss, the gradient taken by
+    autograd on rid.method_loss with the same generator (clip c = half that norm, so clipping acts).
+    Each method's loss itself is checked against an oracle in tests/test_methods.py."""
     group = rid.inject(models.unet, rank=2)
     group.add_task("a")
+    randomize(group)  # non-zero B: every adapter gets a gradient
+    lr = 1e-2
     for method in rid.METHODS:
         cfg = rid.StepConfig(method=method, steps=2, truncate=2, guidance=3.0, refl_m=50)
-        opt = torch.optim.Adam(group.parameters(), lr=1e-2)
         before = group.flat.detach().clone()
+        loss, _ = rid.method_loss(models, group, toy_reward, PROMPTS, noise(models), cfg,
+                                  torch.Generator().manual_seed(0))
+        (g,) = torch.autograd.grad(loss, group.flat)
+        norm = g.norm().item()
+        assert norm > 0, method
+        opt = torch.optim.SGD(group.parameters(), lr=lr)
         logs = rid.train_step(models, group, toy_reward, [(PROMPTS, noise(models))], opt, cfg,
-                              generator=torch.Generator().manual_seed(0))
-        assert {"loss", "reward", "grad_norm"} <= set(logs) and logs["grad_norm"] > 0, method
+                              clip_grad=norm / 2, generator=torch.Generator().manual_seed(0))
+        assert {"loss", "reward", "grad_norm"} <= set(logs), method
         assert ("distill" in logs) == (method == "rid"), method
-        assert (group.flat.detach() - before).abs().max() > 1e-3, method  # Adam: ≈ lr per entry
+        assert logs["grad_norm"] == pytest.approx(norm, rel=1e-5), method
+        assert logs["loss"] == pytest.approx(loss.item(), rel=1e-6), method
+        expected = before - lr * g * (norm / 2) / (norm + 1e-6)  # clip_grad_norm_'s coefficient
+        torch.testing.assert_close(group.flat.detach(), expected, rtol=1e-5, atol=1e-8 * lr, msg=method)
 
 
 def test_rid_teacher_decodes_same_z1(models, monkeypatch):
