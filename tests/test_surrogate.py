@@ -211,7 +211,9 @@ def test_state_dict_continues_bit_exactly(models):
             sur.observe(z[8 * c:8 * c + 8], pid[8 * c:8 * c + 8], r[8 * c:8 * c + 8])
 
     a = S.Surrogate(models.unet, cfg, emb, seed=5)
+    init = [p.clone() for p in a.model.head.parameters()]
     run(a, range(8))
+    assert any(not torch.equal(p, q) for p, q in zip(init, a.model.head.parameters()))  # it did adapt
     b = S.Surrogate(models.unet, cfg, emb, seed=5)
     run(b, range(3))
     c = S.Surrogate(models.unet, cfg, emb, seed=99)  # a fresh object, then the saved state
