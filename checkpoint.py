@@ -396,22 +396,44 @@ def export_lora(group: rid.AdapterGroup, path) -> str:
     Σ_i s_i B_i A_i = [s_1 B_1 … s_T B_T]·[A_1; …; A_T], exact at rank T·r. Keys follow the
     diffusers/peft naming; no alpha keys, so diffusers sets alpha = rank and the scale is 1.
     A directory `path` gets diffusers' default name pytorch_lora_weights.safetensors."""
-    from safetensors.torch import save_file
-
     if not group.tasks:
         raise ValueError("export_lora: the adapter group has no tasks; call add_task or checkpoint.load first")
+    per_task = [group.task_tensors(i) for i in range(len(group.tasks))]
+    return _write_lora(list(group.layers), per_task, group.scales, path)
+
+
+def _write_lora(layers: list, per_task: list, scales: list, path) -> str:
+    """export_lora's file from [{layer: (A_i, B_i)}] and the scales s_i."""
+    from safetensors.torch import save_file
+
     path = str(path)
     if os.path.isdir(path):
         path = os.path.join(path, "pytorch_lora_weights.safetensors")
-    per_task = [group.task_tensors(i) for i in range(len(group.tasks))]
     tensors = {}
-    for name in group.layers:
+    for name in layers:
         A = torch.cat([t[name][0] for t in per_task])  # (T·r, in)
-        B = torch.cat([s * t[name][1] for s, t in zip(group.scales, per_task)], 1)  # (out, T·r)
+        B = torch.cat([s * t[name][1] for s, t in zip(scales, per_task)], 1)  # (out, T·r)
         tensors[f"unet.{name}.lora_A.weight"] = A.detach().float().cpu().contiguous()
         tensors[f"unet.{name}.lora_B.weight"] = B.detach().float().cpu().contiguous()
     atomic_write(path, lambda p: save_file(tensors, p))
     return path
+
+
+def export_saved(dirs: list, path, weights: list | None = None) -> str:
+    """export_lora of saved adapter groups without loading the base model: one stage directory, or a soup
+    Σ_j w_j Δ_j of several (equal weights by default), exactly what soup() + export_lora write."""
+    weights = weights or [1.0 / len(dirs)] * len(dirs)
+    saved = [_read_saved(d) for d in dirs]
+    layers = saved[0][0]["layers"]
+    per_task, scales = [], []
+    for d, w, (meta, tensors) in zip(dirs, weights, saved):
+        if meta["layers"] != layers or meta["rank"] != saved[0][0]["rank"]:
+            raise UsageError(f"{d}: its layers or rank differ from {dirs[0]}'s; a soup needs the same base and rank")
+        with reading(os.path.join(d, "adapters.safetensors")):
+            for i, s in enumerate(meta["scales"]):
+                per_task.append(_task_adapters(tensors, i, layers))
+                scales.append(float(w) * s)
+    return _write_lora(layers, per_task, scales, path)
 
 
 def read_meta(dir) -> dict:
@@ -531,3 +553,71 @@ def soup(unet, dirs: list, weights: list | None = None) -> rid.AdapterGroup:
             for i, (name, s) in enumerate(zip(meta["tasks"], meta["scales"])):
                 group.append_frozen(f"{j}:{name}", float(w) * s, _task_adapters(tensors, i, group.layers))
     return group
+
+
+#### python -m checkpoint export ####
+
+USAGE_LOAD = """    pipe = StableDiffusionPipeline.from_pretrained("{model}")
+    pipe.load_lora_weights("{dir}", weight_name="{name}")"""
+
+
+def stage_dir(run: Path, stage: int | None, flag: str) -> Path:
+    """The directory of stage `stage` (1-based; None: the last finished) of the run in `run`."""
+    info = read_run(run, need=("stages",))
+    stages = info["stages"]
+    if not stages:
+        raise UsageError(f"{flag} {run}: the run has no finished stage yet")
+    if stage is not None and not 1 <= stage <= len(stages):
+        raise UsageError(f"--stage {stage} is not allowed; allowed: 1 to {len(stages)} ({', '.join(stages)})")
+    return inside(run, stages[(stage or len(stages)) - 1], "stage")
+
+
+def main(argv=None) -> int:
+    """python -m checkpoint export RUN [--stage K | --soup RUN ...] OUT: one diffusers LoRA file."""
+    import sys
+
+    p = Parser(prog="python -m checkpoint", description="Export a run's adapters as ONE standard LoRA file that "
+               "diffusers' load_lora_weights reads (exact: Σ_i s_i B_i A_i stacked at rank T·r).")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+    e = sub.add_parser("export", help="a stage (or a soup of runs) -> OUT (a .safetensors file, or a directory: "
+                                      "pytorch_lora_weights.safetensors in it)")
+    e.add_argument("run", metavar="RUN", help="run directory (what train.py --out wrote)")
+    e.add_argument("out", metavar="OUT", help="file to write, or an existing directory")
+    e.add_argument("--stage", type=int, help="stage K = the model after K tasks, 1 to the number finished "
+                                             "(default: the last finished)")
+    e.add_argument("--soup", nargs="+", metavar="RUN", help="also average in these runs' last stages (a model "
+                                                            "soup, equal weights unless --weights)")
+    e.add_argument("--weights", help="comma list of soup weights, one per run, RUN first (default: equal)")
+    try:
+        args = p.parse_args(argv)
+        if args.soup and args.stage is not None:
+            raise UsageError("--stage and --soup: give one (a soup takes each run's last stage)")
+        run = Path(args.run)
+        if not (run / "run.json").is_file():
+            raise UsageError(f"RUN {args.run!r} is not a run directory (no run.json); allowed: a train.py --out")
+        dirs = [stage_dir(run, args.stage, "RUN")] + [stage_dir(Path(r), None, "--soup") for r in args.soup or []]
+        weights = None
+        if args.weights is not None:
+            try:
+                weights = [float(w) for w in args.weights.split(",")]
+            except ValueError:
+                raise UsageError(f"--weights {args.weights!r} is not allowed; allowed: comma-separated numbers") from None
+            if len(weights) != len(dirs):
+                raise UsageError(f"--weights {args.weights!r} gives {len(weights)} weights for {len(dirs)} runs")
+        out = Path(args.out)
+        if not out.is_dir() and out.suffix != ".safetensors":
+            raise UsageError(f"OUT {args.out!r} is not allowed; allowed: an existing directory or a .safetensors path")
+        if not out.is_dir() and not out.parent.is_dir():
+            raise UsageError(f"OUT {args.out!r}: its folder {str(out.parent)!r} does not exist")
+        written = export_saved([str(d) for d in dirs], out, weights)
+    except (UsageError, ValueError, OSError) as err:
+        print(f"python -m checkpoint: error: {err}", file=sys.stderr)
+        return 2
+    model = read_run(Path(args.run), need=()).get("model", "<base model>")
+    print(f"wrote {written} ({', '.join(str(d) for d in dirs)}); load it with diffusers:")
+    print(USAGE_LOAD.format(model=model, dir=Path(written).parent, name=Path(written).name))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
