@@ -113,38 +113,54 @@ def test_a_second_experiment_on_the_same_out_exits_2_with_one_line(tmp_path, cap
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_a_killed_experiment_takes_its_runs_with_it(tmp_path):
     """kill -9 of an experiment script: the runs it started get SIGTERM (no orphan left writing a run
-    that a restarted experiment would start over beside it)."""
+    that a restarted experiment would start over beside it). Events, not deadlines: each run blocks
+    SIGTERM, then reports its pid through a FIFO; once the killed experiment is reaped, SIGTERM must be
+    pending on every run (the kernel queues the parent-death signal while the parent exits, before
+    wait() returns it), where it stays, blocked, for the test to read in /proc."""
     import os
+    import select
     import signal
     import subprocess
-    import time
 
-    pid_file = tmp_path / "child.pid"
-    child = [sys.executable, "-c", f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
-             "time.sleep(120)", "--out", str(tmp_path / "run")]
+    fifo = tmp_path / "pids"
+    os.mkfifo(fifo)
+    rd = os.open(fifo, os.O_RDWR)  # read end that is also a writer: no EOF between the runs' writes
+    child = [sys.executable, "-c", "import os, signal, threading; "
+             "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM}); "
+             f"fd = os.open({str(fifo)!r}, os.O_WRONLY); os.write(fd, b'%d\\n' % os.getpid()); os.close(fd); "
+             "threading.Event().wait()", "--out", str(tmp_path / "run")]
     parent = subprocess.Popen([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
                                "from experiments.common import run_parallel; "
                                f"run_parallel([{child!r}] * 2, 2, __import__('pathlib').Path({str(tmp_path)!r}), "
                                "'t', print)", str(ROOT)])
-    deadline = time.time() + 60
-    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
-        time.sleep(0.1)
-    pid = int(pid_file.read_text())
-    parent.send_signal(signal.SIGKILL)
-    parent.wait()
-
-    def alive(p):
-        try:
-            return Path(f"/proc/{p}/status").read_text().split("State:")[1].split()[0] not in ("Z", "X")
-        except (OSError, IndexError):
-            return False
-
-    deadline = time.time() + 20
-    while alive(pid) and time.time() < deadline:
-        time.sleep(0.1)
-    if alive(pid):
-        os.kill(pid, signal.SIGKILL)
-        pytest.fail("the run outlived the killed experiment")
+    parent_fd, pids, got = os.pidfd_open(parent.pid), [], b""
+    try:
+        while len(pids) < 2:  # both runs started and blocked SIGTERM; or the experiment ended: fail
+            ready, _, _ = select.select([rd, parent_fd], [], [])
+            assert rd in ready, f"the experiment exited ({parent.wait()}) before both runs reported"
+            got += os.read(rd, 64)
+            pids = [int(x) for x in got.split()]
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        term = 1 << (signal.SIGTERM - 1)
+        for pid in pids:
+            status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                          if ":\t" in line)
+            pending = int(status["ShdPnd"], 16) | int(status["SigPnd"], 16)
+            assert pending & term, f"run {pid} got no SIGTERM when its experiment died (pending {pending:#x})"
+    finally:
+        os.close(rd), os.close(parent_fd)
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for pid in pids:  # the runs: SIGKILL, then wait for their exit (a pidfd turns readable)
+            try:
+                fd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+            os.kill(pid, signal.SIGKILL)
+            select.select([fd], [], [])
+            os.close(fd)
 
 
 #### experiments.table3: the paper's Tables 3 and 6 ####
@@ -230,6 +246,19 @@ def test_lasro_end_to_end(tmp_path):
             b = load_file(str(ril_out / source / stage / "adapters.safetensors"))
             assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
         assert (out / name / "stage3-jpeg-kb" / "surrogate.json").exists()
+    # the frozen ablation is rid with the surrogate's adaptation off and nothing else changed: the same
+    # settings but adapt_every, the same pre-training; after its one step (taken before any adaptation
+    # could act) the same adapters
+    rid3, frozen3 = out / "rid-seed0" / "stage3-jpeg-kb", out / "rid-frozen-seed0" / "stage3-jpeg-kb"
+    sur_rid, sur_frozen = (json.loads((d / "config.json").read_text())["surrogate"] for d in (rid3, frozen3))
+    assert sur_rid["adapt_every"] == 1 and sur_frozen == {**sur_rid, "adapt_every": 0}
+    pre = [json.loads((d / "surrogate_pretrain.json").read_text()) for d in (rid3, frozen3)]
+    timeless = [{k: v for k, v in p.items() if k != "seconds"} for p in pre]
+    assert timeless[0] == timeless[1] and timeless[0]["pretrain_samples"] == 8
+    a, b = (load_file(str(d / "adapters.safetensors")) for d in (rid3, frozen3))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rows = [[json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()] for d in (rid3, frozen3)]
+    assert [(r["surrogate"], r["true_reward"]) for r in rows[0]] == [(r["surrogate"], r["true_reward"]) for r in rows[1]]
     report = json.loads((out / "eval" / "report.json").read_text())
     text = doc.read_text()
     for label, run_dir, task in (("rid", out / "rid-seed0", "jpeg-kb"), ("rid-frozen", out / "rid-frozen-seed0", "jpeg-kb"),

@@ -182,11 +182,12 @@ def test_second_train_on_the_same_out_exits_2_naming_the_holder(world, tmp_path,
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen(  # another train.py's lock, held the way RunLock holds it
-        [sys.executable, "-c", "import fcntl, json, os, socket, sys, time\n"
+        [sys.executable, "-c", "import fcntl, json, os, socket, threading\n"
          f"fd = os.open({str(out / '.lock')!r}, os.O_RDWR | os.O_CREAT)\n"
          "fcntl.flock(fd, fcntl.LOCK_EX)\n"
          "os.write(fd, json.dumps({'pid': os.getpid(), 'host': socket.gethostname()}).encode())\n"
-         "print('locked', flush=True)\ntime.sleep(120)\n"], stdout=subprocess.PIPE, text=True)
+         "print('locked', flush=True)\nthreading.Event().wait()\n"],  # held until killed: no deadline
+        stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         use_reward(monkeypatch)
