@@ -16,7 +16,10 @@ batch size. Metrics per stage (direction in brackets):
     compress (up)   the compress reward, -||x - JPEG(x)||^2 per image through the differentiable JPEG (q80)
     png_kb (down)   lossless PNG size, PIL, kB                  jpeg_kb (down)  JPEG size at quality 80, kB
     fid (down)      Frechet distance to --fid-ref images: Inception features (torchmetrics), or CLIP
-                    features (rewards.clip_features) in the mini world / with --fid-features clip
+                    features (rewards.clip_features) in the mini world / with --fid-features clip.
+                    --fid coco --coco DIR: the paper's zero-shot FID on MS-COCO instead: one image per
+                    caption for the first --coco-n (1000) images of COCO's val captions, against those
+                    images (coco_pairs); cached by a hash of the captions and image bytes
 
 Forgetting of a metric m at stage T is the paper's Eq. 3, the largest drop from any stage 0..T to T:
 F = max_{i∈{0..T}} (m_i - m_T) for higher-is-better m and max_{i∈{0..T}} (m_T - m_i) otherwise. The
@@ -40,6 +43,7 @@ import json
 import math
 import sys
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +79,12 @@ CACHE_VERSION = 2  # bump when a metric's definition changes: old caches then mi
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_IMAGES_PER_PROMPT = 10_000  # 500 k images per stage at 50 prompts, far past FID's usual 30-50 k
 MAX_SEED = 2**63 - 1            # as train.py's: one range of seeds for both CLIs
+# The COCO FID's size. The paper gives no N; the usual 30 k (GLIDE, Imagen) is ~30 × 80 TFLOP per stage
+# at SD-1.5's 50 steps, ~5 GPU-hours per stage on an A100 (docs/sd15_cost.md's rate); 1000 captions per
+# stage make base + 3 stages about an hour (~13 min a stage). FID at N = 1000 is biased upwards against
+# N = 30 k: compare stages and methods at the same N, not with published FIDs.
+COCO_N = 1000
+COCO_SPLITS = ("val2017", "val2014")
 
 
 #### RUNS AND STAGES ####
@@ -184,6 +194,8 @@ class Settings:
     max_prompts: int | None = None
     grid_prompts: int = 8
     resolution: int | None = None  # None: the run's own (train.py --resolution), else the model's
+    coco: str | None = None         # --fid coco: a local MS-COCO folder (annotations/captions_val2017.json + val2017/)
+    coco_n: int = COCO_N            # captions (and reference images) of the COCO FID
 
 
 def is_mini(run: Run) -> bool:
@@ -205,7 +217,10 @@ def stage_config(stage: Stage, s: Settings) -> dict:
     prompts = run.prompts if s.max_prompts is None else run.prompts[: s.max_prompts]
     fid = {"features": features, "ref": _ref_id(ref)}
     n = len(prompts) * s.images_per_prompt
-    if ref is not None and n < 2:  # a Frechet distance needs a covariance: 2 images at least
+    if s.coco is not None:  # the images of the captions are the reference: its content, not its path, is the key
+        pairs, digest = coco_pairs(s.coco, s.coco_n)
+        fid = {"features": features, "ref": {"coco": digest, "n": len(pairs)}}
+    elif ref is not None and n < 2:  # a Frechet distance needs a covariance: 2 images at least
         why = (f"FID needs at least 2 images per stage, and {len(prompts)} prompt(s) x --images-per-prompt "
                f"{s.images_per_prompt} make {n}")
         if s.fid_ref is not None:
@@ -228,6 +243,46 @@ def stage_config(stage: Stage, s: Settings) -> dict:
         "jpeg_quality": JPEG_QUALITY, "grid_prompts": s.grid_prompts,
         **({"resolution": res} if (res := cfg.get("resolution") if s.resolution is None else s.resolution) else {}),
     }
+
+
+@lru_cache(maxsize=2)
+def coco_pairs(folder: str, n: int) -> tuple[list, str]:
+    """The COCO FID's fixed (caption, image file) pairs and their content hash: the first n images of the
+    val split by image id (val2017 preferred, else val2014), each with its first caption by annotation id.
+    DIR holds annotations/captions_<split>.json and <split>/ (the layout of cocodataset.org's zips).
+    The hash covers every caption and every image's bytes: a changed or re-encoded file misses the cache."""
+    root = Path(folder)
+    for split in COCO_SPLITS:
+        ann = root / "annotations" / f"captions_{split}.json"
+        if ann.is_file():
+            break
+    else:
+        raise UsageError(f"--coco {folder!r} holds no annotations/captions_val2017.json nor captions_val2014.json; "
+                         "allowed: a folder with annotations/ and val2017/ (or val2014/) from cocodataset.org")
+    with checkpoint.reading(ann):
+        data = json.loads(ann.read_text())
+        files = {im["id"]: im["file_name"] for im in data["images"]}
+        first = {}
+        for a in sorted(data["annotations"], key=lambda a: a["id"]):
+            first.setdefault(a["image_id"], a["caption"].strip())
+    ids = sorted(i for i in files if i in first)[:n]
+    if len(ids) < 2:
+        raise UsageError(f"--coco {folder!r}: {ann.name} lists {len(ids)} captioned image(s); FID needs at least 2")
+    pairs = [(first[i], root / split / files[i]) for i in ids]
+    missing = [str(f) for _, f in pairs if not f.is_file()]
+    if missing:
+        raise UsageError(f"--coco {folder!r}: {len(missing)} of the {len(pairs)} images are missing, e.g. {missing[0]}; "
+                         f"unzip {split}.zip into it")
+    h = hashlib.sha256()
+    for caption, f in pairs:
+        h.update(caption.encode() + b"\0" + f.read_bytes())
+    return pairs, h.hexdigest()[:16]
+
+
+def images_of(config: dict) -> int:
+    """Images a stage generates: its test prompts', and one per caption of the COCO FID."""
+    ref = config["fid"]["ref"] or {}
+    return len(config["prompts"]) * config["images_per_prompt"] + (ref["n"] if "coco" in ref else 0)
 
 
 def _ref_id(ref):
@@ -331,6 +386,10 @@ def reference_batches(ref: str, size: tuple, batch: int = 64):
             yield x
         return
     files = sorted(x for x in p.iterdir() if x.suffix.lower() in IMAGE_SUFFIXES)
+    yield from _image_batches(files, size, batch)
+
+
+def _image_batches(files: list, size: tuple, batch: int = 64):
     for b in range(0, len(files), batch):
         out = []
         for f in files[b:b + batch]:
@@ -366,8 +425,9 @@ class Scorer:
     what is missing is skipped with one line saying how to supply it; a weight file that is there but
     unreadable (truncated, garbage) is bad input, a UsageError naming it."""
 
-    def __init__(self, config: dict, spec_path: str | None, device: str, log):
+    def __init__(self, config: dict, spec_path: str | None, device: str, log, coco: list | None = None):
         self.spec, self.device, self.config = rewards.load_spec(spec_path), device, config
+        self.coco = coco  # --fid coco: [(caption, image file)]; FID then scores those captions' images only
         self.fns, self.skipped, self.fid, self.fid_ready = {}, {}, None, False
         spec = f" (reward spec {spec_path})" if spec_path else ""
         for name in ("aesthetic", "hps", "compress"):
@@ -393,9 +453,9 @@ class Scorer:
         if fid["ref"] is None:
             self.skipped["fid"] = fid.get("why", "no reference images; pass --fid-ref DIR (the paper: MS-COCO images)")
             return
-        self.fid_ref = fid["ref"].get("dir") or fid["ref"].get("file")
+        self.fid_ref = fid["ref"].get("dir") or fid["ref"].get("file") or "--coco"
         try:  # main() has checked an explicit --fid-ref; this is the mini world's own reference set
-            n = count_reference(self.fid_ref)
+            n = len(self.coco) if self.coco else count_reference(self.fid_ref)
         except UsageError as e:
             n, self.skipped["fid"] = 0, str(e)
         if n < 2:
@@ -417,7 +477,9 @@ class Scorer:
     def _fid_update(self, images):
         if not self.fid_ready:  # reference statistics once; reset() keeps them (reset_real_features=False)
             with checkpoint.reading(f"--fid-ref {self.fid_ref}"):  # an unreadable image among them
-                for x in reference_batches(self.fid_ref, tuple(images.shape[-2:])):
+                refs = (_image_batches([f for _, f in self.coco], tuple(images.shape[-2:])) if self.coco
+                        else reference_batches(self.fid_ref, tuple(images.shape[-2:])))
+                for x in refs:
                     self.fid.update(x.to(self.device), real=True)
             self.fid_ready = True
         self.fid.update(images.float().to(self.device), real=False)
@@ -433,6 +495,12 @@ class Scorer:
             self.values[name] += fn(images, prompts).float().cpu().tolist()
         self.values["png_kb"] += file_kb(images, "PNG")
         self.values["jpeg_kb"] += file_kb(images, "JPEG")
+        if "fid" in self.enabled and not self.coco:
+            self._fid_update(images)
+
+    @torch.no_grad()
+    def update_fid(self, images: torch.Tensor):
+        """--fid coco: the COCO captions' images, for FID alone."""
         if "fid" in self.enabled:
             self._fid_update(images)
 
@@ -471,6 +539,14 @@ def evaluate_stage(stage: Stage, models: rid.Models, scorer: Scorer, s: Settings
         scorer.update(images, texts)  # (B, 3, H, W) in [0, 1]
         strip += [img for (p, i), img in zip(batch, images.cpu()) if i == 0 and p < config["grid_prompts"]]
         bar.update(len(batch))
+    if scorer.coco and "fid" in scorer.enabled:  # the paper's zero-shot COCO FID: one image per caption
+        captions = [c for c, _ in scorer.coco]
+        for b in range(0, len(captions), s.batch):
+            noise = torch.stack([noise_for(config["seed"], "coco", j, models.latent_shape)
+                                 for j in range(b, min(b + s.batch, len(captions)))])
+            scorer.update_fid(rid.sample(models, captions[b:b + s.batch], noise, steps=config["steps"],
+                                         guidance=config["guidance"], group=group))
+            bar.update(len(noise))
     result = {"key": stage.key, "stage": stage.name, "index": stage.index, "n_images": len(jobs),
               "metrics": scorer.result(), "config": config}
     js, png = _cache_paths(stage)
@@ -553,7 +629,8 @@ def evaluate(ckpts: list, soup: list | None = None, weights: list | None = None,
     def scorer_for(st):
         key = json.dumps([st.config["spec"], st.config["fid"]], sort_keys=True)
         if key not in scorers:
-            scorers[key] = Scorer(st.config, s.reward_spec or st.run.info.get("reward_spec"), s.device, log)
+            coco = coco_pairs(s.coco, s.coco_n)[0] if s.coco is not None else None
+            scorers[key] = Scorer(st.config, s.reward_spec or st.run.info.get("reward_spec"), s.device, log, coco)
         return scorers[key]
 
     def load(st):
@@ -588,7 +665,7 @@ def evaluate(ckpts: list, soup: list | None = None, weights: list | None = None,
             loaded[st.run.info["model"]][0].set_resolution(st.config.get("resolution"), "--resolution")
         except ValueError as e:
             raise UsageError(f"{st.name}: {e}") from None
-    total = sum(len(t.config["prompts"]) * t.config["images_per_prompt"] for t in order)
+    total = sum(images_of(t.config) for t in order)
     with tqdm(total=total, unit="img", disable=not order) as bar:
         for st in order:
             models = models_for(st)
@@ -787,7 +864,15 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resolution", type=int, help="image side in pixels (default: the run's train.py --resolution, else the "
                                      "model's own: 512 for SD-1.5, 32 in the mini world)")
     a("--reward-spec", help="reward spec JSON (default: the run's; see rewards.RewardSpec)")
-    a("--fid-ref", help="folder of reference images for FID (the paper: MS-COCO); mini world: its own")
+    a("--fid", choices=("test", "coco"), default="test",
+      help="test: FID of the test prompts' images against --fid-ref (the mini world: its own reference set); "
+           "coco: the paper's zero-shot FID on MS-COCO, one image per caption of the first --coco-n images of "
+           "COCO's val captions against those images (needs --coco) (default: test)")
+    a("--coco", metavar="DIR", help="local MS-COCO: DIR/annotations/captions_val2017.json and DIR/val2017/*.jpg "
+                                    "(cocodataset.org: annotations_trainval2017.zip and val2017.zip; val2014 too)")
+    a("--coco-n", type=int, default=COCO_N, help=f"captions of the COCO FID, 2 to 40504 (default: {COCO_N}: about "
+                                                 "an hour for base + 3 stages of SD-1.5 on one A100)")
+    a("--fid-ref", help="folder of reference images for FID of the test prompts' images; mini world: its own")
     a("--fid-features", choices=("inception", "clip"), help="FID feature space (default: inception; clip in the mini world)")
     a("--dtype", choices=("fp32", "fp16", "bf16"), help="sampling precision (default: fp16 on CUDA, fp32 on CPU)")
     a("--device", help="cuda or cpu (default: cuda if available)")
@@ -820,8 +905,20 @@ def main(argv=None) -> int:
         s = Settings(images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
                      guidance=args.guidance, dtype=args.dtype or ("fp16" if device.startswith("cuda") else "fp32"),
                      device=device, batch=args.batch, reward_spec=args.reward_spec, fid_ref=args.fid_ref,
-                     fid_features=args.fid_features, max_prompts=args.max_prompts, resolution=args.resolution)
+                     fid_features=args.fid_features, max_prompts=args.max_prompts, resolution=args.resolution,
+                     coco=args.coco if args.fid == "coco" else None, coco_n=args.coco_n)
         check_settings(args)
+        if args.fid == "coco":
+            if args.coco is None:
+                raise UsageError("--fid coco needs --coco DIR (a local MS-COCO with annotations/captions_val2017.json "
+                                 "and val2017/)")
+            if not 2 <= args.coco_n <= 40504:
+                raise UsageError(f"--coco-n {args.coco_n} is not allowed; allowed: an integer in [2, 40504]")
+            if args.fid_ref is not None:
+                raise UsageError("--fid-ref and --fid coco: give one (with --fid coco the COCO images are the reference)")
+            coco_pairs(args.coco, args.coco_n)  # a bad folder fails now, in one line
+        elif args.coco is not None:
+            raise UsageError(f"--coco {args.coco!r} is used by --fid coco only; add --fid coco")
         if not args.ckpt and not args.soup:
             raise UsageError("nothing to evaluate: pass --ckpt RUN_DIR [...] and/or --soup RUN_DIR [...]")
         if args.weights and not args.soup:

@@ -354,3 +354,75 @@ def test_cli_crafted_run_json_sampler_exits_2_before_the_model_loads(world, tmp_
     assert ev.main(["--ckpt", str(run), "--fid-features", "clip", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and str(run / "run.json") in err[0] and "config steps" in err[0] and "[1, 1000]" in err[0]
+
+
+#### THE PAPER'S ZERO-SHOT FID ON MS-COCO (--fid coco) ####
+
+def fake_coco(root, split="val2017"):
+    """COCO's layout at toy size: 5 images, listed out of id order; image 7 has no caption; image 3 has
+    two (the one with the smaller annotation id, listed second, is the one used)."""
+    (root / "annotations").mkdir(parents=True)
+    (root / split).mkdir()
+    g = np.random.default_rng(1)
+    ids = [9, 3, 7, 5, 11]
+    for i in ids:
+        Image.fromarray(g.integers(0, 256, (20, 28, 3), dtype=np.uint8)).save(root / split / f"{i:012d}.jpg")
+    anns = [{"id": 40, "image_id": 3, "caption": "a red car "}, {"id": 12, "image_id": 3, "caption": "a blue car"},
+            {"id": 20, "image_id": 5, "caption": "a photo of a cat"}, {"id": 21, "image_id": 9, "caption": "a dog"},
+            {"id": 22, "image_id": 11, "caption": "the tree"}]
+    (root / "annotations" / f"captions_{split}.json").write_text(json.dumps(
+        {"images": [{"id": i, "file_name": f"{i:012d}.jpg"} for i in ids], "annotations": anns}))
+    return root
+
+
+def test_coco_fid_scores_one_image_per_caption_against_those_images(world, run_dir, tmp_path):
+    coco = fake_coco(tmp_path / "coco")
+    ev.coco_pairs.cache_clear()
+    pairs, digest = ev.coco_pairs(str(coco), 3)
+    # the first 3 captioned images by id: 3, 5, 9 (7 has no caption), each with its first caption by annotation id
+    assert [(c, f.name) for c, f in pairs] == [("a blue car", "000000000003.jpg"), ("a photo of a cat", "000000000005.jpg"),
+                                               ("a dog", "000000000009.jpg")]
+    out = tmp_path / "report"
+    report = ev.evaluate([str(run_dir)], s=ev.Settings(**SETTINGS, coco=str(coco), coco_n=3), out=out, log=lambda m: None)
+    # oracle: the same captions sampled directly, CLIP features, the three images through the folder reader
+    ref_dir = tmp_path / "ref3"
+    ref_dir.mkdir()
+    for _, f in pairs:
+        (ref_dir / f.name).write_bytes(f.read_bytes())
+    spec = rewards.load_spec(world["spec"])
+    for stage, adapters in ((0, None), (2, run_dir / "stage2-hps")):
+        models = rid.load_models(world["model"])
+        if adapters:
+            checkpoint.load(models.unet, adapters)
+        noise = torch.stack([ev.noise_for(0, "coco", j, models.latent_shape) for j in range(3)])
+        images = rid.sample(models, [c for c, _ in pairs], noise, steps=2, guidance=3.0)
+        with torch.no_grad():
+            gen = rewards.clip_features(images, spec).double()
+            real = rewards.clip_features(torch.cat(list(ev.reference_batches(str(ref_dir), (16, 16)))), spec).double()
+        assert report["rows"][stage]["metrics"]["fid"] == pytest.approx(_frechet(real, gen), rel=1e-3, abs=1e-3)
+    # the other metrics stay the test prompts' (the module's report, which has no COCO)
+    assert report["rows"][2]["metrics"]["clip"] == pytest.approx(ev.evaluate(
+        [str(run_dir)], s=ev.Settings(**SETTINGS, fid_ref=world["ref"]), log=lambda m: None)["rows"][2]["metrics"]["clip"])
+    # cached by content: a re-run samples nothing; one re-encoded image is a new key
+    again = ev.evaluate([str(run_dir)], s=ev.Settings(**SETTINGS, coco=str(coco), coco_n=3), out=out, log=lambda m: None)
+    assert again["computed"] == 0
+    Image.open(pairs[0][1]).save(pairs[0][1], quality=50)
+    ev.coco_pairs.cache_clear()
+    assert ev.coco_pairs(str(coco), 3)[1] != digest
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--fid", "coco"], ["--fid coco needs --coco DIR"]),
+    (["--fid", "coco", "--coco", "EMPTY"], ["--coco", "captions_val2017.json"]),
+    (["--fid", "coco", "--coco", "COCO", "--coco-n", "1"], ["--coco-n 1", "[2, 40504]"]),
+    (["--coco", "COCO"], ["--coco", "add --fid coco"]),
+])
+def test_coco_flag_errors_are_one_line(run_dir, tmp_path, capsys, argv, words):
+    coco = fake_coco(tmp_path / "coco")
+    (tmp_path / "empty").mkdir()
+    argv = [str(coco) if a == "COCO" else str(tmp_path / "empty") if a == "EMPTY" else a for a in argv]
+    assert ev.main(["--ckpt", str(run_dir), "--device", "cpu", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eval.py: error:"), err
+    for w in words:
+        assert w in err[0], (w, err[0])
