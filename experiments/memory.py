@@ -438,10 +438,12 @@ def cost_report(rows: list, samples: dict, seconds: float) -> str:
               "run. No run of this repository has been timed on a GPU yet; replace this line with the measured "
               "figure when one is (train.py logs each stage's seconds and metrics.jsonl its steps' times).",
               "- fp32 (`--dtype fp32`) runs on TF32 tensor cores at half the bf16 peak: about twice the hours.",
-              "- 2 GPUs (torchrun) halve the wall time, not the GPU hours.",
-              "- Not counted: eval.py (50 test prompts × 4 images × 4 stages × 50 CFG UNet calls: under 1 % of "
-              "training), the sampling of each stage's samples.png, and data-parallel communication (the adapters' "
-              "gradient is 0.8 M values per step).", ""]
+              "- 2 GPUs (`torchrun --nproc_per_node=2`, the paper's 2×A100) take half the wall time: "
+              + ", ".join(f"~{gpu_hours(rows[0]['per_sample'] * n, g) / 2:.0f} h on 2×{g}" for g in PEAK_BF16_TFLOPS)
+              + " for rid.",
+              "- Not counted: eval.py (50 test prompts × 4 images × 4 stages: 0.6 % of rid's training; "
+              "`--fid coco` adds 1000 captions × 4 stages: 3 %), the sampling of each stage's samples.png, and "
+              "data-parallel communication (the adapters' gradient: 797,184 values per step).", ""]
     return "\n".join(lines)
 
 

@@ -82,3 +82,24 @@ def test_bad_flags_exit_2_with_one_line(argv, words, capsys):
         memory.main(argv)
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and words in err[0], err
+
+
+def test_step_flops_rid_costs_one_teacher_call_and_one_decode_more_than_the_baseline(models):
+    """docs/sd15_cost.md's counts: RID's step = the baseline's + the teacher's CFG UNet call at z₁ and its
+    decode (rid.py's rid_loss), and FLOPs grow linearly with the micro-batch; attention on CPU counted."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+    f = {(m, b): memory.step_flops(models, toy_reward, m, b, steps=3) for m in ("rid", "baseline") for b in (1, 2)}
+    for m in ("rid", "baseline"):
+        assert f[m, 1]["total"] < f[m, 2]["total"] <= 2 * f[m, 1]["total"]  # the prompts' encoding is shared
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        models.vae.decode(torch.zeros(2, *models.latent_shape))
+    decode = fc.get_total_flops()
+    # to 1 %: the teacher's call runs its LoRA terms apart (frozen tasks, then the EMA adapter), a few more matmuls
+    assert f["rid", 2]["total"] - f["baseline", 2]["total"] == pytest.approx(f["rid", 2]["unet_call"] + decode, rel=0.01)
+    # the CPU attention op is counted as torch counts the CUDA kernels: one 64-token self-attention
+    q = torch.zeros(1, 1, 64, 8)
+    with FlopCounterMode(display=False, custom_mapping={
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: memory._cpu_sdpa_flops}) as fc:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    assert fc.get_total_flops() == sdpa_flop_count(q.shape, q.shape, q.shape) == 2 * 2 * 64 * 64 * 8
