@@ -139,7 +139,7 @@ def test_a_killed_experiment_takes_its_runs_with_it(tmp_path):
             ready, _, _ = select.select([rd, parent_fd], [], [])
             assert rd in ready, f"the experiment exited ({parent.wait()}) before both runs reported"
             got += os.read(rd, 64)
-            pids = [int(x) for x in got.split()]
+            pids = [int(x) for x in got.split(b"\n")[:-1]]  # complete lines only
         parent.send_signal(signal.SIGKILL)
         parent.wait()
         term = 1 << (signal.SIGTERM - 1)
