@@ -110,7 +110,8 @@ def _fake_head(path, device):
 
 def sd15_world(dtype: torch.dtype, tokenizer, tasks=("aesthetic", "hps")):
     """(rid.Models, {task: reward fn}, [reward modules]) at SD-1.5's size, built in the current mode
-    (call it inside FakeTensorMode: no storage). The base in `dtype`, the reward models in fp32, as train.py."""
+    (call it inside FakeTensorMode: no storage). The base in `dtype` (in bf16 the VAE in fp32: force_upcast),
+    the reward models in fp32, as train.py."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -123,7 +124,11 @@ def sd15_world(dtype: torch.dtype, tokenizer, tasks=("aesthetic", "hps")):
     try:
         text = CLIPTextModel(CLIPTextConfig(**TEXT, bos_token_id=tokenizer.bos_token_id,
                                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-        unet, vae = UNet2DConditionModel(**UNET), AutoencoderKL(**VAE)
+        unet = UNet2DConditionModel(**UNET)
+        # train.py's bf16: the VAE stays fp32 where its config says force_upcast (SD-1.5's: diffusers' default)
+        vae_dtype = torch.float32 if dtype == torch.bfloat16 and VAE.get("force_upcast", True) else dtype
+        torch.set_default_dtype(vae_dtype)
+        vae = AutoencoderKL(**VAE)
     finally:
         torch.set_default_dtype(default)
     for m in (unet, vae, text):
@@ -264,6 +269,25 @@ def plan_micro_batch(models, reward_fn, method: str, budget: int, *, steps: int,
     Weights the run has already loaded are in neither `budget` (free memory) nor the count: the count is
     the step's peak above everything alive before it, plus the adapters and AdamW's state.
     -> {"top": 0 when not even 1 fits, "fixed", "per_sample", "usable"} (bytes)."""
+    import os
+
+    mode = os.environ.get("RID_KERNELS")
+    os.environ["RID_KERNELS"] = "torch"  # a Triton kernel cannot launch on fake tensors: the reference path,
+    try:                                 # whose saved tensors the docs' table counts too
+        return _plan(models, reward_fn, method, budget, steps, truncate, checkpointing, rank, frozen_tasks)
+    finally:
+        if mode is None:
+            os.environ.pop("RID_KERNELS", None)
+        else:
+            os.environ["RID_KERNELS"] = mode
+        import importlib
+
+        jpeg = importlib.import_module("rid_kernels.jpeg")  # the module (the package exports a function `jpeg`)
+        for cached in (jpeg._dct_matrix, jpeg._dct_kron, jpeg._constants):  # constants the compress reward
+            cached.cache_clear()  # cached per device while faking: fake tensors, unusable by the real run
+
+
+def _plan(models, reward_fn, method, budget, steps, truncate, checkpointing, rank, frozen_tasks) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     runs = []

@@ -103,3 +103,15 @@ def test_step_flops_rid_costs_one_teacher_call_and_one_decode_more_than_the_base
             torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: memory._cpu_sdpa_flops}) as fc:
         torch.nn.functional.scaled_dot_product_attention(q, q, q)
     assert fc.get_total_flops() == sdpa_flop_count(q.shape, q.shape, q.shape) == 2 * 2 * 64 * 64 * 8
+
+
+def test_planning_leaves_the_real_run_working(models):
+    """train.py plans before training, with the run's own reward functions: nothing the fake step caches
+    (the compress reward's JPEG constants are cached per device) may leak fake tensors into the real run."""
+    import rewards
+
+    compress = rewards.get("compress")
+    plan = memory.plan_micro_batch(models, compress, "rid", 10**12, steps=2, frozen_tasks=0)
+    assert plan["top"] > 0 and plan["per_sample"] > 0
+    images = torch.rand(2, 3, 16, 16)
+    assert torch.isfinite(compress(images, ["a", "b"])).all()
