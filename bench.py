@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-from dataclasses import asdict
+from dataclasses import asdict, replace
 import statistics
 import sys
 import time
@@ -101,16 +101,19 @@ def group_overhead(base: rid.Models, batch: int, reps: int, tasks: int = 3, log=
     """UNet forward (CFG batch 2B) with an adapter group of `tasks` tasks vs the plain UNet."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2 * batch, *base.latent_shape, generator=g).to(base.device, base.dtype)
-    text = rid._text_batch(base, ["a photo of a cat"] * batch, guidance=2.0)
-    return unet_overhead(base.unet, z, text, reps, tasks, log, wrapped=True)
+    text = base.conditioning(["a photo of a cat"] * batch, guidance=2.0)
+    return unet_overhead(base, z, text, reps, tasks, log, wrapped=True)
 
 
-def unet_overhead(unet, z, text, reps: int, tasks: int = 3, log=print, wrapped: bool = False) -> dict:
-    """unet(z, t, text) with an adapter group of `tasks` tasks (the last trainable) vs without, interleaved.
-    wrapped: also the UNet with its layers wrapped but no task (the wrappers' own per-call cost, without
-    LoRA arithmetic; a second copy of the UNet, so off at SD-1.5's size)."""
-    plain, adapted = unet, copy.deepcopy(unet)  # one copy: SD-1.5's UNet is 3.4 GB in fp32
-    group = rid.inject(adapted)
+def unet_overhead(models, z, text, reps: int, tasks: int = 3, log=print, wrapped: bool = False) -> dict:
+    """The backbone's denoiser call on (z, t, text) with an adapter group of `tasks` tasks (the last trainable)
+    vs without, interleaved. wrapped: also the UNet with its layers wrapped but no task (the wrappers' own
+    per-call cost, without LoRA arithmetic; a second copy of the UNet, so off at SD-1.5's size)."""
+    def with_unet(unet):  # the same backbone around another copy of its denoiser
+        return replace(models, unet=unet)
+
+    plain, adapted = models, with_unet(copy.deepcopy(models.unet))  # one copy: SD-1.5's UNet is 3.4 GB in fp32
+    group = rid.inject(adapted.unet)
     g = torch.Generator().manual_seed(0)
     for t in range(tasks):
         group.add_task(f"t{t}", generator=g)
@@ -120,15 +123,15 @@ def unet_overhead(unet, z, text, reps: int, tasks: int = 3, log=print, wrapped: 
 
     @torch.no_grad()
     def fwd(m):
-        return m(z, t, encoder_hidden_states=text).sample
+        return m.predict(z, t, text, guidance=1.0)  # z is already the CFG batch
 
     diff = (fwd(adapted) - fwd(plain)).abs().max().item()
     if not diff > 0:
         raise RuntimeError("bench: the adapter group did not change the UNet's output")
     fns = {"plain": lambda: fwd(plain), "group": lambda: fwd(adapted)}
     if wrapped:
-        empty = copy.deepcopy(unet)
-        rid.inject(empty)  # wrappers, no adapters: each wrapped layer returns its base linear's output
+        empty = with_unet(copy.deepcopy(models.unet))
+        rid.inject(empty.unet)  # wrappers, no adapters: each wrapped layer returns its base linear's output
         if not torch.equal(fwd(empty), fwd(plain)):
             raise RuntimeError("bench: a UNet wrapped without adapters differs from the plain UNet")
         fns["wrapped"] = lambda: fwd(empty)
@@ -158,7 +161,7 @@ def sd15_overhead(resolution: int, batch: int, reps: int, log=print) -> dict:
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2 * batch, 4, resolution // 8, resolution // 8, generator=g)
     text = torch.randn(2 * batch, 77, UNET["cross_attention_dim"], generator=g)
-    return unet_overhead(unet, z, text, reps, log=log)
+    return unet_overhead(rid.Models(unet, None, None, None), z, text, reps, log=log)  # the denoiser only
 
 
 def surrogate_cost(base: rid.Models, steps: int, batch: int, reps: int, log=print) -> dict:

@@ -239,6 +239,11 @@ def _mlp_from_state(state: dict[str, torch.Tensor], source: str) -> nn.Sequentia
     return mlp
 
 
+# Public names for other modules (experiments/memory.py builds reward models without weight files
+# through them); the underscored ones stay for the tests that read the cache.
+freeze, load_clip, mlp_from_state = _freeze, _clip, _mlp_from_state
+
+
 @lru_cache(maxsize=None)
 def _aesthetic_head(path: str, device: str) -> nn.Sequential:
     if path.endswith(".safetensors"):

@@ -1,10 +1,12 @@
 """RID — Reward Incremental Distillation, and the reward fine-tuning methods it is compared with.
 
-Reading order: the method's settings (`StepConfig`, every knob declared once) → the models → the
-adapter group (LoRA tasks on a frozen UNet, one flat trainable buffer, an EMA teacher that is a
-second buffer, not a second UNet) → DDIM written out → RID's training step (`rid_loss`, the
-paper's Algorithm 1) → the baselines (AlignProp-style last step, DRaFT-K, DRaFT, DRaFT-LV, ReFL) → R0 (a K-step generator
-by regularized multi-reward maximization) → `train_step`. Saving and loading adapter groups lives in checkpoint.py; timings in bench.py.
+Reading order: the method's settings (`StepConfig`, every knob declared once) → the adapter group
+(LoRA tasks on a frozen denoiser, one flat trainable buffer, an EMA teacher that is a second buffer,
+not a second UNet) → sampling through the backbone → RID's training step (`rid_loss`, the paper's
+Algorithm 1) → the baselines (AlignProp-style last step, DRaFT-K, DRaFT, DRaFT-LV, ReFL) → R0 (a K-step
+generator by regularized multi-reward maximization) → `train_step`. The model (prompts → conditioning,
+the denoiser call, the sampler from its scheduler config, decode) sits behind one seam, backbones/;
+the samplers are written out in samplers.py; adapter groups on disk in checkpoint.py; timings in bench.py.
 
 Shapes use SD-1.5 names: latents z (B, 4, h, w), images (B, 3, H, W) in [0, 1], text (B, L, D).
 """
@@ -12,14 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass, field, fields
 
 import torch
-import torch.utils.checkpoint
 from torch import nn
 
+import backbones
+import backbones.sd
 import rid_kernels
+import samplers
 
 ATTN_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # AlignProp's LoRA targets, which RID follows
 FF_TARGETS = ("ff.net.0.proj", "ff.net.2")  # DRaFT also adapts the transformer feed-forward
@@ -87,6 +90,8 @@ class StepConfig:
     steps: int = setting(50, "DDIM steps per sample (paper: 50; r0: K, the generator's steps, R0's 4)",
                          "an integer in [1, 1000]",
                           lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000)
+    sampler: str = setting("auto", "the sampler: auto follows the model's scheduler config (LCMScheduler: lcm, "
+                           "else ddim; samplers.py)", choices=("auto",) + samplers.SAMPLERS)
     guidance: float = setting(7.5, "classifier-free guidance scale w; 1 = no unconditional branch (paper: 7.5)",
                               *_finite_at_least(0))
     lam: float = setting(0.1, "rid: λ, weight of the distillation term λ·‖x₀ˢ − x₀ᵗ‖² (paper: 0.1)",
@@ -132,142 +137,6 @@ class StepConfig:
             raise ValueError(f"{name('r0_plus')} is not allowed with {name('method')} {self.method} and "
                              f"{name('steps')} {self.steps}; allowed: {name('method')} r0 with {name('steps')} ≥ 2 "
                              "(an intermediate step needs one after it)")
-
-
-############################################################################################
-# Models
-############################################################################################
-
-@dataclass
-class Models:
-    """SD-style components, frozen and in eval mode."""
-    unet: nn.Module
-    vae: nn.Module
-    text_encoder: nn.Module
-    tokenizer: object
-    _uncond: torch.Tensor | None = field(default=None, repr=False)  # cached "" embedding (1, L, D)
-    resolution: int | None = None  # image side in pixels; None: the UNet's own sample_size × the VAE factor
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-    @property
-    def vae_factor(self) -> int:
-        """Pixels per latent cell (8 for SD's VAE)."""
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
-
-    @property
-    def resolution_multiple(self) -> int:
-        """Image sides must be multiples of this: the VAE factor × the UNet's total downsampling."""
-        return self.vae_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
-
-    def set_resolution(self, px: int | None, flag: str = "resolution") -> None:
-        """Generate px × px images (None: the model's default); ValueError naming `flag` otherwise."""
-        m = self.resolution_multiple
-        if px is not None and (isinstance(px, bool) or not isinstance(px, int) or px < m or px % m or px > 8192):
-            raise ValueError(f"{flag} {px!r} is not allowed; allowed: a multiple of {m} (the VAE factor "
-                             f"{self.vae_factor} × the UNet's downsampling) from {m} to 8192")
-        self.resolution = px
-
-    @property
-    def latent_shape(self) -> tuple:
-        if self.resolution is not None:
-            h = w = self.resolution // self.vae_factor
-        else:
-            s = self.unet.config.sample_size
-            h, w = (s, s) if isinstance(s, int) else tuple(s)
-        return (self.unet.config.in_channels, h, w)
-
-
-def import_failure(e: BaseException) -> str | None:
-    """One line for an ImportError anywhere in e's chain (diffusers and transformers wrap them):
-    the module that failed, the module whose import of it failed, and the installed versions;
-    None when the chain holds no ImportError."""
-    from importlib import metadata
-
-    seen = set()
-    while e is not None and id(e) not in seen and not isinstance(e, ImportError):
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    if e is None or not isinstance(e, ImportError):
-        return None
-    importer, tb = "?", e.__traceback__
-    while tb is not None:  # the innermost frame outside importlib's own machinery
-        name = tb.tb_frame.f_globals.get("__name__", "?")
-        importer = importer if name.startswith(("importlib", "_frozen_importlib")) else name
-        tb = tb.tb_next
-    failed = e.name or "?"
-    detail = (str(e).strip().splitlines() or [type(e).__name__])[0]
-
-    def version(dist):
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    versions = ", ".join(f"{d} {version(d)}" for d in ("torch", "diffusers", "transformers"))
-    return f"importing {failed!r} failed in {importer} ({detail}); installed: {versions}"
-
-
-def load_models(model: str, device="cpu", dtype=torch.float32) -> Models:
-    """Load unet/vae/text_encoder/tokenizer from a local diffusers-layout dir or a hub id."""
-    model = str(model)
-    how = ("a local diffusers directory with unet/ vae/ text_encoder/ tokenizer/ (what "
-           "StableDiffusionPipeline.save_pretrained writes), or a hub id such as "
-           "stable-diffusion-v1-5/stable-diffusion-v1-5 available in the Hugging Face cache")
-    if os.path.isdir(model):
-        missing = [s for s in ("unet", "vae", "text_encoder", "tokenizer") if not os.path.isdir(os.path.join(model, s))]
-        if missing:
-            raise ValueError(f"model={model!r} lacks the subfolder(s) {missing}; expected {how}")
-        model_id = os.path.realpath(model)
-    elif os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") != 1:
-        raise ValueError(f"model={model!r} is neither a directory nor a hub id; expected {how}")
-    else:
-        model_id = model
-    try:
-        from diffusers import AutoencoderKL, UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTokenizer
-
-        unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype)
-        text_encoder = CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype)
-        tokenizer = CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")
-    except (ImportError, OSError, ValueError, RuntimeError) as e:
-        broken = import_failure(e)
-        if broken:  # the libraries' own code, not the model: the line a user pastes into a bug report
-            raise ValueError(f"model={model!r} could not be loaded: {broken}") from e
-        if isinstance(e, RuntimeError):
-            raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"model={model!r} could not be loaded ({first}); expected {how}") from e
-    for m in (unet, vae, text_encoder):
-        m.to(device).eval().requires_grad_(False)
-    unet.rid_base_model = model_id  # read by inject() to tag checkpoints with their base model
-    return Models(unet, vae, text_encoder, tokenizer)
-
-
-@torch.no_grad()
-def encode_prompts(models: Models, prompts: list) -> torch.Tensor:
-    """Prompts → CLIP last hidden states (B, L, D), padded to the tokenizer's max length as SD does."""
-    tok = models.tokenizer
-    ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
-              return_tensors="pt").input_ids.to(models.text_encoder.device)
-    return models.text_encoder(ids)[0].to(models.dtype)
-
-
-def _text_batch(models: Models, prompts: list, guidance: float) -> torch.Tensor:
-    """[uncond; cond] (2B, L, D) for one CFG-batched UNet call; just cond (B, L, D) when guidance == 1."""
-    cond = encode_prompts(models, prompts)
-    if guidance == 1.0:
-        return cond
-    if models._uncond is None:
-        models._uncond = encode_prompts(models, [""])
-    return torch.cat([models._uncond.expand_as(cond), cond])
 
 
 ############################################################################################
@@ -539,95 +408,44 @@ def inject(unet, rank: int = 4, targets=ATTN_TARGETS) -> AdapterGroup:
 
 
 ############################################################################################
-# DDIM, written out (what SD-1.5 ships)
+# The model behind one seam (backbones/, chosen from model_index.json); sampling (samplers.py)
 ############################################################################################
 
-class DDIM:
-    """ε-prediction DDIM (η = 0 unless a step is given one), SD-1.5's scheduler config: scaled-linear betas √0.00085 → √0.012
-    over 1000 steps, timestep_spacing "leading", steps_offset 1 (→ 981, 961, …, 1 at 50 steps),
-    set_alpha_to_one False (the last step's ᾱ_prev = ᾱ_0). float32 throughout, as diffusers."""
-
-    def __init__(self, steps: int = 50, num_train_timesteps: int = 1000):
-        if not isinstance(steps, int) or not 1 <= steps <= num_train_timesteps:
-            raise ValueError(f"steps {steps!r} is not allowed; allowed: an integer in [1, {num_train_timesteps}]")
-        betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
-        self.alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # ᾱ_t (1000,)
-        self.ratio = num_train_timesteps // steps
-        self.timesteps = torch.arange(steps - 1, -1, -1, dtype=torch.int64) * self.ratio + 1  # (steps,)
-
-    def alpha(self, t: int) -> torch.Tensor:
-        return self.alphas_cumprod[t] if t >= 0 else self.alphas_cumprod[0]  # ᾱ_prev of the last step = ᾱ_0
-
-    def x0(self, eps: torch.Tensor, t: int, z: torch.Tensor) -> torch.Tensor:
-        """x̂₀ = (z_t − √(1−ᾱ_t) ε)/√ᾱ_t"""
-        a_t = self.alpha(t)
-        return (z - (1 - a_t) ** 0.5 * eps) / a_t ** 0.5
-
-    def step(self, eps: torch.Tensor, t: int, z: torch.Tensor, eta: float = 0.0,
-             noise: torch.Tensor | None = None) -> torch.Tensor:
-        """z_t → z_{t−ratio} = √ᾱ_prev x̂₀ + √(1−ᾱ_prev−σ²) ε + σ·noise,
-        σ = η·√((1−ᾱ_prev)/(1−ᾱ_t))·√(1−ᾱ_t/ᾱ_prev) (DDIM's Eq. 16; diffusers' DDIMScheduler.step with
-        eta and variance_noise). η = 0: no fresh noise, and exactly the formula it always was."""
-        a_prev = self.alpha(t - self.ratio)
-        if eta == 0:
-            return a_prev ** 0.5 * self.x0(eps, t, z) + (1 - a_prev) ** 0.5 * eps
-        a_t = self.alpha(t)
-        sigma = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)) ** 0.5
-        return a_prev ** 0.5 * self.x0(eps, t, z) + (1 - a_prev - sigma ** 2) ** 0.5 * eps + sigma * noise
-
-    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
-        a_t = self.alpha(t)
-        return a_t ** 0.5 * x0 + (1 - a_t) ** 0.5 * eps
+# What other modules and the tests call by these names is the backbone's (backbones/__init__.py lists it all).
+Models = backbones.sd.SD  # SD-1.5's backbone; rid.Models(unet, vae, text_encoder, tokenizer) builds one from modules
+load_models = backbones.load  # (model, device, dtype) -> the backbone its model_index.json names
+import_failure = backbones.import_failure
 
 
-def _eps(models: Models, z, t, text, guidance: float):
-    """CFG noise prediction ε_u + w(ε_c − ε_u); uncond and cond batched in ONE UNet call."""
-    t = torch.as_tensor(t, device=z.device)
-    if guidance == 1.0:
-        return models.unet(z, t, encoder_hidden_states=text).sample
-    eps_u, eps_c = models.unet(torch.cat([z, z]), t, encoder_hidden_states=text).sample.chunk(2)
-    return eps_u + guidance * (eps_c - eps_u)
+def encode_prompts(models, prompts: list):
+    """Prompts → the backbone's conditioning of each, no CFG batch (SD: CLIP hidden states (B, L, D))."""
+    return models.encode(prompts)
 
 
-def _denoise(models, text, z, ddim: DDIM, indices, guidance, checkpoint=False, etas=None, generator=None):
-    """Run the DDIM steps at ddim.timesteps[indices]; the caller picks grad / no_grad. etas: one η per
-    index (None: all 0); a step with η > 0 draws its fresh noise from `generator`, in step order."""
-    for n, i in enumerate(indices):
-        t = int(ddim.timesteps[i])
-        if checkpoint and torch.is_grad_enabled():  # memory flat in K: keep only z between steps
-            eps = torch.utils.checkpoint.checkpoint(_eps, models, z, t, text, guidance, use_reentrant=False)
-        else:
-            eps = _eps(models, z, t, text, guidance)
-        eta = 0.0 if etas is None else etas[n]
-        z = ddim.step(eps, t, z, eta, _randn(z.shape, z, generator) if eta > 0 else None)
-    return z
+def _text_batch(models, prompts, guidance):  # [uncond; cond], one CFG-batched call (tests/test_methods.py)
+    return models.conditioning(prompts, guidance)
 
 
-def decode(models: Models, z: torch.Tensor) -> torch.Tensor:
-    """Latents (B, 4, h, w) → images (B, 3, H, W) in [0, 1] (the one place [−1, 1] → [0, 1])."""
-    x = models.vae.decode(z.to(models.vae.dtype) / models.vae.config.scaling_factor).sample
-    return (x.float() / 2 + 0.5).clamp(0, 1)
+def _eps(models, z, t, text, guidance):  # the CFG prediction p_u + w(p_c − p_u) (tests/test_methods.py)
+    return models.predict(z, t, text, guidance)
 
 
-def score(models: Models, reward_fn, x0: torch.Tensor, prompts: list, images: torch.Tensor | None = None):
+DDIM = samplers.DDIM  # DDIM(steps) is SD-1.5's; a model's own: models.sampler(steps, kind)
+denoise = _denoise = samplers.denoise  # the sampling loop (_denoise: the name tests call)
+sample, _randn = samplers.sample, samplers.randn
+
+
+def decode(models, z: torch.Tensor) -> torch.Tensor:
+    """Latents (B, 4, h, w) → images (B, 3, H, W) in [0, 1] (the backbone's VAE)."""
+    return models.decode(z)
+
+
+def score(models, reward_fn, x0: torch.Tensor, prompts: list, images: torch.Tensor | None = None):
     """R of final latents x0 (B, 4, h, w) → (B,): on the decoded images, or on the latents themselves
     for a latent-space reward (`reward_fn.on_latents`: LaSRO's surrogate of a black box, no decode)."""
     if getattr(reward_fn, "on_latents", False):
         return reward_fn(x0, prompts)
-    return reward_fn(decode(models, x0) if images is None else images, prompts)
-
-
-@torch.no_grad()
-def sample(models, prompts, noise, steps=50, guidance=7.5, group=None, teacher=False) -> torch.Tensor:
-    """DDIM from `noise` (B, *latent_shape) → images (B, 3, H, W) in [0, 1]. Uses whatever adapters
-    are injected in models.unet; teacher=True samples with group's EMA teacher."""
-    if teacher and group is None:
-        raise ValueError("sample(teacher=True) needs group: the AdapterGroup whose EMA teacher should sample")
-    ddim = DDIM(steps)
-    text = _text_batch(models, prompts, guidance)
-    with group.teacher() if teacher else contextlib.nullcontext():
-        z = _denoise(models, text, noise.to(models.device, models.dtype), ddim, range(steps), guidance)
-    return decode(models, z)
+    return reward_fn(models.decode(x0) if images is None else images, prompts)
 
 
 ############################################################################################
@@ -645,29 +463,29 @@ def rid_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig):
     """RID (the paper's Algorithm 1): reward on the student's image minus λ × the distance to the
     EMA teacher's image, both generated from the same z_1. The EMA update follows the optimizer
     step (train_step)."""
-    ddim = DDIM(cfg.steps)
-    text = _text_batch(models, prompts, cfg.guidance)  # (2B, L, D)
+    ddim = models.sampler(cfg.steps, cfg.sampler)
+    text = models.conditioning(prompts, cfg.guidance)  # (2B, L, D)
     last = [cfg.steps - 1]
 
     #### SAMPLING: z_N → z_1 with the student, no gradient ####
     with torch.no_grad():
-        z1 = _denoise(models, text, noise.to(models.device, models.dtype), ddim, range(cfg.steps - 1), cfg.guidance)
+        z1 = denoise(models, text, noise.to(models.device, models.dtype), ddim, range(cfg.steps - 1), cfg.guidance)
 
     #### LAST STEP, STUDENT: z_1 → x₀ with gradient into the current adapters ####
-    x0_s = _denoise(models, text, z1, ddim, last, cfg.guidance, cfg.gradient_checkpointing)  # (B, 4, h, w)
+    x0_s = denoise(models, text, z1, ddim, last, cfg.guidance, cfg.gradient_checkpointing)  # (B, 4, h, w)
 
     #### LAST STEP, TEACHER: same z_1, EMA adapters, no gradient ####
     with torch.no_grad(), group.teacher():
-        x0_t = _denoise(models, text, z1, ddim, last, cfg.guidance)
+        x0_t = denoise(models, text, z1, ddim, last, cfg.guidance)
 
     #### DECODE AND REWARD ####
-    img_s = decode(models, x0_s) if cfg.distill_space == "pixel" else None  # (B, 3, H, W) in [0, 1]
+    img_s = models.decode(x0_s) if cfg.distill_space == "pixel" else None  # (B, 3, H, W) in [0, 1]
     reward = score(models, reward_fn, x0_s, prompts, img_s)  # (B,)
 
     #### DISTILLATION: ‖student − teacher‖², the squared L2 norm per image, mean over the batch ####
     if cfg.distill_space == "pixel":
         with torch.no_grad():
-            img_t = decode(models, x0_t)
+            img_t = models.decode(x0_t)
         distill = sq_norm(img_s, img_t)
     else:
         distill = sq_norm(x0_s.float(), x0_t.float())
@@ -676,27 +494,22 @@ def rid_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig):
     return loss, {"loss": loss.item(), "reward": reward.mean().item(), "distill": distill.item()}
 
 
-def _randn(shape, like: torch.Tensor, generator):
-    dev = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=dev).to(like)
-
-
 def truncated_loss(models, reward_fn, prompts, noise, cfg: StepConfig, generator=None):
     """baseline (K=1, AlignProp), draft-k (K=cfg.truncate), draft (K=all steps), draft-lv (K=1 plus
     n re-noised copies of the final latent, DRaFT's low-variance estimator); loss = −R."""
     K = {"baseline": 1, "draft-k": cfg.truncate, "draft": cfg.steps, "draft-lv": 1}[cfg.method]
-    ddim = DDIM(cfg.steps)
-    text = _text_batch(models, prompts, cfg.guidance)
+    ddim = models.sampler(cfg.steps, cfg.sampler)
+    text = models.conditioning(prompts, cfg.guidance)
     with torch.no_grad():  # steps N … K+1
-        z = _denoise(models, text, noise.to(models.device, models.dtype), ddim, range(cfg.steps - K), cfg.guidance)
-    x0 = _denoise(models, text, z, ddim, range(cfg.steps - K, cfg.steps), cfg.guidance, cfg.gradient_checkpointing)
+        z = denoise(models, text, noise.to(models.device, models.dtype), ddim, range(cfg.steps - K), cfg.guidance)
+    x0 = denoise(models, text, z, ddim, range(cfg.steps - K, cfg.steps), cfg.guidance, cfg.gradient_checkpointing)
     reward = score(models, reward_fn, x0, prompts)  # (B,)
     rewards = [reward.mean()]
     if cfg.method == "draft-lv":
         t1 = int(ddim.timesteps[-1])
         for _ in range(cfg.lv_n):  # z_1 = √ᾱ x̂₀ + √(1−ᾱ) ε_i, then the last step again
             z1 = ddim.add_noise(x0.detach(), _randn(x0.shape, x0, generator), t1)
-            x0_i = _denoise(models, text, z1, ddim, [cfg.steps - 1], cfg.guidance, cfg.gradient_checkpointing)
+            x0_i = denoise(models, text, z1, ddim, [cfg.steps - 1], cfg.guidance, cfg.gradient_checkpointing)
             rewards.append(score(models, reward_fn, x0_i, prompts).mean())
     loss = -torch.stack(rewards).mean()
     return loss, {"loss": loss.item(), "reward": reward.mean().item()}
@@ -707,13 +520,13 @@ def refl_loss(models, reward_fn, prompts, noise, cfg: StepConfig, generator=None
     gradient predicting x̂₀ directly from z_t; loss = −R(decode(x̂₀)). m scales with steps/50."""
     m = min(cfg.steps, max(1, round(cfg.refl_m * cfg.steps / 50)))
     j = int(torch.randint(1, m + 1, (), generator=generator))
-    ddim = DDIM(cfg.steps)
-    text = _text_batch(models, prompts, cfg.guidance)
+    ddim = models.sampler(cfg.steps, cfg.sampler)
+    text = models.conditioning(prompts, cfg.guidance)
     i = cfg.steps - j
     with torch.no_grad():
-        z_t = _denoise(models, text, noise.to(models.device, models.dtype), ddim, range(i), cfg.guidance)
+        z_t = denoise(models, text, noise.to(models.device, models.dtype), ddim, range(i), cfg.guidance)
     t = int(ddim.timesteps[i])
-    eps = _eps(models, z_t, t, text, cfg.guidance)
+    eps = models.predict(z_t, t, text, cfg.guidance)
     reward = score(models, reward_fn, ddim.x0(eps, t, z_t), prompts)
     loss = -reward.mean()
     return loss, {"loss": loss.item(), "reward": reward.mean().item(), "t": float(t)}
@@ -763,8 +576,8 @@ def r0_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig, generator
     gradient stopped before it (one more UNet call and decode).
     Draws from `generator`, in this order: the K η's, then j (R0+), then each η > 0 step's noise."""
     K, parts, normalize = cfg.steps, reward_parts(reward_fn), not cfg.raw_grads
-    ddim = DDIM(K)
-    text = _text_batch(models, prompts, cfg.guidance)
+    ddim = models.sampler(K, cfg.sampler)
+    text = models.conditioning(prompts, cfg.guidance)
     lo, hi = cfg.eta_range
     dev = generator.device if generator is not None else "cpu"
     etas = (lo + (hi - lo) * torch.rand(K, generator=generator, device=dev, dtype=torch.float64)).tolist()
@@ -772,18 +585,18 @@ def r0_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig, generator
 
     #### SAMPLING: z_K → z_j → x, gradient through every step ####
     z = noise.to(models.device, models.dtype)
-    z_j = _denoise(models, text, z, ddim, range(j), cfg.guidance, cfg.gradient_checkpointing, etas[:j], generator)
-    z0 = _denoise(models, text, z_j, ddim, range(j, K), cfg.guidance, cfg.gradient_checkpointing, etas[j:], generator)
+    z_j = denoise(models, text, z, ddim, range(j), cfg.guidance, cfg.gradient_checkpointing, etas[:j], generator)
+    z0 = denoise(models, text, z_j, ddim, range(j, K), cfg.guidance, cfg.gradient_checkpointing, etas[j:], generator)
 
     #### REWARDS: each one's image-gradient normalised per sample, weighted ####
-    loss, means = r0_reward_loss(decode(models, z0), prompts, parts, normalize)
+    loss, means = r0_reward_loss(models.decode(z0), prompts, parts, normalize)
     logs = {"reward": -loss.item(), **({f"reward_{k}": v for k, v in means.items()} if len(parts) > 1 else {})}
 
     #### R0+: rewards on x̂₀ at step j, no gradient before it ####
     if cfg.r0_plus:
         z_j, t = z_j.detach(), int(ddim.timesteps[j])
-        x0_j = ddim.x0(_eps(models, z_j, t, text, cfg.guidance), t, z_j)
-        inter, _ = r0_reward_loss(decode(models, x0_j), prompts, parts, normalize)
+        x0_j = ddim.x0(models.predict(z_j, t, text, cfg.guidance), t, z_j)
+        inter, _ = r0_reward_loss(models.decode(x0_j), prompts, parts, normalize)
         loss = loss + inter
         logs["reward_mid"] = -inter.item()
 

@@ -15,10 +15,12 @@ Shapes: latents z (B, C, h, w); pred as z.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
 import torch
+import torch.utils.checkpoint
 
 SAMPLERS = ("ddim", "lcm")
 
@@ -54,6 +56,48 @@ def build(config: dict, steps: int, kind: str = "auto"):
     kind = default_kind(config) if kind == "auto" else kind
     return (LCM if kind == "lcm" else DDIM)(steps, config)
 
+
+#### THE LOOP: a sampler through a backbone ####
+
+def randn(shape, like: torch.Tensor, generator):
+    """Fresh noise of `like`'s dtype and device, drawn on the generator's device (resume is bit-exact)."""
+    dev = generator.device if generator is not None else like.device
+    return torch.randn(shape, generator=generator, device=dev).to(like)
+
+
+def denoise(models, text, z, sampler, indices, guidance, checkpoint=False, etas=None, generator=None):
+    """Run the sampler's steps at sampler.timesteps[indices] with the backbone's denoiser (`models`:
+    backbones/) on its conditioning `text`; the caller picks grad / no_grad. etas: one η per index (None:
+    all 0); a step that takes fresh noise (η > 0; LCM: all but the last) draws it from `generator`, in
+    step order. checkpoint: recompute each step's activations in the backward pass."""
+    for n, i in enumerate(indices):
+        t = int(sampler.timesteps[i])
+        if checkpoint and torch.is_grad_enabled():  # memory flat in K: keep only z between steps
+            eps = torch.utils.checkpoint.checkpoint(models.predict, z, t, text, guidance, use_reentrant=False)
+        else:
+            eps = models.predict(z, t, text, guidance)
+        eta = 0.0 if etas is None else etas[n]
+        z = sampler.step(eps, t, z, eta, randn(z.shape, z, generator) if sampler.needs_noise(t, eta) else None)
+    return z
+
+
+@torch.no_grad()
+def sample(models, prompts, noise, steps=50, guidance=7.5, group=None, teacher=False, sampler="auto",
+           generator=None) -> torch.Tensor:
+    """The model's sampler (`sampler`: samplers.build's kind) from `noise` (B, *latent_shape) → images
+    (B, 3, H, W) in [0, 1]. Uses whatever adapters are injected in models.denoiser; teacher=True samples
+    with group's EMA teacher; `generator`: the fresh noise of a stochastic sampler (LCM)."""
+    if teacher and group is None:
+        raise ValueError("sample(teacher=True) needs group: the AdapterGroup whose EMA teacher should sample")
+    chosen = models.sampler(steps, sampler)
+    text = models.conditioning(prompts, guidance)
+    with group.teacher() if teacher else contextlib.nullcontext():
+        z = denoise(models, text, noise.to(models.device, models.dtype), chosen, range(steps), guidance,
+                    generator=generator)
+    return models.decode(z)
+
+
+#### THE SAMPLERS ####
 
 def _betas(c: dict) -> torch.Tensor:
     """β_1..β_T (T,) float32, as diffusers' DDIMScheduler/LCMScheduler make them."""

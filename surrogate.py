@@ -124,10 +124,10 @@ class LatentSurrogate(nn.Module):
 
     def __init__(self, unet: nn.Module, hidden: int = 128, generator: torch.Generator | None = None):
         super().__init__()
+        import backbones
         import rid  # the adapter wrapper to strip: the surrogate's backbone is the frozen base model
 
-        enc = nn.ModuleDict({k: copy.deepcopy(getattr(unet, k)) for k in
-                             ("conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block")})
+        enc = copy.deepcopy(backbones.surrogate_encoder(unet))
         for parent in list(enc.modules()):  # LoRALinear → its frozen base Linear
             for name, child in list(parent.named_children()):
                 if isinstance(child, rid.LoRALinear):
@@ -145,25 +145,11 @@ class LatentSurrogate(nn.Module):
         self.encoder.eval()  # frozen: never in training mode
         return self
 
-    def features(self, z: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """(B, 4, h, w) latents and (B, L, D) prompt embeddings → (B, Σ widths) pooled features."""
-        e = self.encoder
-        dtype = next(e.parameters()).dtype
-        z, emb = z.to(dtype), emb.to(dtype)
-        t = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
-        temb = e["time_embedding"](e["time_proj"](t).to(dtype))
-        h = e["conv_in"](z)
-        pooled = []
-        for block in e["down_blocks"]:
-            if getattr(block, "has_cross_attention", False):
-                h, _ = block(hidden_states=h, temb=temb, encoder_hidden_states=emb)
-            else:
-                h, _ = block(hidden_states=h, temb=temb)
-            pooled.append(h.float().mean((2, 3)))
-        mid = e["mid_block"]
-        h = mid(h, temb, encoder_hidden_states=emb) if getattr(mid, "has_cross_attention", False) else mid(h, temb)
-        pooled.append(h.float().mean((2, 3)))
-        return torch.cat(pooled, 1)
+    def features(self, z: torch.Tensor, emb) -> torch.Tensor:
+        """(B, 4, h, w) latents and the prompts' conditioning (backbone.encode: SD (B, L, D)) → (B, Σ widths)."""
+        import backbones
+
+        return torch.cat(backbones.encoder_features(self.encoder, z, emb), 1)
 
     def forward(self, z: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(z, emb)).squeeze(-1)
@@ -276,7 +262,8 @@ class RunningStats:
 class Surrogate:
     """One black-box task's surrogate reward: the model, its optimizer, the replay buffer (final
     latents, prompt ids, true scores) and the running statistics of its scores. `prompt_emb` (P, L, D)
-    holds the text embeddings of the P prompts the ids index (recomputed on resume, never saved)."""
+    holds the conditioning (backbone.encode; SDXL's is a backbones.Cond) of the P prompts the ids index
+    (recomputed on resume, never saved)."""
 
     def __init__(self, unet: nn.Module, cfg: SurrogateConfig, prompt_emb: torch.Tensor, seed: int = 0):
         self.cfg, self.prompt_emb = cfg, prompt_emb
@@ -396,16 +383,18 @@ class Surrogate:
 #### ONE BLACK-BOX TASK IN TRAINING ####
 
 @torch.no_grad()
-def explore(models, prompts: list, noise: torch.Tensor, steps: int, guidance: float, batch: int = 16) -> torch.Tensor:
-    """Final latents (N, 4, h, w) of DDIM from `noise` (N, ...) for `prompts` (N), with whatever adapters
-    are active: the off-policy samples the surrogate is pre-trained and evaluated on."""
+def explore(models, prompts: list, noise: torch.Tensor, steps: int, guidance: float, batch: int = 16,
+            kind: str = "auto") -> torch.Tensor:
+    """Final latents (N, 4, h, w) of the model's sampler (`kind`: samplers.build's) from `noise` (N, ...)
+    for `prompts` (N), with whatever adapters are active: the off-policy samples the surrogate is
+    pre-trained and evaluated on."""
     import rid
 
-    ddim, out = rid.DDIM(steps), []
+    sampler, out = models.sampler(steps, kind), []
     for i in range(0, len(prompts), batch):
-        text = rid._text_batch(models, prompts[i:i + batch], guidance)
-        out.append(rid._denoise(models, text, noise[i:i + batch].to(models.device, models.dtype), ddim,
-                                range(steps), guidance).float())
+        text = models.conditioning(prompts[i:i + batch], guidance)
+        out.append(rid.denoise(models, text, noise[i:i + batch].to(models.device, models.dtype), sampler,
+                               range(steps), guidance).float())
     return torch.cat(out)
 
 
@@ -418,12 +407,10 @@ class SurrogateTask:
     on_latents = True
 
     def __init__(self, task: str, fn: Callable, models, train_prompts: list, cfg: SurrogateConfig, seed: int):
-        import rid
-
         self.task, self.fn, self.models = task, fn, models
         self.prompts = list(train_prompts)
         self.index = {p: i for i, p in enumerate(self.prompts)}
-        self.sur = Surrogate(models.unet, cfg, rid.encode_prompts(models, self.prompts), seed)
+        self.sur = Surrogate(models.unet, cfg, models.encode(self.prompts), seed)
         self.sur.model.to(models.device)
         self._seen: list = []
         self.held: dict | None = None  # pre-training samples of held-out explored prompts: never trained on
@@ -435,10 +422,8 @@ class SurrogateTask:
         return self.sur(z, pid)
 
     def _true(self, z: torch.Tensor, prompts: list) -> torch.Tensor:
-        import rid
-
         with torch.no_grad():
-            images = torch.cat([rid.decode(self.models, z[i:i + 16].to(self.models.dtype)) for i in range(0, len(z), 16)])
+            images = torch.cat([self.models.decode(z[i:i + 16].to(self.models.dtype)) for i in range(0, len(z), 16)])
         return true_scores(self.task, self.fn, images, prompts)
 
     def explored(self, generator: torch.Generator) -> list:
@@ -448,7 +433,7 @@ class SurrogateTask:
             return list(self.prompts)
         return [self.prompts[i] for i in sorted(torch.randperm(len(self.prompts), generator=generator)[:k].tolist())]
 
-    def pretrain(self, prompts: list, noise: torch.Tensor, steps: int, guidance: float) -> dict:
+    def pretrain(self, prompts: list, noise: torch.Tensor, steps: int, guidance: float, kind: str = "auto") -> dict:
         """Stage 1: cfg.pretrain_noises samples of each of `prompts` from the current model (`noise`:
         (N_s · P, ...), prompt-major), scored by the true reward, then cfg.pretrain_steps fits.
         The last fifth of the explored prompts (at least one, when there are two) is held out: its
@@ -456,7 +441,7 @@ class SurrogateTask:
         n = self.sur.cfg.pretrain_noises
         n_held = len(prompts) // 5 or (1 if len(prompts) > 1 else 0)
         many = [p for p in prompts for _ in range(n)]
-        z = explore(self.models, many, noise, steps, guidance)
+        z = explore(self.models, many, noise, steps, guidance, kind=kind)
         r = self._true(z, many)
         pid = torch.tensor([self.index[p] for p in many])
         cut = (len(prompts) - n_held) * n
@@ -488,14 +473,13 @@ class SurrogateTask:
             self._held_acc()
         return {"true_reward": float(r.mean()), "surrogate": float(raw.double().mean()), "pair_acc": self.pair_acc}
 
-    def heldout(self, prompts: list, noise: torch.Tensor, steps: int, guidance: float, reps: int) -> dict:
+    def heldout(self, prompts: list, noise: torch.Tensor, steps: int, guidance: float, reps: int,
+                kind: str = "auto") -> dict:
         """Pair accuracy and Kendall τ on `reps` samples of each held-out prompt from the current model."""
-        import rid
-
         many = [p for p in prompts for _ in range(reps)]
-        z = explore(self.models, many, noise, steps, guidance)
+        z = explore(self.models, many, noise, steps, guidance, kind=kind)
         r = self._true(z, many)
-        emb = rid.encode_prompts(self.models, many)
+        emb = self.models.encode(many)
         pid = torch.tensor([i for i in range(len(prompts)) for _ in range(reps)])
         return {**self.sur.evaluate(z, emb, pid, r), "true_reward": float(r.mean())}
 
