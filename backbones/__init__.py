@@ -31,6 +31,7 @@ import samplers
 # diffusers pipeline class (model_index.json's "_class_name") → module in this package
 REGISTRY = {
     "StableDiffusionPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
 }
 
 HOW = ("a local diffusers directory (what a pipeline's save_pretrained writes: model_index.json and "

@@ -3,6 +3,9 @@
     tiny_sd(path) -> str          a seeded, saved diffusers directory (model_index.json, unet/, vae/,
                                   text_encoder/, tokenizer/, scheduler/) that rid.load_models and
                                   StableDiffusionPipeline.from_pretrained both load
+    tiny_sdxl(path, ...) -> str   the same for StableDiffusionXLPipeline: two text encoders (hidden 32 + 32,
+                                  projection 32), a UNet with SDXL's text_time added embedding, EulerDiscrete
+                                  scheduler config as SDXL ships it (or another scheduler's)
     toy_reward(images, prompts)   (N,) differentiable reward: mean red-channel brightness
 
 Shapes: latents (B, 4, 8, 8) → images (B, 3, 16, 16) (one VAE down block pair → 2× per side);
@@ -92,6 +95,53 @@ def tiny_sd(path) -> str:
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def tiny_sdxl(path, force_zeros: bool = True, scheduler: str = "euler", time_cond_proj_dim: int | None = None) -> str:
+    """Build, seed and save a tiny SDXL-shaped pipeline (diffusers' own SDXL test shapes, made smaller)
+    under `path`; scheduler: euler (SDXL base's config), turbo (trailing spacing) or lcm; time_cond_proj_dim:
+    a UNet that takes the guidance scale as an embedding (LCM's w-conditioning). Returns the directory."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, LCMScheduler, StableDiffusionXLPipeline,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    path = str(path)
+    for sub in ("tokenizer", "tokenizer_2"):
+        _write_tokenizer(os.path.join(path, sub))
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer_2"))
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        norm_num_groups=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + 32, cross_attention_dim=64, time_cond_proj_dim=time_cond_proj_dim,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        norm_num_groups=8, sample_size=16, scaling_factor=0.13025, force_upcast=True,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                  num_attention_heads=4, max_position_embeddings=TOKEN_LEN, projection_dim=32, hidden_act="gelu",
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config))
+    sdxl = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1,
+                timestep_spacing="leading")
+    sched = {"euler": lambda: EulerDiscreteScheduler(**sdxl),
+             "turbo": lambda: EulerDiscreteScheduler(**{**sdxl, "timestep_spacing": "trailing", "steps_offset": 0}),
+             "lcm": lambda: LCMScheduler(**sdxl)}[scheduler]()
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=sched, force_zeros_for_empty_prompt=force_zeros,
+        add_watermarker=False,
     )
     pipe.save_pretrained(path)
     return path
