@@ -3,9 +3,11 @@
     time       (default) each kernel's dispatched path vs its reference vs the naive alternative,
                on whatever device is here (on a CPU the dispatched path is the torch reference)
     compile    no GPU needed: every Triton kernel × every autotune config it may try × dtype ×
-               aligned/odd widths, compiled for sm_80 and sm_90; registers, shared memory, spills
-    gpu-check  run once on a GPU: every kernel against its reference at SD-1.5 shapes, the
-               autotuner's picks, timings against the unfused alternatives
+               aligned/odd widths × the LoRA group's two modes (R = 12 fused, R = 64 streamed),
+               compiled for sm_80 and sm_90; registers, shared memory, spills. --all: at every
+               backbone's layer shapes and every total rank R ≤ 128
+    gpu-check  run once on a GPU: every kernel against its reference at every backbone's layer
+               shapes (R = 12 and 64), the autotuner's picks, timings against the unfused alternatives
 
 Each validates before it times (llm.c's habit), prints medians, ratios and the roofline unit.
 """

@@ -214,19 +214,17 @@ if HAS_TRITON:
             hs = (h * s[None, :]).to(cdt)  # rounded to x.dtype, as autocast rounds h
             acc = tl.dot(hs, bt, acc, input_precision=PRECISION)  # the expand, into the fp32 acc
         elif HAS_LORA:  # the expand of a precomputed h, BLOCK_R ranks at a time: registers bounded in R
-            for r0 in range(0, R, BLOCK_R):
-                offs_c = r0 + offs_r
-                mask_c = offs_c < R
-                hc = tl.load(
-                    h_ptr + offs_m[:, None] * stride_hm + offs_c[None, :] * stride_hr,
-                    mask=mask_m[:, None] & mask_c[None, :], other=0.0,
-                ).to(tl.float32)  # (BM, BR) chunk of h
-                s = tl.load(s_ptr + offs_c, mask=mask_c, other=0.0)  # (BR,) fp32
-                bt = tl.load(
-                    b_ptr + offs_c[:, None] * stride_br + offs_n[None, :] * stride_bn,
-                    mask=mask_c[:, None] & mask_n[None, :], other=0.0,
-                ).to(cdt)  # (BR, BN) chunk of B_catᵀ
+            # not software-pipelined: R / BLOCK_R is a few steps, and the prefetch made 5 fp32 tiles spill
+            h_ptrs = h_ptr + offs_m[:, None] * stride_hm + offs_r[None, :] * stride_hr  # (BM, BR) first chunk of h
+            b_ptrs = b_ptr + offs_r[:, None] * stride_br + offs_n[None, :] * stride_bn  # (BR, BN) of B_catᵀ
+            for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
+                mask_c = r0 + offs_r < R
+                hc = tl.load(h_ptrs, mask=mask_m[:, None] & mask_c[None, :], other=0.0).to(tl.float32)
+                s = tl.load(s_ptr + r0 + offs_r, mask=mask_c, other=0.0)  # (BR,) fp32
+                bt = tl.load(b_ptrs, mask=mask_c[:, None] & mask_n[None, :], other=0.0).to(cdt)
                 acc = tl.dot((hc * s[None, :]).to(cdt), bt, acc, input_precision=PRECISION)
+                h_ptrs += BLOCK_R * stride_hr
+                b_ptrs += BLOCK_R * stride_br
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         tl.store(
