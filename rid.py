@@ -459,11 +459,11 @@ def sq_norm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).pow(2).flatten(1).sum(1).mean()
 
 
-def rid_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig):
+def rid_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig, generator=None):
     """RID (the paper's Algorithm 1): reward on the student's image minus λ × the distance to the
     EMA teacher's image, both generated from the same z_1. The EMA update follows the optimizer
     step (train_step)."""
-    ddim = models.sampler(cfg.steps, cfg.sampler)
+    ddim = models.sampler(cfg.steps, cfg.sampler, generator)  # a stochastic sampler's noise: the generator's
     text = models.conditioning(prompts, cfg.guidance)  # (2B, L, D)
     last = [cfg.steps - 1]
 
@@ -498,7 +498,7 @@ def truncated_loss(models, reward_fn, prompts, noise, cfg: StepConfig, generator
     """baseline (K=1, AlignProp), draft-k (K=cfg.truncate), draft (K=all steps), draft-lv (K=1 plus
     n re-noised copies of the final latent, DRaFT's low-variance estimator); loss = −R."""
     K = {"baseline": 1, "draft-k": cfg.truncate, "draft": cfg.steps, "draft-lv": 1}[cfg.method]
-    ddim = models.sampler(cfg.steps, cfg.sampler)
+    ddim = models.sampler(cfg.steps, cfg.sampler, generator)
     text = models.conditioning(prompts, cfg.guidance)
     with torch.no_grad():  # steps N … K+1
         z = denoise(models, text, noise.to(models.device, models.dtype), ddim, range(cfg.steps - K), cfg.guidance)
@@ -520,7 +520,7 @@ def refl_loss(models, reward_fn, prompts, noise, cfg: StepConfig, generator=None
     gradient predicting x̂₀ directly from z_t; loss = −R(decode(x̂₀)). m scales with steps/50."""
     m = min(cfg.steps, max(1, round(cfg.refl_m * cfg.steps / 50)))
     j = int(torch.randint(1, m + 1, (), generator=generator))
-    ddim = models.sampler(cfg.steps, cfg.sampler)
+    ddim = models.sampler(cfg.steps, cfg.sampler, generator)
     text = models.conditioning(prompts, cfg.guidance)
     i = cfg.steps - j
     with torch.no_grad():
@@ -576,7 +576,7 @@ def r0_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig, generator
     gradient stopped before it (one more UNet call and decode).
     Draws from `generator`, in this order: the K η's, then j (R0+), then each η > 0 step's noise."""
     K, parts, normalize = cfg.steps, reward_parts(reward_fn), not cfg.raw_grads
-    ddim = models.sampler(K, cfg.sampler)
+    ddim = models.sampler(K, cfg.sampler, generator)
     text = models.conditioning(prompts, cfg.guidance)
     lo, hi = cfg.eta_range
     dev = generator.device if generator is not None else "cpu"
@@ -611,7 +611,7 @@ def r0_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig, generator
 def method_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig, generator=None):
     """(loss, logs) for cfg.method on one micro-batch; gradient reaches only group.flat."""
     if cfg.method == "rid":
-        return rid_loss(models, group, reward_fn, prompts, noise, cfg)
+        return rid_loss(models, group, reward_fn, prompts, noise, cfg, generator)
     if cfg.method == "refl":
         return refl_loss(models, reward_fn, prompts, noise, cfg, generator)
     if cfg.method == "r0":

@@ -48,13 +48,17 @@ def default_kind(config: dict) -> str:
     return "lcm" if config.get("_class_name") == "LCMScheduler" else "ddim"
 
 
-def build(config: dict, steps: int, kind: str = "auto"):
-    """The sampler `kind` ('auto': the config's own, see default_kind) with `steps` steps."""
+def build(config: dict, steps: int, kind: str = "auto", generator: torch.Generator | None = None):
+    """The sampler `kind` ('auto': the config's own, see default_kind) with `steps` steps; `generator`:
+    where its fresh noise comes from when denoise is given none (seeded per step in training, so a
+    stochastic sampler such as LCM resumes bit for bit)."""
     if kind not in ("auto",) + SAMPLERS:
         raise ValueError(f"sampler {kind!r} is not allowed; allowed: auto (the model's scheduler config), "
                          f"{', '.join(SAMPLERS)}")
     kind = default_kind(config) if kind == "auto" else kind
-    return (LCM if kind == "lcm" else DDIM)(steps, config)
+    sampler = (LCM if kind == "lcm" else DDIM)(steps, config)
+    sampler.generator = generator
+    return sampler
 
 
 #### THE LOOP: a sampler through a backbone ####
@@ -69,7 +73,8 @@ def denoise(models, text, z, sampler, indices, guidance, checkpoint=False, etas=
     """Run the sampler's steps at sampler.timesteps[indices] with the backbone's denoiser (`models`:
     backbones/) on its conditioning `text`; the caller picks grad / no_grad. etas: one η per index (None:
     all 0); a step that takes fresh noise (η > 0; LCM: all but the last) draws it from `generator`, in
-    step order. checkpoint: recompute each step's activations in the backward pass."""
+    step order (None: the sampler's own). checkpoint: recompute each step's activations in the backward pass."""
+    generator = sampler.generator if generator is None else generator
     for n, i in enumerate(indices):
         t = int(sampler.timesteps[i])
         if checkpoint and torch.is_grad_enabled():  # memory flat in K: keep only z between steps
@@ -135,6 +140,7 @@ class DDIM:
             if c[key]:
                 raise ValueError(f"scheduler {key} {c[key]!r} is not allowed; allowed: false (not implemented)")
         self.config, self.prediction_type = c, c["prediction_type"]
+        self.generator = None  # fresh noise's source when denoise is given none (build sets it)
         self.clip = c["clip_sample_range"] if c["clip_sample"] else None
         self.alphas_cumprod = torch.cumprod(1.0 - _betas(c), dim=0)  # ᾱ_t (T,)
         self.final_alpha = torch.tensor(1.0) if c["set_alpha_to_one"] else self.alphas_cumprod[0]

@@ -6,7 +6,7 @@ A backbone provides
                                       embeddings, time ids), CFG-batched [uncond; cond]
     predict(z, t, cond, guidance)     the denoiser call with CFG → the model's prediction (ε, v or x₀);
                                       sampler(...).x0 turns it into x̂₀
-    sampler(steps, kind)              built from the model directory's scheduler config (samplers.py)
+    sampler(steps, kind, generator)   built from the model directory's scheduler config (samplers.py)
     decode(z)                         latents → images (B, 3, H, W) in [0, 1]
     latent_shape, set_resolution      the latent for a resolution
     denoiser                          the module the adapter group wraps (rid.inject)
@@ -115,9 +115,9 @@ class Backbone:
         out_u, out_c = self._forward(torch.cat([z, z]), t, cond).chunk(2)
         return out_u + guidance * (out_c - out_u)
 
-    def sampler(self, steps: int, kind: str = "auto"):
-        """The sampler over `steps` steps from this model's scheduler config (kind: samplers.build)."""
-        return samplers.build(self.scheduler_config, steps, kind)
+    def sampler(self, steps: int, kind: str = "auto", generator: torch.Generator | None = None):
+        """The sampler over `steps` steps from this model's scheduler config (kind, generator: samplers.build)."""
+        return samplers.build(self.scheduler_config, steps, kind, generator)
 
     # -- pixels ----------------------------------------------------------------------------------
     def decode(self, z: torch.Tensor) -> torch.Tensor:

@@ -142,6 +142,25 @@ def test_lcm_sample_equals_the_pipeline_with_the_same_generator(tmp_path):
     assert not torch.allclose(rid.sample(models, PROMPTS, z, steps=4, guidance=1.0, sampler="ddim"), ref, atol=1e-3)
 
 
+@pytest.mark.parametrize("method", ["rid", "draft", "refl"])
+def test_lcm_training_draws_its_fresh_noise_from_the_steps_generator(tmp_path, method):
+    """LCM re-noises between steps: in training that noise comes from the step's seeded generator (resume
+    stays bit-exact), not from the global RNG."""
+    models = rid.load_models(tiny_sdxl(tmp_path, scheduler="lcm"))
+    group = rid.inject(models.denoiser)
+    group.add_task("t", generator=torch.Generator().manual_seed(0))
+    cfg = rid.StepConfig(method=method, steps=3, guidance=1.0)
+
+    def loss(seed, global_seed):
+        torch.manual_seed(global_seed)
+        with torch.no_grad():
+            return rid.method_loss(models, group, toy_reward, PROMPTS, latents(models), cfg,
+                                   torch.Generator().manual_seed(seed))[0].item()
+
+    assert loss(5, 0) == loss(5, 1)
+    assert loss(5, 0) != loss(6, 0)
+
+
 #### HALF PRECISION: THE VAE STAYS FP32 ####
 
 def test_half_precision_model_keeps_an_fp32_vae_when_its_config_says_force_upcast(xl_path):
