@@ -506,8 +506,8 @@ def truncated_loss(models, reward_fn, prompts, noise, cfg: StepConfig, generator
     reward = score(models, reward_fn, x0, prompts)  # (B,)
     rewards = [reward.mean()]
     if cfg.method == "draft-lv":
-        t1 = int(ddim.timesteps[-1])
-        for _ in range(cfg.lv_n):  # z_1 = √ᾱ x̂₀ + √(1−ᾱ) ε_i, then the last step again
+        t1 = ddim.timestep(-1)
+        for _ in range(cfg.lv_n):  # z_1 = √ᾱ x̂₀ + √(1−ᾱ) ε_i (flow: (1−σ)x̂₀ + σε_i), then the last step again
             z1 = ddim.add_noise(x0.detach(), _randn(x0.shape, x0, generator), t1)
             x0_i = denoise(models, text, z1, ddim, [cfg.steps - 1], cfg.guidance, cfg.gradient_checkpointing)
             rewards.append(score(models, reward_fn, x0_i, prompts).mean())
@@ -525,7 +525,7 @@ def refl_loss(models, reward_fn, prompts, noise, cfg: StepConfig, generator=None
     i = cfg.steps - j
     with torch.no_grad():
         z_t = denoise(models, text, noise.to(models.device, models.dtype), ddim, range(i), cfg.guidance)
-    t = int(ddim.timesteps[i])
+    t = ddim.timestep(i)
     eps = models.predict(z_t, t, text, cfg.guidance)
     reward = score(models, reward_fn, ddim.x0(eps, t, z_t), prompts)
     loss = -reward.mean()
@@ -569,8 +569,8 @@ def r0_reward_loss(images, prompts, parts: dict, normalize: bool = True):
 
 
 def r0_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig, generator=None):
-    """R0: K = cfg.steps DDIM steps from noise with gradient through all of them, each step's η drawn
-    from U[eta_range]; loss = −Σ_i w_i R_i(x) with each reward's image-gradient normalised per sample,
+    """R0: K = cfg.steps sampler steps from noise with gradient through all of them, each step's η drawn
+    from U[eta_range] (η-DDIM; on a rectified flow its analogue, samplers.Flow); loss = −Σ_i w_i R_i(x) with each reward's image-gradient normalised per sample,
     + λ_w‖θ − θ₀‖² on the trainable adapters (θ₀: the task's initial adapters). R0+ (cfg.r0_plus) adds
     the same reward loss on x̂₀ predicted at a random intermediate step j ∈ [1, K−1] from z_j with the
     gradient stopped before it (one more UNet call and decode).
@@ -594,7 +594,7 @@ def r0_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig, generator
 
     #### R0+: rewards on x̂₀ at step j, no gradient before it ####
     if cfg.r0_plus:
-        z_j, t = z_j.detach(), int(ddim.timesteps[j])
+        z_j, t = z_j.detach(), ddim.timestep(j)
         x0_j = ddim.x0(models.predict(z_j, t, text, cfg.guidance), t, z_j)
         inter, _ = r0_reward_loss(models.decode(x0_j), prompts, parts, normalize)
         loss = loss + inter

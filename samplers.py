@@ -1,17 +1,22 @@
-"""Samplers, written out: DDIM / η-DDIM (timestep spacing leading, trailing or linspace) and LCM's
-multistep consistency sampler. Each is built from a model directory's scheduler config — betas,
-prediction type, timestep spacing, offset, the last step's ᾱ — never from constants, and each equals
-diffusers' own scheduler on the same inputs step by step (tests/test_samplers.py):
+"""Samplers, written out: DDIM / η-DDIM (timestep spacing leading, trailing or linspace), LCM's
+multistep consistency sampler, and the flow-matching Euler sampler of rectified-flow models (SD3,
+FLUX) with its η analogue. Each is built from a model directory's scheduler config — betas,
+prediction type, timestep spacing, offset, the last step's ᾱ; the flow's shift — never from
+constants, and each equals diffusers' own scheduler on the same inputs step by step
+(tests/test_samplers.py, tests/test_flow.py):
     DDIM(steps, config) == DDIMScheduler.from_config(config) after set_timesteps(steps)
     LCM(steps, config)  == LCMScheduler.from_config(config)  after set_timesteps(steps)
+    Flow(steps, config, mu, sigmas) == FlowMatchEulerDiscreteScheduler.from_config(config) after
+                           set_timesteps(steps, mu=mu, sigmas=...) as StableDiffusion3Pipeline / FluxPipeline call it
 A config of another scheduler class (SDXL ships EulerDiscreteScheduler) gives the DDIM that
 `DDIMScheduler.from_config` would make of it: its keys, DDIMScheduler's defaults for the rest.
 
-The interface the methods use (rid.py): `timesteps` (steps,) int64, first = noisiest;
-`x0(pred, t, z)` the clean estimate from the model's output at timestep t; `step(pred, t, z, eta,
-noise)` z_t → z_prev; `needs_noise(t, eta)` whether that step takes fresh noise (drawn by the
-caller from its seeded generator); `add_noise(x0, eps, t)` the forward process q(z_t | x0).
-Shapes: latents z (B, C, h, w); pred as z.
+The interface the methods use (rid.py): `timesteps` (steps,) first = noisiest; `timestep(i)` the
+i-th as the denoiser takes it (DDIM/LCM: int; flow: float σ·1000); `x0(pred, t, z)` the clean
+estimate from the model's output at timestep t; `step(pred, t, z, eta, noise)` z_t → z_prev;
+`needs_noise(t, eta)` whether that step takes fresh noise (drawn by the caller from its seeded
+generator); `add_noise(x0, eps, t)` the forward process q(z_t | x0) (flow: (1−σ)x0 + σε).
+Shapes: latents z (B, C, h, w) (FLUX: packed (B, h·w/4, 4C)); pred as z.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import numpy as np
 import torch
 import torch.utils.checkpoint
 
-SAMPLERS = ("ddim", "lcm")
+SAMPLERS = ("ddim", "lcm", "flow")
 
 # DDIMScheduler's own defaults: what a key missing from the directory's config means.
 DDIM_DEFAULTS = {
@@ -44,19 +49,25 @@ SPACINGS = ("leading", "trailing", "linspace")
 
 
 def default_kind(config: dict) -> str:
-    """The sampler a scheduler config asks for: lcm for LCMScheduler, ddim for everything else."""
-    return "lcm" if config.get("_class_name") == "LCMScheduler" else "ddim"
+    """The sampler a scheduler config asks for: lcm for LCMScheduler, flow for FlowMatchEulerDiscreteScheduler,
+    ddim for everything else."""
+    return {"LCMScheduler": "lcm", FLOW_CLASS: "flow"}.get(config.get("_class_name"), "ddim")
 
 
-def build(config: dict, steps: int, kind: str = "auto", generator: torch.Generator | None = None):
+def build(config: dict, steps: int, kind: str = "auto", generator: torch.Generator | None = None, **flow):
     """The sampler `kind` ('auto': the config's own, see default_kind) with `steps` steps; `generator`:
     where its fresh noise comes from when denoise is given none (seeded per step in training, so a
-    stochastic sampler such as LCM resumes bit for bit)."""
+    stochastic sampler such as LCM resumes bit for bit); `flow`: Flow's mu and pipeline_sigmas. A
+    rectified-flow model samples only with flow, an ε/v model never with it."""
     if kind not in ("auto",) + SAMPLERS:
         raise ValueError(f"sampler {kind!r} is not allowed; allowed: auto (the model's scheduler config), "
                          f"{', '.join(SAMPLERS)}")
-    kind = default_kind(config) if kind == "auto" else kind
-    sampler = (LCM if kind == "lcm" else DDIM)(steps, config)
+    own = default_kind(config)
+    kind = own if kind == "auto" else kind
+    if (kind == "flow") != (own == "flow"):
+        allowed = "auto, flow" if own == "flow" else "auto, ddim, lcm"
+        raise ValueError(f"sampler {kind!r} is not allowed for a {config.get('_class_name')} model; allowed: {allowed}")
+    sampler = Flow(steps, config, **flow) if kind == "flow" else (LCM if kind == "lcm" else DDIM)(steps, config)
     sampler.generator = generator
     return sampler
 
@@ -76,7 +87,7 @@ def denoise(models, text, z, sampler, indices, guidance, checkpoint=False, etas=
     step order (None: the sampler's own). checkpoint: recompute each step's activations in the backward pass."""
     generator = sampler.generator if generator is None else generator
     for n, i in enumerate(indices):
-        t = int(sampler.timesteps[i])
+        t = sampler.timestep(i)
         if checkpoint and torch.is_grad_enabled():  # memory flat in K: keep only z between steps
             eps = torch.utils.checkpoint.checkpoint(models.predict, z, t, text, guidance, use_reentrant=False)
         else:
@@ -155,6 +166,10 @@ class DDIM:
         if c["timestep_spacing"] == "trailing":  # T, T − T/n, … rounded, − 1: starts at the last timestep
             return torch.from_numpy(np.round(np.arange(T, 0, -T / steps)).astype(np.int64) - 1)
         return torch.from_numpy(np.linspace(0, T - 1, steps).round()[::-1].astype(np.int64).copy())  # linspace
+
+    def timestep(self, i: int) -> int:
+        """The i-th timestep (negative: from the end) as the denoiser takes it."""
+        return int(self.timesteps[i])
 
     def alpha(self, t: int) -> torch.Tensor:
         return self.alphas_cumprod[t] if t >= 0 else self.final_alpha  # ᾱ_prev of the last step
@@ -243,3 +258,110 @@ class LCM(DDIM):
             return denoised
         a_next = self.alpha(t_next)
         return a_next.sqrt() * denoised + (1 - a_next).sqrt() * noise
+
+
+#### RECTIFIED FLOWS: FLOW-MATCHING EULER AND ITS η ANALOGUE (SD3, FLUX) ####
+
+FLOW_CLASS = "FlowMatchEulerDiscreteScheduler"
+# FlowMatchEulerDiscreteScheduler's own defaults (what a key missing from the directory's config means).
+FLOW_DEFAULTS = {"num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False, "base_shift": 0.5,
+                 "max_shift": 1.15, "base_image_seq_len": 256, "max_image_seq_len": 4096, "invert_sigmas": False,
+                 "shift_terminal": None, "use_karras_sigmas": False, "use_exponential_sigmas": False,
+                 "use_beta_sigmas": False, "time_shift_type": "exponential", "stochastic_sampling": False}
+
+
+def flow_mu(config: dict, image_seq_len: int, max_shift: float = 1.15) -> float:
+    """The dynamic shift μ for `image_seq_len` image tokens: linear from base_shift at base_image_seq_len
+    to max_shift at max_image_seq_len (diffusers' calculate_shift; `max_shift`: the pipeline's default
+    when the config has none: FLUX 1.15, SD3 1.16)."""
+    c = {**FLOW_DEFAULTS, "max_shift": max_shift, **{k: v for k, v in config.items() if v is not None}}
+    m = (c["max_shift"] - c["base_shift"]) / (c["max_image_seq_len"] - c["base_image_seq_len"])
+    return image_seq_len * m + (c["base_shift"] - m * c["base_image_seq_len"])
+
+
+class Flow:
+    """Flow-matching Euler for rectified flows x_σ = (1 − σ)x₀ + σε, the model predicting v = ε − x₀
+    (SD3, SD3.5, FLUX.1). σ schedule, from the config:
+      SD3 (pipeline_sigmas False): the scheduler's own, linspace(σ_max·T, σ_min·T, n)/T over its shifted
+          training range, then shifted: σ ← sσ/(1 + (s−1)σ) (static shift s, SD3: 3.0);
+      FLUX (pipeline_sigmas True): linspace(1, 1/n, n) as FluxPipeline passes them, then the dynamic shift
+          σ ← e^μ/(e^μ + (1/σ − 1)) with μ from the image token count (flow_mu);
+    a final σ = 0 appended; timesteps = σ·T (T = 1000): what the denoiser takes.
+    Step: x_next = x + (σ_next − σ)·v; x̂₀ = x − σv (the last step, to σ = 0, returns x̂₀).
+
+    η analogue (DDIM's η for rectified flows). Write the flow as x_σ = a x₀ + s ε with a = 1 − σ, s = σ.
+    DDIM's non-Markovian posterior for any such (a, s) is
+        x_next = a' x̂₀ + √(s'² − c²) ε̂ + c·noise,   ε̂ = (x − a x̂₀)/s = x + (1 − σ)v,
+    and it keeps every marginal x_σ' = a' x₀ + s' ε for any c ∈ [0, s']. DDIM's η scales c against the
+    Markov (DDPM) posterior, whose forward kernel x_σ = (a/a')x_σ' + N(0, s² − (a s'/a')²) gives, by
+    Gaussian conditioning, Var(x_σ' | x_σ, x₀) = s'²(s² − (a s'/a')²)/s². Hence
+        c(η) = η · (σ'/σ) · √(σ² − ((1 − σ)σ'/(1 − σ'))²)
+    (for a² + s² = 1 this is DDIM's Eq. 16: η√((1−ᾱ')/(1−ᾱ))√(1 − ᾱ/ᾱ')). η = 0: c = 0 and
+    a'x̂₀ + s'ε̂ = (1−σ')(x − σv) + σ'(x + (1−σ)v) = x + (σ' − σ)v, the Euler step (computed as such here,
+    bit for bit diffusers'); η = 1: the DDPM posterior; σ' = 0 (the last step): c = 0, x̂₀."""
+
+    def __init__(self, steps: int = 28, config: dict | None = None, mu: float | None = None,
+                 pipeline_sigmas: bool = False):
+        c = {**FLOW_DEFAULTS, **{k: v for k, v in (config or {}).items() if k in FLOW_DEFAULTS}}
+        T = c["num_train_timesteps"]
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T:
+            raise ValueError(f"steps {steps!r} is not allowed; allowed: an integer in [1, {T}]")
+        for key in ("invert_sigmas", "shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+                    "use_beta_sigmas", "stochastic_sampling"):
+            if c[key]:
+                raise ValueError(f"scheduler {key} {c[key]!r} is not allowed; allowed: false (not implemented)")
+        if c["use_dynamic_shifting"] and mu is None:
+            raise ValueError("scheduler use_dynamic_shifting needs mu (samplers.flow_mu of the image token count)")
+        self.config, self.generator = c, None
+        shift = c["shift"]
+        if pipeline_sigmas:  # FluxPipeline: sigmas given, in float32
+            sigmas = np.linspace(1.0, 1 / steps, steps).astype(np.float32)
+        else:  # StableDiffusion3Pipeline: the scheduler's own range, itself the shifted training σ's
+            train = torch.from_numpy(np.linspace(1, T, T, dtype=np.float32)[::-1].copy()) / T  # (T,) float32
+            if not c["use_dynamic_shifting"]:
+                train = shift * train / (1 + (shift - 1) * train)
+            sigmas = np.linspace(train[0].item() * T, train[-1].item() * T, steps) / T  # float64, as diffusers
+        if c["use_dynamic_shifting"]:
+            if c["time_shift_type"] == "exponential":
+                sigmas = math.exp(mu) / (math.exp(mu) + (1 / sigmas - 1) ** 1.0)
+            else:
+                sigmas = mu / (mu + (1 / sigmas - 1) ** 1.0)
+        else:
+            sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+        sigmas = torch.from_numpy(np.asarray(sigmas)).to(torch.float32)
+        self.timesteps = sigmas * T  # (steps,) float32, noisiest first
+        self.sigmas = torch.cat([sigmas, torch.zeros(1)])  # (steps + 1,), σ = 0 last
+        self._index = {float(t): i for i, t in enumerate(self.timesteps)}
+
+    def timestep(self, i: int) -> float:
+        """The i-th timestep σ_i·T (negative: from the end) as the denoiser takes it."""
+        return float(self.timesteps[i])
+
+    def sigma(self, t: float) -> torch.Tensor:
+        """σ of timestep t (one of `timesteps`), the float32 scalar the scheduler holds."""
+        return self.sigmas[self._index[float(t)]]
+
+    def x0(self, pred: torch.Tensor, t: float, z: torch.Tensor) -> torch.Tensor:
+        """x̂₀ = x − σv."""
+        return z - self.sigma(t) * pred
+
+    def needs_noise(self, t: float, eta: float) -> bool:
+        return eta > 0 and float(self.sigmas[self._index[float(t)] + 1]) > 0
+
+    def step(self, pred: torch.Tensor, t: float, z: torch.Tensor, eta: float = 0.0,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_σ → x_σ' (σ' the next σ): Euler at η = 0, else the η posterior of the class docstring."""
+        i = self._index[float(t)]
+        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        if eta == 0:  # diffusers: in float32, cast back to the prediction's dtype
+            return (z.to(torch.float32) + (sigma_next - sigma) * pred).to(pred.dtype)
+        s, s_next = float(sigma), float(sigma_next)
+        c = eta * s_next / s * max(s ** 2 - ((1 - s) * s_next / (1 - s_next)) ** 2, 0.0) ** 0.5
+        x0, eps = z - sigma * pred, z + (1 - sigma) * pred
+        out = (1 - s_next) * x0 + (s_next ** 2 - c ** 2) ** 0.5 * eps
+        return out + c * noise if c > 0 else out
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: float) -> torch.Tensor:
+        """x_σ = (1 − σ)x₀ + σε: a clean estimate back onto the flow at timestep t (DRaFT-LV's re-noising)."""
+        sigma = self.sigma(t)
+        return (1 - sigma) * x0 + sigma * eps
