@@ -379,16 +379,20 @@ def group_of(unet) -> AdapterGroup | None:
     return None
 
 
-def inject(unet, rank: int = 4, targets=ATTN_TARGETS) -> AdapterGroup:
-    """Wrap the target linears of a diffusers UNet in place; freezes the whole UNet. No tasks yet.
-    Move the UNet to its device first: the adapter buffers are created where the weights are."""
+def inject(unet, rank: int = 4, targets=None) -> AdapterGroup:
+    """Wrap the target linears of a diffusers denoiser in place; freezes all of it. No tasks yet.
+    targets None: the backbone's own (its load sets `rid_lora_targets`: SD3's as diffusers' SD3 LoRA
+    script), else AlignProp's ATTN_TARGETS. A target names a module suffix ("to_q", "attn.add_q_proj").
+    Move the denoiser to its device first: the adapter buffers are created where the weights are."""
     if not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank {rank!r} is not allowed; allowed: an integer ≥ 1")
+    own = tuple(getattr(unet, "rid_lora_targets", ()))
+    targets = (own or ATTN_TARGETS) if targets is None else targets
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
-    bad = [t for t in targets if t not in ATTN_TARGETS + FF_TARGETS]
+    allowed = tuple(dict.fromkeys(ATTN_TARGETS + FF_TARGETS + own))
+    bad = [t for t in targets if t not in allowed]
     if bad or not targets:
-        raise ValueError(f"targets {targets!r} is not allowed; allowed: a non-empty subset of "
-                         f"{ATTN_TARGETS + FF_TARGETS}")
+        raise ValueError(f"targets {targets!r} is not allowed; allowed: a non-empty subset of {allowed}")
     if group_of(unet) is not None:
         raise ValueError("inject: this UNet already has an adapter group (checkpoint.load replaces its contents)")
     unet.requires_grad_(False)

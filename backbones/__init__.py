@@ -11,7 +11,8 @@ A backbone provides
     latent_shape, set_resolution      the latent for a resolution
     denoiser                          the module the adapter group wraps (rid.inject)
     lora_keys(layer), kohya_keys(layer)   the LoRA exports' keys of one wrapped layer (diffusers, kohya)
-and, for LaSRO's latent surrogate, `surrogate_encoder(unet)` / `encoder_features(enc, z, cond)` below.
+and, for LaSRO's latent surrogate, `surrogate_encoder(unet)` / `encoder_features(enc, z, cond)` /
+`encoder_widths(enc)` below.
 
 Which backbone a model gets is read from its model_index.json's pipeline class (`REGISTRY`).
 Adding one: a file here with a Backbone subclass and `load(model, model_id, index, device, dtype)`
@@ -192,19 +193,45 @@ class Cond:
 #### LaSRO's latent surrogate reads the frozen base denoiser's encoder ####
 
 def surrogate_encoder(unet: nn.Module) -> nn.ModuleDict:
-    """The modules of a UNet the latent surrogate reads (the caller copies them): conv_in, the time
-    embedding, the down blocks and the mid block; SDXL's added embedding of pooled text and time ids too."""
+    """The modules of a denoiser the latent surrogate reads (the caller copies them). A UNet: conv_in, the
+    time embedding, the down blocks and the mid block; SDXL's added embedding of pooled text and time ids
+    too. An MMDiT (SD3): the patch embedding, the timestep + pooled-text embedding, the context embedder and
+    the first ⌈N/2⌉ of its N joint blocks — it has no down path, and the UNet's down + mid blocks are about
+    the first half of its depth; the early blocks are where the prompt is mixed into the image tokens, the
+    later ones specialise to the velocity (SD3-Medium: 12 of 24 blocks, half a transformer call)."""
+    if hasattr(unet, "transformer_blocks") and hasattr(unet, "context_embedder"):
+        blocks = unet.transformer_blocks
+        return nn.ModuleDict({"pos_embed": unet.pos_embed, "time_text_embed": unet.time_text_embed,
+                              "context_embedder": unet.context_embedder,
+                              "joint_blocks": nn.ModuleList(list(blocks)[:(len(blocks) + 1) // 2])})
     parts = ["conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block"]
     if getattr(unet, "add_embedding", None) is not None:
         parts += ["add_time_proj", "add_embedding"]
     return nn.ModuleDict({k: getattr(unet, k) for k in parts})
 
 
+def encoder_widths(enc: nn.ModuleDict) -> list:
+    """The widths of encoder_features' outputs, in order."""
+    if "joint_blocks" in enc:
+        return [enc["context_embedder"].out_features] * len(enc["joint_blocks"])
+    return [b.resnets[-1].out_channels for b in enc["down_blocks"]] + [enc["mid_block"].resnets[-1].out_channels]
+
+
 def encoder_features(enc: nn.ModuleDict, z: torch.Tensor, cond) -> list:
     """The encoder at timestep 0 with the prompt's conditioning (the backbone's, as its denoiser gets it)
-    → the spatial means (B, width) of every down block's output and of the mid block's output."""
+    → the spatial means (B, width) of every down block's output and of the mid block's output (an MMDiT:
+    the image tokens' mean after each joint block read)."""
     dtype = next(enc.parameters()).dtype
     z, emb = z.to(dtype), cond.to(dtype)
+    if "joint_blocks" in enc:  # SD3: σ = 0 (timestep 0), pooled text, the context through the joint blocks
+        t = torch.zeros(z.shape[0], dtype=dtype, device=z.device)
+        temb = enc["time_text_embed"](t, emb.extra["pooled"])
+        h, ctx = enc["pos_embed"](z), enc["context_embedder"](emb.hidden)  # (B, N, D), (B, L, D)
+        pooled = []
+        for block in enc["joint_blocks"]:
+            ctx, h = block(hidden_states=h, encoder_hidden_states=ctx, temb=temb)
+            pooled.append(h.float().mean(1))
+        return pooled
     t = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
     temb = enc["time_embedding"](enc["time_proj"](t).to(dtype))
     if "add_embedding" in enc:  # SDXL: pooled text ⊕ time-id features join the time embedding, as in its UNet

@@ -7,6 +7,16 @@
     η analogue     η = 0 is the Euler step bit for bit; η = 1 equals the DDPM posterior computed by Gaussian
                    conditioning of the Markov forward kernel (float64 covariances); every η keeps the marginal
                    x_σ' = (1 − σ')x₀ + σ'ε (coefficients read off by linearity)
+    SD3 (tiny_sd3) conditioning == StableDiffusion3Pipeline.encode_prompt, with T5 and without (its part zeros);
+                   sampling == the pipeline on the same latents (CFG on/off; dynamic shift); decode's VAE
+                   shift/scale; LoRA targets = diffusers' SD3 LoRA script's
+    every method   rid (pixel, latent), baseline, draft-k, draft, draft-lv, refl: loss and gradient == `Hand`, an
+                   unrolled loop on the pipeline's encode_prompt, diffusers' FlowMatchEuler σ's and the
+                   transformer called directly (CFG, Euler, re-noising (1 − σ)x̂₀ + σε, x̂₀ = z − σv written out);
+                   r0's η from the generator; one train_step of each method moves the adapters
+    LoRA export    a diffusers-format file from the backbone's key map loads with StableDiffusion3Pipeline.
+                   load_lora_weights and gives the transformer output of rid's adapter group
+    LaSRO          the MMDiT encoder (first half of the joint blocks) reads the pooled text and the tokens
 """
 import os
 import sys
@@ -150,3 +160,323 @@ def test_flow_eta_zero_is_the_euler_step_bit_for_bit():
         assert torch.equal(flow.step(v, flow.timestep(i), z, 0.0, None), z + (ref.sigmas[i + 1] - ref.sigmas[i]) * v)
         assert not flow.needs_noise(flow.timestep(i), 0.0)
     assert flow.needs_noise(flow.timestep(0), 0.5) and not flow.needs_noise(flow.timestep(7), 0.5)  # last: σ' = 0
+
+
+#### SD3 (tiny, tests/tiny.py) ####
+
+import dataclasses  # noqa: E402
+
+import backbones  # noqa: E402
+import backbones.sd3  # noqa: E402
+import rid  # noqa: E402
+from tiny import tiny_sd3, toy_reward  # noqa: E402
+
+PROMPTS = ["a photo of a cat", "a red car"]
+W = 3.0
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(scope="module")
+def sd3_path(tmp_path_factory):
+    return tiny_sd3(tmp_path_factory.mktemp("tiny_sd3"))
+
+
+@pytest.fixture(scope="module")
+def sd3(sd3_path):
+    return load_sd3(sd3_path)
+
+
+def load_sd3(path):
+    """What backbones.load does for a StableDiffusion3Pipeline directory once REGISTRY names it (that line
+    lands with tests/test_backbones.py's pin of the registry, which another owner edits)."""
+    model_id, index = backbones.resolve(path)
+    assert index["_class_name"] == "StableDiffusion3Pipeline"
+    return backbones.sd3.load(str(path), model_id, index)
+
+
+def sd3_pipeline(path):
+    from diffusers import StableDiffusion3Pipeline
+
+    t5 = os.path.isdir(os.path.join(path, "text_encoder_3"))  # without: the pipeline needs them passed as None
+    pipe = StableDiffusion3Pipeline.from_pretrained(path, **({} if t5 else {"text_encoder_3": None, "tokenizer_3": None}))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def latents(models, seed=0, n=2):
+    return torch.randn(n, *models.latent_shape, generator=gen(seed))
+
+
+@pytest.mark.parametrize("t5", [True, False], ids=["with-t5", "without-t5"])
+def test_sd3_conditioning_equals_the_pipelines_encode_prompt(tmp_path, t5):
+    path = tiny_sd3(tmp_path, t5=t5)
+    models, pipe = load_sd3(path), sd3_pipeline(path)
+    assert isinstance(models, backbones.sd3.SD3) and (models.text_encoder_3 is None) == (not t5)
+    with torch.no_grad():
+        pe, ne, pp, npp = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=True)
+    cond = models.conditioning(PROMPTS, W)  # [uncond; cond]
+    assert cond.hidden.shape == (4, 16 + 256, 80) and cond.extra["pooled"].shape == (4, 64)
+    torch.testing.assert_close(cond.hidden, torch.cat([ne, pe]), rtol=0, atol=0)
+    # the pipeline encodes B copies of the "" prompt, rid one: the projection GEMM rounds by batch size
+    torch.testing.assert_close(cond.extra["pooled"], torch.cat([npp, pp]), rtol=1e-6, atol=1e-6)
+    assert cond.hidden[:, :16, 64:].abs().max() == 0  # CLIP-L ⊕ CLIP-G (64) zero-padded to T5's 80
+    assert (cond.hidden[:, 16:].abs().max() > 0) == t5  # no T5: its part is zeros
+    if t5:  # the T5 part reads its tokens: another prompt, other states
+        other = models.encode(["a blue house"]).hidden[0, 16:]
+        assert not torch.allclose(other, cond.hidden[2, 16:])
+
+
+@pytest.mark.parametrize("guidance", [1.0, W])
+def test_sd3_sample_equals_the_pipeline(sd3, sd3_path, guidance):
+    pipe, z = sd3_pipeline(sd3_path), latents(sd3)
+    ref = pipe(PROMPTS, latents=z.clone(), num_inference_steps=3, guidance_scale=guidance, output_type="pt").images
+    out = rid.sample(sd3, PROMPTS, z, steps=3, guidance=guidance)
+    assert out.shape == ref.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sd3_dynamic_shift_sample_equals_the_pipeline(tmp_path):
+    path = tiny_sd3(tmp_path, t5=False, dynamic_shift=True)
+    models, pipe = load_sd3(path), sd3_pipeline(path)
+    mu = samplers.flow_mu(models.scheduler_config, 4 * 4, max_shift=1.16)  # (8/2)·(8/2) image tokens
+    assert torch.equal(models.sampler(4).sigmas, samplers.Flow(4, models.scheduler_config, mu=mu).sigmas)
+    z = latents(models, 1)
+    ref = pipe(PROMPTS, latents=z.clone(), num_inference_steps=4, guidance_scale=W, output_type="pt").images
+    torch.testing.assert_close(rid.sample(models, PROMPTS, z, steps=4, guidance=W), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sd3_decode_uses_the_vae_shift_and_scale(sd3):
+    c = sd3.vae.config
+    assert (c.scaling_factor, c.shift_factor, c.latent_channels) == (1.5305, 0.0609, 16)
+    z = latents(sd3)
+    with torch.no_grad():
+        want = (sd3.vae.decode(z / 1.5305 + 0.0609).sample / 2 + 0.5).clamp(0, 1)
+        torch.testing.assert_close(sd3.decode(z), want, rtol=0, atol=0)
+
+
+#### EVERY METHOD ON SD3 ####
+
+class Hand:
+    """The oracle: the pipeline's encode_prompt, diffusers' FlowMatchEulerDiscreteScheduler, the transformer
+    called directly with CFG written out, the VAE decode written out (SD3's shift and scale)."""
+
+    def __init__(self, models, pipe, steps, w):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        self.models, self.w = models, w
+        with torch.no_grad():
+            pe, ne, pp, npp = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=True)
+        self.text, self.pooled = torch.cat([ne, pe]), torch.cat([npp, pp])
+        self.sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        self.sched.set_timesteps(steps)
+
+    def v(self, z, i):
+        t = self.sched.timesteps[i].expand(2 * len(z))
+        out = self.models.transformer(hidden_states=torch.cat([z, z]), timestep=t, encoder_hidden_states=self.text,
+                                      pooled_projections=self.pooled).sample
+        u, c = out.chunk(2)
+        return u + self.w * (c - u)
+
+    def step(self, i, z):  # Euler: z + (σ_{i+1} − σ_i) v
+        return z + (self.sched.sigmas[i + 1] - self.sched.sigmas[i]) * self.v(z, i)
+
+    def unrolled(self, z, K):
+        """All steps, gradient only through the last K."""
+        n = len(self.sched.timesteps)
+        with torch.no_grad():
+            for i in range(n - K):
+                z = self.step(i, z)
+        for i in range(n - K, n):
+            z = self.step(i, z)
+        return z
+
+    def decode(self, z):
+        vae = self.models.vae
+        return (vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample / 2 + 0.5).clamp(0, 1)
+
+
+def sd3_adapters(models, teacher_std=None):
+    group = rid.inject(models.denoiser, rank=2)
+    group.add_task("a", generator=gen(0))
+    with torch.no_grad():
+        group.flat.normal_(0, 0.2, generator=gen(1))
+        group.ema.copy_(group.flat if teacher_std is None else group.flat + teacher_std * torch.randn(
+            group.flat.shape, generator=gen(2)))
+    return group
+
+
+@pytest.fixture
+def fresh_sd3(sd3_path):
+    return load_sd3(sd3_path)
+
+
+def test_sd3_lora_targets_are_diffusers_sd3_scripts(fresh_sd3):
+    group = rid.inject(fresh_sd3.denoiser)
+    assert {n.split(".", 2)[-1] for n in group.layers} == set(backbones.sd3.LORA_TARGETS)  # transformer_blocks.i.…
+    assert "transformer_blocks.0.attn.add_q_proj" in group.layers and "transformer_blocks.0.attn.to_add_out" in group.layers
+    assert "transformer_blocks.1.attn.to_add_out" not in group.layers  # the last block is context_pre_only
+
+
+def _grad(loss, group):
+    return torch.autograd.grad(loss, group.flat)[0]
+
+
+@pytest.mark.parametrize("space", ["pixel", "latent"])
+def test_sd3_rid_loss_and_gradient_equal_the_hand_unrolled_loop(fresh_sd3, sd3_path, space):
+    models, steps, lam = fresh_sd3, 3, 0.7
+    group = sd3_adapters(models, teacher_std=1.0)
+    hand, z = Hand(models, sd3_pipeline(sd3_path), steps, W), latents(models)
+    with torch.no_grad():
+        z1 = z
+        for i in range(steps - 1):
+            z1 = hand.step(i, z1)
+        student = group.flat.detach().clone()
+        group.flat.copy_(group.ema)
+        x_t = hand.step(steps - 1, z1)
+        group.flat.copy_(student)
+    x_s = hand.step(steps - 1, z1)  # the Euler step to σ = 0 is x̂₀ = z₁ − σ₁v
+    img_s = hand.decode(x_s)
+    reward = toy_reward(img_s, PROMPTS).mean()
+    a, b = (img_s, hand.decode(x_t).detach()) if space == "pixel" else (x_s, x_t)
+    distill = (a - b).pow(2).flatten(1).sum(1).mean()
+    want = -reward + lam * distill
+    want_grad = _grad(want, group)
+
+    cfg = rid.StepConfig(method="rid", steps=steps, guidance=W, lam=lam, distill_space=space)
+    loss, logs = rid.method_loss(models, group, toy_reward, PROMPTS, z, cfg)
+    assert logs["distill"] == pytest.approx(distill.item(), rel=1e-4) and distill.item() > 1e-6
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(_grad(loss, group), want_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,K", [("baseline", 1), ("draft-k", 2), ("draft", 3)])
+def test_sd3_truncated_gradient_equals_the_hand_unrolled_loop(fresh_sd3, sd3_path, method, K):
+    models = fresh_sd3
+    group = sd3_adapters(models)
+    hand, z = Hand(models, sd3_pipeline(sd3_path), 3, W), latents(models)
+    want = -toy_reward(hand.decode(hand.unrolled(z, K)), PROMPTS).mean()
+    want_grad = _grad(want, group)
+    cfg = rid.StepConfig(method=method, steps=3, guidance=W, truncate=2)
+    loss, _ = rid.method_loss(models, group, toy_reward, PROMPTS, z, cfg)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(_grad(loss, group), want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_sd3_draft_lv_renoises_along_the_flow(fresh_sd3, sd3_path):
+    """draft-lv: x̂₀, then n copies z₁ = (1 − σ₁)x̂₀ + σ₁ε_i (ε_i in order from the generator) stepped again."""
+    models, steps, n = fresh_sd3, 3, 2
+    group = sd3_adapters(models)
+    hand, z = Hand(models, sd3_pipeline(sd3_path), steps, W), latents(models)
+    x0 = hand.unrolled(z, 1)
+    g, s1 = gen(5), hand.sched.sigmas[steps - 1]
+    rewards = [toy_reward(hand.decode(x0), PROMPTS).mean()]
+    for _ in range(n):
+        eps = torch.randn(x0.shape, generator=g)
+        rewards.append(toy_reward(hand.decode(hand.step(steps - 1, (1 - s1) * x0.detach() + s1 * eps)), PROMPTS).mean())
+    want = -torch.stack(rewards).mean()
+    want_grad = _grad(want, group)
+    cfg = rid.StepConfig(method="draft-lv", steps=steps, guidance=W, lv_n=n)
+    loss, _ = rid.method_loss(models, group, toy_reward, PROMPTS, z, cfg, gen(5))
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(_grad(loss, group), want_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_sd3_refl_predicts_x0_at_a_random_sigma_among_the_last_m(fresh_sd3, sd3_path):
+    models, steps = fresh_sd3, 4
+    group = sd3_adapters(models)
+    hand, z = Hand(models, sd3_pipeline(sd3_path), steps, W), latents(models)
+    cfg = rid.StepConfig(method="refl", steps=steps, guidance=W, refl_m=50)  # m = 4: any step
+    m = min(steps, max(1, round(cfg.refl_m * steps / 50)))
+    j = int(torch.randint(1, m + 1, (), generator=gen(3)))
+    i = steps - j
+    with torch.no_grad():
+        for k in range(i):
+            z = hand.step(k, z)
+    x0 = z - hand.sched.sigmas[i] * hand.v(z, i)
+    want = -toy_reward(hand.decode(x0), PROMPTS).mean()
+    want_grad = _grad(want, group)
+    loss, logs = rid.method_loss(models, group, toy_reward, PROMPTS, latents(models), cfg, gen(3))
+    assert logs["t"] == pytest.approx(float(hand.sched.timesteps[i]))
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(_grad(loss, group), want_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", rid.METHODS)
+def test_every_method_steps_on_sd3(fresh_sd3, method):
+    models = fresh_sd3
+    group = rid.inject(models.denoiser)
+    group.add_task("t", generator=gen(0))
+    before = group.flat.detach().clone()
+    opt = torch.optim.AdamW(group.parameters(), lr=1e-2)
+    cfg = rid.StepConfig(method=method, steps=3, guidance=W, truncate=2)
+    logs = rid.train_step(models, group, toy_reward, [(PROMPTS, latents(models))], opt, cfg, generator=gen(0))
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values()), logs
+    assert not torch.equal(group.flat.detach(), before)
+
+
+def test_sd3_r0_draws_a_random_eta_per_step(fresh_sd3):
+    """r0 on the flow: the η's come from the generator (η > 0 adds noise), η = 0 is deterministic Euler."""
+    models = fresh_sd3
+    group = sd3_adapters(models)
+    z = latents(models)
+
+    def loss(eta_range, seed):
+        cfg = rid.StepConfig(method="r0", steps=3, guidance=W, eta_range=eta_range)
+        with torch.no_grad():
+            return rid.method_loss(models, group, toy_reward, PROMPTS, z, cfg, gen(seed))[0].item()
+
+    assert loss((0.0, 0.0), 1) == loss((0.0, 0.0), 2)  # deterministic: the generator is not read for noise
+    assert loss((0.5, 1.0), 1) != loss((0.5, 1.0), 2)
+    assert loss((0.5, 1.0), 1) == loss((0.5, 1.0), 1)
+
+
+#### LORA EXPORT ####
+
+def test_sd3_lora_keys_load_in_diffusers(tmp_path, sd3_path):
+    from safetensors.torch import save_file
+
+    models = load_sd3(sd3_path)
+    group = rid.inject(models.denoiser)
+    for task in ("a", "b"):
+        group.add_task(task, generator=gen(len(task)))
+        with torch.no_grad():
+            group.flat.normal_(0, 0.05, generator=gen(3))
+    group.set_scale(0, 0.5)
+    per_task = [group.task_tensors(i) for i in range(len(group.tasks))]
+    tensors = {}
+    for name in group.layers:
+        a_key, b_key = models.lora_keys(name)
+        assert a_key.startswith("transformer.transformer_blocks.")
+        tensors[a_key] = torch.cat([t[name][0] for t in per_task]).float().contiguous()
+        tensors[b_key] = torch.cat([s * t[name][1] for s, t in zip(group.scales, per_task)], 1).float().contiguous()
+    save_file(tensors, str(tmp_path / "lora.safetensors"))
+    pipe = sd3_pipeline(sd3_path)
+    pipe.load_lora_weights(str(tmp_path), weight_name="lora.safetensors")
+    z, cond = latents(models), models.conditioning(PROMPTS, 1.0)
+    t = models.sampler(3).timestep(1)
+    with torch.no_grad():
+        ours = models.predict(z, t, cond, 1.0)
+        theirs = dataclasses.replace(models, transformer=pipe.transformer).predict(z, t, cond, 1.0)
+        base = dataclasses.replace(models, transformer=sd3_pipeline(sd3_path).transformer).predict(z, t, cond, 1.0)
+    assert (ours - base).abs().max() > 1e-3
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+#### LASRO'S ENCODER ON AN MMDIT ####
+
+def test_lasro_encoder_on_sd3_reads_the_first_half_of_the_joint_blocks(sd3):
+    enc = backbones.surrogate_encoder(sd3.transformer)
+    n = len(sd3.transformer.transformer_blocks)
+    assert len(enc["joint_blocks"]) == (n + 1) // 2 and enc["joint_blocks"][0] is sd3.transformer.transformer_blocks[0]
+    emb, z = sd3.encode(PROMPTS), latents(sd3)
+    with torch.no_grad():
+        f = backbones.encoder_features(enc, z, emb)
+        assert [x.shape[1] for x in f] == backbones.encoder_widths(enc) and all(torch.isfinite(x).all() for x in f)
+        moved = backbones.Cond(emb.hidden, pooled=emb.extra["pooled"] * 2)
+        assert not torch.allclose(backbones.encoder_features(enc, z, moved)[0], f[0])  # pooled text reaches it
+        moved = backbones.Cond(emb.hidden * 2, pooled=emb.extra["pooled"])
+        assert not torch.allclose(backbones.encoder_features(enc, z, moved)[0], f[0])  # and the text tokens
+        torch.testing.assert_close(backbones.encoder_features(enc, z[[1, 0]], emb[[1, 0]])[0], f[0][[1, 0]])

@@ -6,6 +6,9 @@
     tiny_sdxl(path, ...) -> str   the same for StableDiffusionXLPipeline: two text encoders (hidden 32 + 32,
                                   projection 32), a UNet with SDXL's text_time added embedding, EulerDiscrete
                                   scheduler config as SDXL ships it (or another scheduler's)
+    tiny_sd3(path, t5, ...) -> str the same for StableDiffusion3Pipeline: an MMDiT, CLIP-L/G and a tiny T5 whose
+                                  tokenizer is a real Unigram one built with `tokenizers` (or none: t5=False),
+                                  SD3's 16-channel VAE constants, the FlowMatchEuler scheduler config (shift 3)
     toy_reward(images, prompts)   (N,) differentiable reward: mean red-channel brightness
 
 Shapes: latents (B, 4, 8, 8) → images (B, 3, 16, 16) (one VAE down block pair → 2× per side);
@@ -142,6 +145,70 @@ def tiny_sdxl(path, force_zeros: bool = True, scheduler: str = "euler", time_con
         vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
         tokenizer_2=tokenizer_2, unet=unet, scheduler=sched, force_zeros_for_empty_prompt=force_zeros,
         add_watermarker=False,
+    )
+    pipe.save_pretrained(path)
+    return path
+
+
+def _write_t5_tokenizer(path: str) -> None:
+    """A real T5 (SentencePiece-Unigram) tokenizer built with the `tokenizers` library: transformers' T5Tokenizer
+    from a (piece, log-probability) vocabulary: the words of _WORDS as whole pieces, every lower-case letter,
+    digit and punctuation mark as a fallback piece, <pad> 0, </s> 1, <unk> 2 as T5's; '▁' marks a word start."""
+    import string
+
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    vocab += [("▁" + w, -2.0) for w in _WORDS] + [(c, -5.0) for c in string.ascii_lowercase + string.digits + string.punctuation]
+    T5Tokenizer(vocab=vocab, extra_ids=0).save_pretrained(path)
+
+
+def tiny_sd3(path, t5: bool = True, dynamic_shift: bool = False) -> str:
+    """Build, seed and save a tiny SD3-shaped pipeline (diffusers' own SD3 test shapes, made smaller) under `path`:
+    an MMDiT of 2 joint blocks (patch 2, 16 latent channels), CLIP-L/G (hidden 32 + 32, projection 32 + 32 =
+    the pooled 64), T5 (d_model 80 = joint_attention_dim, so the CLIP states are zero-padded as SD3's 2048 → 4096),
+    SD3's VAE constants (scaling 1.5305, shift 0.0609, no quant convs), the FlowMatchEuler config with shift 3.0
+    (dynamic_shift: use_dynamic_shifting as SD3.5-style configs). t5=False: saved without text_encoder_3."""
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+    path = str(path)
+    for sub in ("tokenizer", "tokenizer_2"):
+        _write_tokenizer(os.path.join(path, sub))
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+    tokenizer_2 = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer_2"))
+    tokenizer_3 = None
+    if t5:
+        _write_t5_tokenizer(os.path.join(path, "tokenizer_3"))
+        tokenizer_3 = T5Tokenizer.from_pretrained(os.path.join(path, "tokenizer_3"))
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=80, pooled_projection_dim=64,
+        pos_embed_max_size=16,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32), layers_per_block=1,
+        norm_num_groups=8, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+        use_post_quant_conv=False, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=3,
+                  num_attention_heads=4, max_position_embeddings=TOKEN_LEN, projection_dim=32, hidden_act="gelu",
+                  bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                  pad_token_id=tokenizer.pad_token_id)
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(**config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config))
+    text_encoder_3 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_3), d_model=80, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )) if t5 else None
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=dynamic_shift)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
     )
     pipe.save_pretrained(path)
     return path

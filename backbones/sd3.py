@@ -1,0 +1,157 @@
+"""SD3, SD3.5 (StableDiffusion3Pipeline): an MMDiT (SD3Transformer2DModel) on a rectified flow, three text
+encoders, a 16-channel VAE.
+
+Conditioning, as StableDiffusion3Pipeline.encode_prompt makes it:
+    hidden  (B, 77 + 256, D_T5)  [CLIP-L ⊕ CLIP-G penultimate states (B, 77, 768 + 1280), zero-padded to T5's
+                                 width; T5's last states (B, 256, 4096)] along the sequence; without
+                                 text_encoder_3 (a pipeline saved without T5) the T5 part is zeros
+    pooled  (B, 768 + 1280)      both CLIP encoders' pooled, projected embeddings
+The unconditional branch is the "" prompt's (SD3 has no zeroed negative). The transformer predicts the
+flow's velocity v = ε − x₀ at timestep σ·1000; the sampler is samplers.Flow (shift 3.0 for SD3-Medium and
+SD3.5; a dynamic μ from the token count where the config says use_dynamic_shifting). Latents (B, 16, h, w),
+decoded as vae.decode(z / scaling_factor + shift_factor) (SD3: 1.5305, 0.0609, read from the VAE config).
+The adapter group wraps the joint blocks' attention: q/k/v/out of the image stream and the added-context
+projections of the text stream (diffusers' train_dreambooth_lora_sd3.py targets); LoRA files use its
+"transformer." key prefix (SD3LoraLoaderMixin).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+import samplers
+from backbones import HOW, Backbone, Cond, loading_error
+
+# diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py: attention of both streams (attn2 of SD3.5's
+# dual-attention blocks is not among them: ".attn.to_q" does not end "attn2.to_q")
+LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+                "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+MAX_SEQUENCE_LENGTH = 256  # the pipeline's default max_sequence_length for T5
+
+
+@dataclass
+class SD3(Backbone):
+    """SD3's components, frozen and in eval mode; text_encoder_3/tokenizer_3 None: a pipeline without T5."""
+    transformer: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module      # CLIP ViT-L (CLIPTextModelWithProjection)
+    text_encoder_2: nn.Module    # OpenCLIP ViT-bigG (CLIPTextModelWithProjection)
+    text_encoder_3: nn.Module | None  # T5-XXL encoder
+    tokenizer: object
+    tokenizer_2: object
+    tokenizer_3: object | None
+    _uncond: Cond | None = field(default=None, repr=False)
+    resolution: int | None = None
+    scheduler_config: dict = field(default_factory=lambda: {"_class_name": samplers.FLOW_CLASS, "shift": 3.0})
+    max_sequence_length: int = MAX_SEQUENCE_LENGTH
+
+    lora_prefix = "transformer"  # SD3LoraLoaderMixin reads transformer.<layer>
+
+    @property
+    def unet(self) -> nn.Module:
+        """The denoiser under the name the CLIs still use (train.py, eval.py inject and load through it)."""
+        return self.transformer
+
+    @property
+    def guidance_embedded(self) -> bool:
+        return False
+
+    @property
+    def resolution_multiple(self) -> int:
+        return self.vae_factor * self.transformer.config.patch_size
+
+    @property
+    def latent_shape(self) -> tuple:
+        return (self.transformer.config.in_channels, *self.latent_hw)
+
+    def sampler(self, steps: int, kind: str = "auto", generator: torch.Generator | None = None):
+        """samplers.Flow from the scheduler config, μ from the image token count where the config shifts
+        dynamically (StableDiffusion3Pipeline: (h/p)(w/p) tokens, max_shift 1.16 unless configured)."""
+        mu = None
+        if self.scheduler_config.get("use_dynamic_shifting"):
+            p = self.transformer.config.patch_size
+            h, w = self.latent_hw
+            mu = samplers.flow_mu(self.scheduler_config, (h // p) * (w // p), max_shift=1.16)
+        return samplers.build(self.scheduler_config, steps, kind, generator, mu=mu)
+
+    # -- conditioning --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, prompts: list) -> Cond:
+        """Prompts → Cond(hidden (B, 77 + 256, D_T5), pooled (B, P₁ + P₂)) as encode_prompt makes them."""
+        prompts = list(prompts)
+        clip, pooled = [], []
+        for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+            ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids.to(enc.device)
+            out = enc(ids, output_hidden_states=True)
+            pooled.append(out[0])  # the projected pooled embedding (text_embeds)
+            clip.append(out.hidden_states[-2])  # penultimate layer, as SD3 was trained
+        dim = self.transformer.config.joint_attention_dim
+        if self.text_encoder_3 is None:
+            t5 = torch.zeros(len(prompts), self.max_sequence_length, dim, device=self.device, dtype=clip[0].dtype)
+        else:
+            ids = self.tokenizer_3(prompts, padding="max_length", max_length=self.max_sequence_length,
+                                   truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
+            t5 = self.text_encoder_3(ids.to(self.text_encoder_3.device))[0]
+        clip = torch.cat(clip, -1)  # (B, 77, D₁ + D₂)
+        clip = nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # zero-padded to T5's width
+        hidden = torch.cat([clip.to(t5.device, t5.dtype), t5], dim=-2)  # (B, 77 + 256, D_T5)
+        return Cond(hidden.to(self.device, self.dtype), pooled=torch.cat(pooled, -1).to(self.device, self.dtype))
+
+    def uncond(self) -> Cond:
+        return self.encode([""])
+
+    @staticmethod
+    def _cfg_batch(uncond: Cond, cond: Cond) -> Cond:
+        return Cond.cat([uncond.expand(len(cond)), cond])
+
+    def _forward(self, z: torch.Tensor, t: torch.Tensor, cond: Cond, w_emb=None) -> torch.Tensor:
+        return self.transformer(hidden_states=z, timestep=t.expand(len(z)), encoder_hidden_states=cond.hidden,
+                                pooled_projections=cond.extra["pooled"]).sample
+
+    # -- pixels ----------------------------------------------------------------------------------------
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (B, 16, h, w) → images (B, 3, H, W) in [0, 1]: z / scaling_factor + shift_factor."""
+        c = self.vae.config
+        z = z.to(self.vae.dtype) / c.scaling_factor + (c.shift_factor or 0.0)
+        return (self.vae.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)
+
+    def kohya_keys(self, layer: str) -> tuple:
+        raise ValueError("a kohya-format LoRA export is for UNet models (SD, SDXL); SD3 exports the diffusers "
+                         "format (lora_keys), which StableDiffusion3Pipeline.load_lora_weights reads")
+
+
+SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
+
+
+def load(model: str, model_id: str, index: dict, device="cpu", dtype=torch.float32) -> SD3:
+    """The components and the scheduler config from a local diffusers-layout dir or a hub id; T5 where the
+    model_index.json lists it (text_encoder_3 null: without)."""
+    if os.path.isdir(model):
+        missing = [s for s in SUBFOLDERS if not os.path.isdir(os.path.join(model, s))]
+        if missing:
+            raise ValueError(f"model={model!r} lacks the subfolder(s) {missing}; expected {HOW}")
+    with_t5 = (index.get("text_encoder_3") or [None])[0] is not None
+    try:
+        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
+
+        transformer = SD3Transformer2DModel.from_pretrained(model, subfolder="transformer", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(model, subfolder="vae", torch_dtype=dtype)
+        encoders = [CLIPTextModelWithProjection.from_pretrained(model, subfolder=s, dtype=dtype)
+                    for s in ("text_encoder", "text_encoder_2")]
+        tokenizers = [CLIPTokenizer.from_pretrained(model, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
+        t5 = T5EncoderModel.from_pretrained(model, subfolder="text_encoder_3", dtype=dtype) if with_t5 else None
+        tok3 = AutoTokenizer.from_pretrained(model, subfolder="tokenizer_3") if with_t5 else None
+        config = dict(FlowMatchEulerDiscreteScheduler.load_config(model, subfolder="scheduler"))
+    except (ImportError, OSError, ValueError, RuntimeError) as e:
+        raise loading_error(model, e) from e
+    for m in (transformer, vae, *encoders, t5):
+        if m is not None:
+            m.to(device).eval().requires_grad_(False)
+    transformer.rid_base_model = model_id
+    transformer.rid_lora_targets = LORA_TARGETS  # rid.inject's default targets for this denoiser
+    return SD3(transformer, vae, *encoders, t5, *tokenizers, tok3, scheduler_config=config)
