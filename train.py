@@ -989,6 +989,10 @@ def plan_micro_batch(cfg: Config, models, reward_fns: dict, world: int, free=Non
                          f"{(need['fixed'] + need['per_sample']) / gib:.1f} GiB beyond the loaded weights, "
                          f"{need['usable'] / gib:.1f} GiB of the {budget / gib:.1f} GiB free is usable (15 % kept "
                          "free); try --dtype bf16, a smaller --resolution, --gradient-checkpointing, or a larger GPU")
+    if dist.is_initialized():  # every process the same micro-batch: the smallest any GPU can take
+        t = torch.tensor([micro], device=models.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        micro = int(t.item())
     cfg.micro_batch = micro
     how = (f"{need['fixed'] / gib:.2f} GiB + {need['per_sample'] / gib:.2f} GiB per sample beyond the weights, "
            f"{need['usable'] / gib:.1f} of {budget / gib:.1f} GiB free usable" if need else "black-box tasks only")

@@ -775,3 +775,34 @@ def test_branch_from_copies_the_shared_stages_and_ends_as_a_run_from_scratch(wor
         assert words in err[-1] and "Traceback" not in "\n".join(err), (words, err)
         o = Path(argv[argv.index("--out") + 1])
         assert not (o / "run.json").exists() and not list(o.glob("*stage*")), (words, list(o.glob("*")))
+
+
+DDP_AUTO = """
+import os, sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import tiny, train
+from experiments import memory
+train.reward_fn = lambda task, cfg: tiny.toy_reward
+free = {free!r}[int(os.environ["RANK"])]
+memory.free_bytes = lambda device: free
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+def test_micro_batch_auto_under_torchrun_takes_the_smallest_gpus_pick(world, tmp_path):
+    """Two processes whose devices have different free memory: rank 0 could take 2 samples per pass, rank 1
+    only 1; both must run the same micro-batch (the smaller), recorded once in run.json."""
+    from experiments import memory
+
+    need = {b: _real_need(world, b) for b in (1, 2)}
+    roomy, tight = need[2] * 4, (need[1] + need[2]) / 2 / (1 - memory.MARGIN)
+    script = tmp_path / "auto.py"
+    script.write_text(DDP_AUTO.format(root=str(ROOT), tests=str(ROOT / "tests"), free=[int(roomy), int(tight)]))
+    argv = tiny_args(world, tmp_path / "ddp", "--batch", "4", "--max-steps", "1", tasks="aesthetic")
+    argv[argv.index("--micro-batch") + 1] = "auto"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script), *argv], capture_output=True, text=True, env=subprocess_env(), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert json.loads((tmp_path / "ddp" / "run.json").read_text())["config"]["micro_batch"] == 1
+    stage = json.loads((tmp_path / "ddp" / "stage1-aesthetic" / "config.json").read_text())
+    assert (stage["micro_batch_resolved"], stage["grad_accum_resolved"], stage["world_size"]) == (1, 2, 2)
