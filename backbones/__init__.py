@@ -198,12 +198,14 @@ def surrogate_encoder(unet: nn.Module) -> nn.ModuleDict:
     too. An MMDiT (SD3): the patch embedding, the timestep + pooled-text embedding, the context embedder and
     the first ⌈N/2⌉ of its N joint blocks — it has no down path, and the UNet's down + mid blocks are about
     the first half of its depth; the early blocks are where the prompt is mixed into the image tokens, the
-    later ones specialise to the velocity (SD3-Medium: 12 of 24 blocks, half a transformer call)."""
+    later ones specialise to the velocity (SD3-Medium: 12 of 24 blocks, half a transformer call). FLUX: the
+    first ⌈N/2⌉ of its double-stream blocks (dev: 10 of 19, before 38 single-stream ones; its x_embedder and
+    rotary pos_embed instead of a patch embedding), read at guidance 3.5 (FluxPipeline's default)."""
     if hasattr(unet, "transformer_blocks") and hasattr(unet, "context_embedder"):
-        blocks = unet.transformer_blocks
-        return nn.ModuleDict({"pos_embed": unet.pos_embed, "time_text_embed": unet.time_text_embed,
-                              "context_embedder": unet.context_embedder,
-                              "joint_blocks": nn.ModuleList(list(blocks)[:(len(blocks) + 1) // 2])})
+        blocks = unet.transformer_blocks  # FLUX: its double-stream blocks (the single-stream ones follow them)
+        parts = {k: getattr(unet, k) for k in ("pos_embed", "x_embedder", "time_text_embed", "context_embedder")
+                 if getattr(unet, k, None) is not None}
+        return nn.ModuleDict({**parts, "joint_blocks": nn.ModuleList(list(blocks)[:(len(blocks) + 1) // 2])})
     parts = ["conv_in", "time_proj", "time_embedding", "down_blocks", "mid_block"]
     if getattr(unet, "add_embedding", None) is not None:
         parts += ["add_time_proj", "add_embedding"]
@@ -223,13 +225,24 @@ def encoder_features(enc: nn.ModuleDict, z: torch.Tensor, cond) -> list:
     the image tokens' mean after each joint block read)."""
     dtype = next(enc.parameters()).dtype
     z, emb = z.to(dtype), cond.to(dtype)
-    if "joint_blocks" in enc:  # SD3: σ = 0 (timestep 0), pooled text, the context through the joint blocks
+    if "joint_blocks" in enc:  # an MMDiT: σ = 0 (timestep 0), pooled text, the context through the joint blocks
         t = torch.zeros(z.shape[0], dtype=dtype, device=z.device)
-        temb = enc["time_text_embed"](t, emb.extra["pooled"])
-        h, ctx = enc["pos_embed"](z), enc["context_embedder"](emb.hidden)  # (B, N, D), (B, L, D)
+        ctx, extra = enc["context_embedder"](emb.hidden), {}  # (B, L, D)
+        if "x_embedder" in enc:  # FLUX: packed z (B, N, 64), rotary positions; dev: the guidance 3.5 (its default)
+            import backbones.flux as flux
+
+            n = int(round(z.shape[1] ** 0.5)) * 2  # square latents: N = (h/2)² tokens
+            ids = torch.cat([torch.zeros(ctx.shape[1], 3, device=z.device), flux.image_ids(n, n, z.device)])
+            extra["image_rotary_emb"] = enc["pos_embed"](ids)
+            h = enc["x_embedder"](z)
+            tte = enc["time_text_embed"]
+            temb = (tte(t, torch.full_like(t, 3.5 * 1000), emb.extra["pooled"]) if hasattr(tte, "guidance_embedder")
+                    else tte(t, emb.extra["pooled"]))
+        else:  # SD3: patch embedding with its positional table
+            h, temb = enc["pos_embed"](z), enc["time_text_embed"](t, emb.extra["pooled"])
         pooled = []
         for block in enc["joint_blocks"]:
-            ctx, h = block(hidden_states=h, encoder_hidden_states=ctx, temb=temb)
+            ctx, h = block(hidden_states=h, encoder_hidden_states=ctx, temb=temb, **extra)
             pooled.append(h.float().mean(1))
         return pooled
     t = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)

@@ -17,6 +17,10 @@
     LoRA export    a diffusers-format file from the backbone's key map loads with StableDiffusion3Pipeline.
                    load_lora_weights and gives the transformer output of rid's adapter group
     LaSRO          the MMDiT encoder (first half of the joint blocks) reads the pooled text and the tokens
+    FLUX (tiny_flux) pack/unpack/img_ids == FluxPipeline's; conditioning == encode_prompt; sampling == the pipeline
+                   (dev with its guidance embedding, schnell); rid and baseline loss and gradient == `FluxHand`;
+                   every method steps; LoRA targets = diffusers' FLUX script's, the file loads with
+                   FluxPipeline.load_lora_weights and gives rid's output; LaSRO's encoder on packed latents
 """
 import os
 import sys
@@ -479,4 +483,182 @@ def test_lasro_encoder_on_sd3_reads_the_first_half_of_the_joint_blocks(sd3):
         assert not torch.allclose(backbones.encoder_features(enc, z, moved)[0], f[0])  # pooled text reaches it
         moved = backbones.Cond(emb.hidden * 2, pooled=emb.extra["pooled"])
         assert not torch.allclose(backbones.encoder_features(enc, z, moved)[0], f[0])  # and the text tokens
+        torch.testing.assert_close(backbones.encoder_features(enc, z[[1, 0]], emb[[1, 0]])[0], f[0][[1, 0]])
+
+
+#### FLUX.1 (tiny, tests/tiny.py) ####
+
+import backbones.flux  # noqa: E402
+from tiny import tiny_flux  # noqa: E402
+
+G = 3.5  # FLUX-dev's default guidance
+
+
+def load_flux(path):
+    """What backbones.load does for a FluxPipeline directory once REGISTRY names it (see load_sd3), at 16 px."""
+    model_id, index = backbones.resolve(path)
+    assert index["_class_name"] == "FluxPipeline"
+    models = backbones.flux.load(str(path), model_id, index)
+    models.set_resolution(16)
+    return models
+
+
+def flux_pipeline(path):
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(path)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def flux_path(tmp_path_factory):
+    return tiny_flux(tmp_path_factory.mktemp("tiny_flux"))
+
+
+@pytest.fixture
+def flux(flux_path):
+    return load_flux(flux_path)
+
+
+def test_flux_packing_round_trip_is_the_pipelines():
+    from diffusers import FluxPipeline
+
+    z = torch.randn(2, 16, 6, 10, generator=gen(0))
+    packed = backbones.flux.pack(z)
+    assert packed.shape == (2, 15, 64)
+    assert torch.equal(packed, FluxPipeline._pack_latents(z, 2, 16, 6, 10))
+    assert torch.equal(backbones.flux.unpack(packed, 6, 10), z)
+    assert torch.equal(backbones.flux.unpack(packed, 6, 10), FluxPipeline._unpack_latents(packed, 12, 20, 2))
+    assert torch.equal(backbones.flux.image_ids(6, 10), FluxPipeline._prepare_latent_image_ids(2, 3, 5, "cpu", torch.float32))
+
+
+def test_flux_conditioning_equals_the_pipelines_encode_prompt(flux, flux_path):
+    with torch.no_grad():
+        pe, pp, text_ids = flux_pipeline(flux_path).encode_prompt(PROMPTS, None)
+    cond = flux.conditioning(PROMPTS, G)  # no CFG batch
+    assert cond.hidden.shape == (2, 512, 32) and cond.extra["pooled"].shape == (2, 32)
+    torch.testing.assert_close(cond.hidden, pe, rtol=0, atol=0)
+    torch.testing.assert_close(cond.extra["pooled"], pp, rtol=0, atol=0)
+    assert text_ids.abs().max() == 0 and text_ids.shape == (512, 3)
+
+
+@pytest.mark.parametrize("dev", [True, False], ids=["dev-guidance-embedding", "schnell"])
+def test_flux_sample_equals_the_pipeline(tmp_path, flux_path, dev):
+    path = flux_path if dev else tiny_flux(tmp_path, dev=False)
+    models, pipe = load_flux(path), flux_pipeline(path)
+    z = latents(models)
+    assert z.shape == (2, 16, 64)  # packed: (8/2)·(8/2) tokens of 4·16 channels
+    steps = 3 if dev else 2
+    ref = pipe(PROMPTS, latents=z.clone(), num_inference_steps=steps, guidance_scale=G, height=16, width=16,
+               output_type="pt").images
+    out = rid.sample(models, PROMPTS, z, steps=steps, guidance=G)
+    assert out.shape == ref.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    other = rid.sample(models, PROMPTS, z, steps=steps, guidance=1.0)
+    assert (not torch.allclose(other, ref, atol=1e-4)) == dev  # dev reads w as an embedding; schnell ignores it
+
+
+class FluxHand:
+    """The oracle: the pipeline's encode_prompt, its scheduler set as FluxPipeline sets it (sigmas, μ), the
+    transformer called directly (t/1000, guidance w, ids), Euler written out, the pipeline's unpack + VAE."""
+
+    def __init__(self, models, pipe, steps, w):
+        from diffusers import FlowMatchEulerDiscreteScheduler
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        self.models, self.pipe = models, pipe
+        with torch.no_grad():
+            self.text, self.pooled, self.text_ids = pipe.encode_prompt(PROMPTS, None)
+        self.sched = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        self.sched.set_timesteps(steps, sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(16))
+        self.w, self.img_ids = w, pipe._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32)
+
+    def step(self, i, z):
+        t = self.sched.timesteps[i].expand(len(z))
+        v = self.models.transformer(hidden_states=z, timestep=t / 1000, guidance=torch.full([len(z)], self.w),
+                                    pooled_projections=self.pooled, encoder_hidden_states=self.text,
+                                    txt_ids=self.text_ids, img_ids=self.img_ids).sample
+        return z + (self.sched.sigmas[i + 1] - self.sched.sigmas[i]) * v
+
+    def decode(self, z):
+        vae = self.models.vae
+        z = self.pipe._unpack_latents(z, 16, 16, 2) / vae.config.scaling_factor + vae.config.shift_factor
+        return (vae.decode(z).sample / 2 + 0.5).clamp(0, 1)
+
+
+def test_flux_rid_and_baseline_gradients_equal_the_hand_unrolled_loop(flux, flux_path):
+    models, steps, lam = flux, 3, 0.7
+    group = sd3_adapters(models, teacher_std=1.0)
+    hand, z = FluxHand(models, flux_pipeline(flux_path), steps, G), latents(models)
+    with torch.no_grad():
+        z1 = z
+        for i in range(steps - 1):
+            z1 = hand.step(i, z1)
+        student = group.flat.detach().clone()
+        group.flat.copy_(group.ema)
+        img_t = hand.decode(hand.step(steps - 1, z1))
+        group.flat.copy_(student)
+    img_s = hand.decode(hand.step(steps - 1, z1))
+    reward = toy_reward(img_s, PROMPTS).mean()
+    want_base = -reward
+    want_rid = -reward + lam * (img_s - img_t).pow(2).flatten(1).sum(1).mean()
+    want_rid_grad = torch.autograd.grad(want_rid, group.flat, retain_graph=True)[0]
+    want_base_grad = torch.autograd.grad(want_base, group.flat)[0]
+    assert (want_rid_grad - want_base_grad).abs().max() > 1e-6  # the distillation term matters
+    for method, want, want_grad in (("rid", want_rid, want_rid_grad), ("baseline", want_base, want_base_grad)):
+        cfg = rid.StepConfig(method=method, steps=steps, guidance=G, lam=lam)
+        loss, _ = rid.method_loss(models, group, toy_reward, PROMPTS, z, cfg)
+        assert loss.item() == pytest.approx(want.item(), rel=1e-5), method
+        torch.testing.assert_close(_grad(loss, group), want_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", rid.METHODS)
+def test_every_method_steps_on_flux(flux, method):
+    group = rid.inject(flux.denoiser)
+    group.add_task("t", generator=gen(0))
+    before = group.flat.detach().clone()
+    opt = torch.optim.AdamW(group.parameters(), lr=1e-2)
+    cfg = rid.StepConfig(method=method, steps=3, guidance=G, truncate=2)
+    logs = rid.train_step(flux, group, toy_reward, [(PROMPTS, latents(flux))], opt, cfg, generator=gen(0))
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values()), logs
+    assert not torch.equal(group.flat.detach(), before)
+
+
+def test_flux_lora_targets_and_keys_load_in_diffusers(tmp_path, flux, flux_path):
+    from safetensors.torch import save_file
+
+    group = rid.inject(flux.denoiser)
+    assert {n.split(".", 2)[-1] for n in group.layers if n.startswith("transformer_blocks.")} == set(
+        backbones.flux.LORA_TARGETS)
+    assert {n.split(".", 2)[-1] for n in group.layers if n.startswith("single_")} == {"attn.to_q", "attn.to_k", "attn.to_v"}
+    group.add_task("a", generator=gen(1))
+    with torch.no_grad():
+        group.flat.normal_(0, 0.05, generator=gen(3))
+    tensors = {}
+    for name in group.layers:
+        a_key, b_key = flux.lora_keys(name)
+        A, B = group.task_tensors(0)[name]
+        tensors[a_key], tensors[b_key] = A.float().contiguous(), (group.scales[0] * B).float().contiguous()
+    save_file(tensors, str(tmp_path / "lora.safetensors"))
+    pipe = flux_pipeline(flux_path)
+    pipe.load_lora_weights(str(tmp_path), weight_name="lora.safetensors")
+    z, cond = latents(flux), flux.conditioning(PROMPTS, G)
+    t = flux.sampler(3).timestep(1)
+    with torch.no_grad():
+        ours = flux.predict(z, t, cond, G)
+        theirs = dataclasses.replace(flux, transformer=pipe.transformer).predict(z, t, cond, G)
+        base = dataclasses.replace(flux, transformer=flux_pipeline(flux_path).transformer).predict(z, t, cond, G)
+    assert (ours - base).abs().max() > 1e-3
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_lasro_encoder_on_flux_reads_packed_latents_and_text(flux):
+    enc = backbones.surrogate_encoder(flux.transformer)
+    emb, z = flux.encode(PROMPTS), latents(flux)
+    with torch.no_grad():
+        f = backbones.encoder_features(enc, z, emb)
+        assert [x.shape[1] for x in f] == backbones.encoder_widths(enc) and all(torch.isfinite(x).all() for x in f)
+        moved = backbones.Cond(emb.hidden * 2, pooled=emb.extra["pooled"])
+        assert not torch.allclose(backbones.encoder_features(enc, z, moved)[0], f[0])
         torch.testing.assert_close(backbones.encoder_features(enc, z[[1, 0]], emb[[1, 0]])[0], f[0][[1, 0]])

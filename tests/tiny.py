@@ -9,6 +9,8 @@
     tiny_sd3(path, t5, ...) -> str the same for StableDiffusion3Pipeline: an MMDiT, CLIP-L/G and a tiny T5 whose
                                   tokenizer is a real Unigram one built with `tokenizers` (or none: t5=False),
                                   SD3's 16-channel VAE constants, the FlowMatchEuler scheduler config (shift 3)
+    tiny_flux(path, dev) -> str   the same for FluxPipeline: a double + single block FLUX transformer (guidance
+                                  embedding when dev), CLIP-L + the tiny T5, FLUX's VAE constants
     toy_reward(images, prompts)   (N,) differentiable reward: mean red-channel brightness
 
 Shapes: latents (B, 4, 8, 8) → images (B, 3, 16, 16) (one VAE down block pair → 2× per side);
@@ -210,6 +212,51 @@ def tiny_sd3(path, t5: bool = True, dynamic_shift: bool = False) -> str:
         transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
     )
+    pipe.save_pretrained(path)
+    return path
+
+
+def tiny_flux(path, dev: bool = True) -> str:
+    """Build, seed and save a tiny FLUX.1-shaped pipeline (diffusers' own FLUX test shapes) under `path`: one
+    double- and one single-stream block (heads 2 × 16, rotary axes 4 + 4 + 8), 16 latent channels packed to 64,
+    CLIP-L (hidden 32: the pooled projection) and a T5 (d_model 32 = joint_attention_dim) with the Unigram
+    tokenizer of _write_t5_tokenizer, FLUX's VAE constants (scaling 0.3611, shift 0.1159). dev: the guidance
+    embedding and FLUX.1-dev's dynamically shifted scheduler config; else schnell's (shift 1, no guidance)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+    path = str(path)
+    _write_tokenizer(os.path.join(path, "tokenizer"))
+    _write_t5_tokenizer(os.path.join(path, "tokenizer_2"))
+    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
+    tokenizer_2 = T5Tokenizer.from_pretrained(os.path.join(path, "tokenizer_2"))
+
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        guidance_embeds=dev,
+    )
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(16, 32), layers_per_block=1,
+        norm_num_groups=8, sample_size=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+        use_post_quant_conv=False, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+    )
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=TOKEN_LEN, hidden_act="gelu", bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    ))
+    text_encoder_2 = T5EncoderModel(T5Config(
+        vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    ))
+    scheduler = (FlowMatchEulerDiscreteScheduler(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096,
+                                                 max_shift=1.15, shift=3.0, use_dynamic_shifting=True)
+                 if dev else FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=False))
+    pipe = FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
     pipe.save_pretrained(path)
     return path
 
