@@ -1,4 +1,4 @@
-"""Fused LoRA-group linear: y = x Wᵀ + b + Σ_i s_i (x A_iᵀ) B_iᵀ in one pass over x.
+"""Fused LoRA-group linear: y = x Wᵀ + b + Σ_i s_i (x A_iᵀ) B_iᵀ in one pass over x (two for R > 16).
 
 An adapter group is T adapters (A_i: r_i × in, B_i: out × r_i, scale s_i) on one frozen linear
 layer. Concatenated, A_cat is (R × in) and B_cat is (out × R) with R = Σ r_i, s_rep repeats s_i
@@ -9,7 +9,7 @@ r_i times, and the whole group is one shrink and one expand:
 
 The Triton kernel has two modes, chosen per launch by R:
 
-  R ≤ RANK_TILE (16: the paper's 3 tasks × rank 4)   the shrink is fused into the base GEMM's K-loop:
+  R ≤ RANK_TILE = 16 (the paper's 3 tasks × rank 4 = 12)   the shrink is fused into the base GEMM's K-loop:
       the x tile it loads feeds `acc += x·Wᵀ` and `h += x·A_catᵀ`, and the epilogue adds
       `(h ⊙ s)·B_catᵀ` while `acc` is still fp32. Compared with base GEMM + shrink + expand as separate
       launches (how multi-LoRA servers run it) x is read once and y written once. The price is that
@@ -18,8 +18,8 @@ The Triton kernel has two modes, chosen per launch by R:
       launch (cuBLAS; x read once more, h is M × R) and the kernel's epilogue streams h and B_cat in
       RANK_TILE-wide chunks into the fp32 acc. Fusing the shrink here would cost R/BLOCK_N extra MMA
       work per N-tile (50 % at R = 64) and h's BLOCK_M × R accumulator in registers, which spills as R
-      grows (R = 64 fused: 49 of 180 tile configs spilled); streamed, each launch holds one chunk,
-      so registers and shared memory are those of R = 16 whatever R is.
+      grows (fused at R = 64, 49 of 180 tile configs spilled: issue 30); streamed, one chunk is live
+      at a time, so registers and shared memory are those of R = 16 whatever R is.
 
 A block of frozen adapters concatenated once by the caller is just one entry of As/Bs.
 

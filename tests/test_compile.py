@@ -183,6 +183,9 @@ def test_cli_errors_are_one_line(capsys):
     assert bench.main(["compile", "--arch", "75"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--arch 75" in err and "80, 90" in err
+    assert bench.main(["gpu-check", "--backbones", "sd15,sd2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--backbones sd15,sd2" in err and "sd15, sdxl, sd3, flux" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gets")
