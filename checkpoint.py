@@ -1,10 +1,12 @@
 """What a run leaves on disk, and how it is written: adapter groups (save, load, model soup,
-diffusers LoRA export) and the run-directory contract shared by train.py and eval.py.
+LoRA export in diffusers and kohya names) and the run-directory contract shared by train.py and eval.py.
 
     <run>/run.json                  tasks, method, model, reward spec, finished stages, seed, config
     <run>/train_prompts.txt, test_prompts.txt      the prompt split (paths in run.json are relative)
     <run>/stageK-<task>/            adapters.safetensors + adapters.json (all K adapters), config.json,
-                                    metrics.jsonl, samples.png
+                                    metrics.jsonl, samples.png, pytorch_lora_weights.safetensors (the stage's
+                                    model as one LoRA: pipe.load_lora_weights(stage dir)), lora_kohya.safetensors
+                                    (the same in kohya names, UNet models: ComfyUI, A1111)
     <run>/stageK-<task>/ckpt/       resumable mid-task state while stage K runs (removed when it ends);
                                     ckpt.old/ the checkpoint before it, the fallback when ckpt/ is unreadable
     <run>/eval/                     eval.py's per-stage cache
@@ -391,35 +393,133 @@ def verify(dir) -> str:
     return digest
 
 
-def export_lora(group: rid.AdapterGroup, path) -> str:
-    """ONE standard LoRA file that diffusers' pipe.load_lora_weights(dir, weight_name=...) loads:
-    Σ_i s_i B_i A_i = [s_1 B_1 … s_T B_T]·[A_1; …; A_T], exact at rank T·r. Keys follow the
-    diffusers/peft naming; no alpha keys, so diffusers sets alpha = rank and the scale is 1.
-    A directory `path` gets diffusers' default name pytorch_lora_weights.safetensors."""
+def export_lora(group: rid.AdapterGroup, path, keys=None, fmt: str = "diffusers") -> str:
+    """ONE standard LoRA file: Σ_i s_i B_i A_i = [s_1 B_1 … s_T B_T]·[A_1; …; A_T], exact at rank T·r.
+    keys: the backbone (models, or key_map's stand-in) whose lora_keys / kohya_keys name the tensors
+    (default: SD-1.5's). fmt "diffusers": diffusers/peft names, no alpha keys, so diffusers sets
+    alpha = rank and the scale is 1 (pipe.load_lora_weights). fmt "kohya": kohya/sgm names with
+    alpha = rank (scale 1), the task scales folded into the up weights (ComfyUI, A1111; diffusers
+    converts it). A directory `path` gets diffusers' default name pytorch_lora_weights.safetensors."""
     if not group.tasks:
         raise ValueError("export_lora: the adapter group has no tasks; call add_task or checkpoint.load first")
     per_task = [group.task_tensors(i) for i in range(len(group.tasks))]
-    return _write_lora(list(group.layers), per_task, group.scales, path)
+    return _write_lora(list(group.layers), per_task, group.scales, path, keys, fmt)
 
 
-def _write_lora(layers: list, per_task: list, scales: list, path) -> str:
+FORMATS = ("diffusers", "kohya")
+LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default: load_lora_weights(stage_dir) finds it
+KOHYA_FILE = "lora_kohya.safetensors"           # the same model in kohya names, for ComfyUI / A1111
+
+
+def _sd_keys():
+    from backbones.sd import SD
+
+    return SD.__new__(SD)  # SD-1.5's key map needs no component: unet.<layer>, lora_unet_<layer>
+
+
+def _write_lora(layers: list, per_task: list, scales: list, path, keys=None, fmt: str = "diffusers") -> str:
     """export_lora's file from [{layer: (A_i, B_i)}] and the scales s_i."""
     from safetensors.torch import save_file
 
+    if fmt not in FORMATS:
+        raise ValueError(f"format {fmt!r} is not allowed; allowed: {', '.join(FORMATS)}")
+    keys = keys or _sd_keys()
     path = str(path)
     if os.path.isdir(path):
-        path = os.path.join(path, "pytorch_lora_weights.safetensors")
+        path = os.path.join(path, LORA_FILE)
     tensors = {}
     for name in layers:
-        A = torch.cat([t[name][0] for t in per_task])  # (T·r, in)
-        B = torch.cat([s * t[name][1] for s, t in zip(scales, per_task)], 1)  # (out, T·r)
-        tensors[f"unet.{name}.lora_A.weight"] = A.detach().float().cpu().contiguous()
-        tensors[f"unet.{name}.lora_B.weight"] = B.detach().float().cpu().contiguous()
+        A = torch.cat([t[name][0] for t in per_task]).detach().float().cpu().contiguous()  # (T·r, in)
+        B = torch.cat([s * t[name][1] for s, t in zip(scales, per_task)], 1).detach().float().cpu().contiguous()  # (out, T·r)
+        if fmt == "kohya":  # alpha = rank: kohya's scale alpha / rank is 1, the s_i already sit in B
+            down, up, alpha = keys.kohya_keys(name)
+            tensors.update({down: A, up: B, alpha: torch.tensor(float(A.shape[0]))})
+        else:
+            a_key, b_key = keys.lora_keys(name)
+            tensors.update({a_key: A, b_key: B})
     atomic_write(path, lambda p: save_file(tensors, p))
     return path
 
 
-def export_saved(dirs: list, path, weights: list | None = None) -> str:
+def write_stage_lora(group: rid.AdapterGroup, models, dir) -> list:
+    """A finished stage's loadable files: pytorch_lora_weights.safetensors (diffusers; load_lora_weights(dir))
+    and, where the backbone has kohya names (UNet models), lora_kohya.safetensors. -> the paths written."""
+    written = [export_lora(group, os.path.join(dir, LORA_FILE), models)]
+    try:
+        models.kohya_keys(next(iter(group.layers)))
+    except ValueError:  # SD3, FLUX: no kohya format
+        return written
+    return written + [export_lora(group, os.path.join(dir, KOHYA_FILE), models, "kohya")]
+
+
+class _Configs:
+    """A denoiser stand-in for key_map: its config.json, read when first asked for (SD's keys never ask)."""
+
+    def __init__(self, model: str, subfolder: str):
+        self.model, self.subfolder = model, subfolder
+
+    @property
+    def config(self):
+        from types import SimpleNamespace
+
+        from diffusers import ConfigMixin
+
+        class Denoiser(ConfigMixin):  # what every diffusers model reads its config.json with: a local dir or the hub
+            config_name = "config.json"
+
+        if not hasattr(self, "_config"):
+            try:
+                self._config = SimpleNamespace(**Denoiser.load_config(self.model, subfolder=self.subfolder))
+            except (OSError, ValueError) as e:
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise UsageError(f"model {self.model!r}: its {self.subfolder}/config.json is unreadable ({first[:200]})") from None
+        return self._config
+
+
+def key_map(model: str):
+    """The LoRA key maps (lora_keys, kohya_keys) of the backbone `model`'s model_index.json names, from its
+    configs alone: no weights are loaded. -> a stand-in of the backbone's class; `.pipeline` its pipeline class."""
+    from importlib import import_module
+
+    import backbones
+
+    model_id, index = backbones.resolve(model)  # ValueError: one line naming the model
+    cls = (index or {}).get("_class_name", "StableDiffusionPipeline")
+    if cls not in backbones.REGISTRY:
+        raise ValueError(f"model={str(model)!r} is a {cls} (model_index.json); supported pipeline classes: "
+                         f"{', '.join(backbones.REGISTRY)}")
+    module = import_module(f"backbones.{backbones.REGISTRY[cls]}")
+    kind = next(v for v in vars(module).values() if isinstance(v, type) and issubclass(v, backbones.Backbone)
+                and v.__module__ == module.__name__)
+    keys = kind.__new__(kind)
+    denoiser = "transformer" if "transformer" in (index or {}) else "unet"
+    keys.__dict__[denoiser] = _Configs(str(model), denoiser)
+    keys.pipeline = cls
+    return keys
+
+
+def run_key_map(run, model: str | None = None):
+    """key_map of a run's base model: `model` if given, else run.json's "model", else the base_model its
+    adapters were saved with. UsageError (one line) when none can be read."""
+    if model is not None:
+        try:
+            return key_map(model)
+        except ValueError as e:
+            raise UsageError(f"--model {model!r}: {e}") from None
+    info, tried = read_run(run, need=()), []
+    stages = info.get("stages") or []
+    saved = read_meta(inside(run, stages[-1], "stage")).get("base_model") if stages else None
+    for m in dict.fromkeys(x for x in (info.get("model"), saved) if isinstance(x, str)):
+        try:
+            return key_map(m)
+        except ValueError as e:
+            tried.append(f"{m!r} ({str(e).splitlines()[0][:120]})")
+    raise UsageError(f"RUN {str(run)!r}: its base model cannot be read for the LoRA key names (tried "
+                     f"{'; '.join(tried) or 'nothing: run.json names no model'}); pass --model DIR or a hub id of "
+                     "the same base model")
+
+
+def export_saved(dirs: list, path, weights: list | None = None, keys=None, fmt: str = "diffusers") -> str:
     """export_lora of saved adapter groups without loading the base model: one stage directory, or a soup
     Σ_j w_j Δ_j of several (equal weights by default), exactly what soup() + export_lora write."""
     weights = weights or [1.0 / len(dirs)] * len(dirs)
@@ -433,7 +533,7 @@ def export_saved(dirs: list, path, weights: list | None = None) -> str:
             for i, s in enumerate(meta["scales"]):
                 per_task.append(_task_adapters(tensors, i, layers))
                 scales.append(float(w) * s)
-    return _write_lora(layers, per_task, scales, path)
+    return _write_lora(layers, per_task, scales, path, keys, fmt)
 
 
 def read_meta(dir) -> dict:
@@ -557,7 +657,7 @@ def soup(unet, dirs: list, weights: list | None = None) -> rid.AdapterGroup:
 
 #### python -m checkpoint export ####
 
-USAGE_LOAD = """    pipe = StableDiffusionPipeline.from_pretrained("{model}")
+USAGE_LOAD = """    pipe = {pipeline}.from_pretrained("{model}")
     pipe.load_lora_weights("{dir}", weight_name="{name}")"""
 
 
@@ -573,11 +673,13 @@ def stage_dir(run: Path, stage: int | None, flag: str) -> Path:
 
 
 def main(argv=None) -> int:
-    """python -m checkpoint export RUN [--stage K | --soup RUN ...] OUT: one diffusers LoRA file."""
+    """python -m checkpoint export RUN [--stage K | --soup RUN ...] [--format diffusers|kohya] OUT: one LoRA file."""
     import sys
 
     p = Parser(prog="python -m checkpoint", description="Export a run's adapters as ONE standard LoRA file that "
-               "diffusers' load_lora_weights reads (exact: Σ_i s_i B_i A_i stacked at rank T·r).")
+               "diffusers' load_lora_weights reads, or ComfyUI / A1111 (--format kohya) (exact: Σ_i s_i B_i A_i "
+               "stacked at rank T·r). Key names follow the run's backbone, read from its model_index.json and "
+               "denoiser config; no weights are loaded.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     e = sub.add_parser("export", help="a stage (or a soup of runs) -> OUT (a .safetensors file, or a directory: "
                                       "pytorch_lora_weights.safetensors in it)")
@@ -588,10 +690,16 @@ def main(argv=None) -> int:
     e.add_argument("--soup", nargs="+", metavar="RUN", help="also average in these runs' last stages (a model "
                                                             "soup, equal weights unless --weights)")
     e.add_argument("--weights", help="comma list of soup weights, one per run, RUN first (default: equal)")
+    e.add_argument("--format", default="diffusers", help="diffusers: diffusers/peft key names (load_lora_weights); "
+                   "kohya: kohya/sgm names, alpha = rank, for ComfyUI and A1111 (UNet models) (default: diffusers)")
+    e.add_argument("--model", help="the run's base model (a diffusers directory or hub id) for the key names "
+                                   "(default: the run's own, from run.json)")
     try:
         args = p.parse_args(argv)
         if args.soup and args.stage is not None:
             raise UsageError("--stage and --soup: give one (a soup takes each run's last stage)")
+        if args.format not in FORMATS:
+            raise UsageError(f"--format {args.format!r} is not allowed; allowed: {', '.join(FORMATS)}")
         run = Path(args.run)
         if not (run / "run.json").is_file():
             raise UsageError(f"RUN {args.run!r} is not a run directory (no run.json); allowed: a train.py --out")
@@ -609,13 +717,16 @@ def main(argv=None) -> int:
             raise UsageError(f"OUT {args.out!r} is not allowed; allowed: an existing directory or a .safetensors path")
         if not out.is_dir() and not out.parent.is_dir():
             raise UsageError(f"OUT {args.out!r}: its folder {str(out.parent)!r} does not exist")
-        written = export_saved([str(d) for d in dirs], out, weights)
+        keys = run_key_map(run, args.model)
+        written = export_saved([str(d) for d in dirs], out, weights, keys, args.format)
     except (UsageError, ValueError, OSError) as err:
         print(f"python -m checkpoint: error: {err}", file=sys.stderr)
         return 2
-    model = read_run(Path(args.run), need=()).get("model", "<base model>")
-    print(f"wrote {written} ({', '.join(str(d) for d in dirs)}); load it with diffusers:")
-    print(USAGE_LOAD.format(model=model, dir=Path(written).parent, name=Path(written).name))
+    model = args.model or read_run(Path(args.run), need=()).get("model", "<base model>")
+    print(f"wrote {written} ({args.format} format; {', '.join(str(d) for d in dirs)}); load it with diffusers:")
+    print(USAGE_LOAD.format(pipeline=keys.pipeline, model=model, dir=Path(written).parent, name=Path(written).name))
+    if args.format == "kohya":
+        print("or copy it into ComfyUI's models/loras or A1111's models/Lora")
     return 0
 
 

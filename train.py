@@ -765,7 +765,7 @@ def _surrogate_task(k: int, task: str, fn, models, train: list, cfg: Config, sta
     noise = torch.randn((len(explored) * sur_cfg.pretrain_noises, *models.latent_shape),
                         generator=torch.Generator().manual_seed(seed_of(cfg.seed, k, SURROGATE, 2)))
     with bad_input():
-        logs = box.pretrain(explored, noise, cfg.steps, cfg.guidance)
+        logs = box.pretrain(explored, noise, cfg.steps, cfg.guidance, kind=cfg.sampler)
     log(f"stage {k} {task}: surrogate pre-trained on {logs['pretrain_samples']} samples of {len(explored)} prompts "
         f"in {time.time() - t0:.0f} s (held-out pair accuracy {logs['pair_acc']:.3f})")
     if _rank() == 0:
@@ -781,7 +781,7 @@ def _surrogate_report(k: int, box, sdir: Path, test: list, models, cfg: Config) 
     noise = torch.randn((len(shown) * reps, *models.latent_shape),
                         generator=torch.Generator().manual_seed(seed_of(cfg.seed, k, SURROGATE, 3)))
     with bad_input():
-        final = box.heldout(shown, noise, cfg.steps, cfg.guidance, reps)
+        final = box.heldout(shown, noise, cfg.steps, cfg.guidance, reps, kind=cfg.sampler)
     pre = sdir / "surrogate_pretrain.json"
     write_json(sdir / "surrogate.json", {"task": box.task, "held_out_prompts": len(shown), "samples_each": reps,
                                           "final": final, "pretrain": json.loads(pre.read_text()) if pre.exists() else None,
@@ -914,13 +914,15 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
         gen = torch.Generator().manual_seed(cfg.seed)
         shown = test[:cfg.n_samples]
         noise = torch.randn((len(shown), *models.latent_shape), generator=gen).to(models.device)
-        images = rid.sample(models, shown, noise, steps=cfg.steps, guidance=cfg.guidance, group=group)
+        images = rid.sample(models, shown, noise, steps=cfg.steps, guidance=cfg.guidance, group=group,
+                            sampler=cfg.sampler, generator=gen)  # a stochastic sampler (LCM) draws after the noise
         if not torch.isfinite(images).all():  # the last update's weights, never run forward in training
             raise stop(f"the samples after the last step ({total}) are non-finite")
         save_grid(images, sdir / "samples.png")
         if box is not None:  # the surrogate against the true reward on held-out prompts, the final model's samples
             _surrogate_report(k, box, sdir, test, models, cfg)
         checkpoint.save(group, sdir, extra={"task": task, "stage": k, "step": total, "config": stage_cfg})
+        checkpoint.write_stage_lora(group, models, sdir)  # pipe.load_lora_weights(sdir); kohya for ComfyUI/A1111
         run_path = out / "run.json"
         run = checkpoint.read_run(out, need=("stages",))
         run["stages"] = [s for s in run["stages"] if s != sdir.name] + [sdir.name]

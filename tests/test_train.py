@@ -489,6 +489,34 @@ def test_samples_png_is_rid_sample_on_fixed_noise(world, full_run):
     assert (png.float() - expect * 255).abs().max() <= 1.0
 
 
+def test_stage_dirs_load_in_diffusers_as_the_stage(world, full_run):
+    """Every finished stage dir: diffusers' pipe.load_lora_weights(stage_dir) (it picks
+    pytorch_lora_weights.safetensors by its default name) and the kohya twin lora_kohya.safetensors (diffusers'
+    kohya converter) give the CFG prediction of checkpoint.load's group on a fresh model."""
+    import rid
+    from diffusers import StableDiffusionPipeline
+
+    models = rid.load_models(world.sd)
+    z = torch.randn(2, *models.latent_shape, generator=torch.Generator().manual_seed(0))
+    cond = models.conditioning(["a photo of a cat", "a red car"], 7.5)
+    with torch.no_grad():
+        base = models.predict(z, 501, cond, 7.5)
+    for stage in ("stage1-aesthetic", "stage2-compress"):
+        d = full_run / stage
+        checkpoint.load(models.unet, d)
+        with torch.no_grad():
+            ours = models.predict(z, 501, cond, 7.5)
+        for weight_name in (None, checkpoint.KOHYA_FILE):
+            pipe = StableDiffusionPipeline.from_pretrained(world.sd, safety_checker=None)
+            pipe.load_lora_weights(str(d), **({"weight_name": weight_name} if weight_name else {}))
+            with torch.no_grad():
+                theirs = dataclasses.replace(models, unet=pipe.unet).predict(z, 501, cond, 7.5)
+            moved, diff = (ours - base).abs().max().item(), (ours - theirs).abs().max().item()
+            assert moved > 1e-4, f"{stage}: the adapters move the output by only {moved:.3g}"
+            assert diff <= 1e-5, f"{stage} {weight_name or 'load_lora_weights(stage_dir)'}: max |diffusers - rid| = " \
+                                 f"{diff:.3g} (the adapters move it {moved:.3g})"
+
+
 #### CRASH SAFETY ####
 
 def test_resume_of_a_run_from_before_lr_schedules_means_constant(world, full_run, tmp_path):
