@@ -9,7 +9,8 @@ out/run.json). Every stage samples at the run's DDIM steps (--steps overrides); 
 generator is thus evaluated at its own K, and its base model both at K ("stage0-base-Ksteps") and at
 its usual steps (the mini world's 20, SD's 50: "stage0-base-Nsteps", method "base (N steps)"). Every stage and method samples the same test prompts from the same initial noise:
 image i of prompt p starts from noise drawn with a generator seeded by (--seed, p, i), whatever the
-batch size. Metrics per stage (direction in brackets):
+batch size. The sampler is the run's (--sampler overrides); a stochastic one (LCM) draws its fresh noise
+from a generator seeded by (--seed, the batch's first image): reproducible, its images depend on --batch. Metrics per stage (direction in brackets):
 
     aesthetic (up)  LAION aesthetic predictor v2, 1-10          hps (up)   HPSv2 cosine
     clip (up)       100 * cos(image, prompt), rewards.clip_score
@@ -185,6 +186,7 @@ class Settings:
     seed: int = 0
     steps: int | None = None       # None: the run's own (run.json config)
     guidance: float | None = None
+    sampler: str | None = None     # None: the run's own (run.json config; "auto" before it was saved)
     dtype: str = "fp32"
     device: str = "cpu"
     batch: int = 8
@@ -203,7 +205,7 @@ def is_mini(run: Run) -> bool:
 
 
 # The sampler's ranges, as rid.StepConfig declares them for training (one declaration per setting).
-SAMPLER = {f.name: f.metadata for f in dataclasses.fields(rid.StepConfig) if f.name in ("steps", "guidance")}
+SAMPLER = {f.name: f.metadata for f in dataclasses.fields(rid.StepConfig) if f.name in ("steps", "guidance", "sampler")}
 
 
 def stage_config(stage: Stage, s: Settings) -> dict:
@@ -235,6 +237,10 @@ def stage_config(stage: Stage, s: Settings) -> dict:
             raise UsageError(f"{run.dir / 'run.json'}: config {name} {value!r} is not allowed; allowed: "
                              f"{SAMPLER[name]['allowed']} (or pass --{name})")
         sampler[name] = value
+    kind = cfg.get("sampler", "auto") if s.sampler is None else s.sampler
+    if kind not in SAMPLER["sampler"]["choices"]:
+        raise UsageError(f"{run.dir / 'run.json'}: config sampler {kind!r} is not allowed; allowed: "
+                         f"{', '.join(SAMPLER['sampler']['choices'])} (or pass --sampler)")
     return {
         "version": CACHE_VERSION, "model": run.info["model"], "prompts": prompts, "seed": s.seed,
         "images_per_prompt": s.images_per_prompt, "dtype": s.dtype,
@@ -242,6 +248,7 @@ def stage_config(stage: Stage, s: Settings) -> dict:
         "spec": dataclasses.asdict(spec), "fid": fid,
         "jpeg_quality": JPEG_QUALITY, "grid_prompts": s.grid_prompts,
         **({"resolution": res} if (res := cfg.get("resolution") if s.resolution is None else s.resolution) else {}),
+        **({"sampler": kind} if kind != "auto" else {}),  # auto: the model's own, as every cache before --sampler
     }
 
 
@@ -519,6 +526,13 @@ def noise_for(seed: int, p: int, i: int, shape: tuple) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(s))
 
 
+def generator_for(seed: int, tag, b: int) -> torch.Generator:
+    """The fresh noise a stochastic sampler (LCM) draws for the batch starting at job b: fixed by (seed, tag, b),
+    so an eval is reproducible (with a stochastic sampler its images depend on --batch; DDIM draws nothing)."""
+    s = int(hashlib.sha256(f"{seed}/sampler/{tag}/{b}".encode()).hexdigest()[:15], 16)
+    return torch.Generator().manual_seed(s)
+
+
 def evaluate_stage(stage: Stage, models: rid.Models, scorer: Scorer, s: Settings, bar) -> dict:
     """Generate the stage's images batch by batch, score them, cache the result and a sample strip."""
     config, group = stage.config, None
@@ -535,7 +549,8 @@ def evaluate_stage(stage: Stage, models: rid.Models, scorer: Scorer, s: Settings
         batch = jobs[b:b + s.batch]
         noise = torch.stack([noise_for(config["seed"], p, i, models.latent_shape) for p, i in batch])
         texts = [prompts[p] for p, _ in batch]
-        images = rid.sample(models, texts, noise, steps=config["steps"], guidance=config["guidance"], group=group)
+        images = rid.sample(models, texts, noise, steps=config["steps"], guidance=config["guidance"], group=group,
+                            sampler=config.get("sampler", "auto"), generator=generator_for(config["seed"], "test", b))
         scorer.update(images, texts)  # (B, 3, H, W) in [0, 1]
         strip += [img for (p, i), img in zip(batch, images.cpu()) if i == 0 and p < config["grid_prompts"]]
         bar.update(len(batch))
@@ -545,7 +560,8 @@ def evaluate_stage(stage: Stage, models: rid.Models, scorer: Scorer, s: Settings
             noise = torch.stack([noise_for(config["seed"], "coco", j, models.latent_shape)
                                  for j in range(b, min(b + s.batch, len(captions)))])
             scorer.update_fid(rid.sample(models, captions[b:b + s.batch], noise, steps=config["steps"],
-                                         guidance=config["guidance"], group=group))
+                                         guidance=config["guidance"], group=group, sampler=config.get("sampler", "auto"),
+                                         generator=generator_for(config["seed"], "coco", b)))
             bar.update(len(noise))
     result = {"key": stage.key, "stage": stage.name, "index": stage.index, "n_images": len(jobs),
               "metrics": scorer.result(), "config": config}
@@ -860,6 +876,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--steps", type=int, help="DDIM steps (default: the run's; for an r0 run its generator's K, and its base "
                                 "model is also evaluated at its usual steps)")
     a("--guidance", type=float, help="classifier-free guidance (default: the run's)")
+    a("--sampler", help=f"{SAMPLER['sampler']['help']}; one of {', '.join(SAMPLER['sampler']['choices'])} "
+                        "(default: the run's)")
     a("--max-prompts", type=int, help="evaluate only the first N test prompts (quick looks)")
     a("--resolution", type=int, help="image side in pixels (default: the run's train.py --resolution, else the "
                                      "model's own: 512 for SD-1.5, 32 in the mini world)")
@@ -893,6 +911,8 @@ def check_settings(args) -> None:
         v = getattr(args, name)
         if v is not None and not SAMPLER[name]["check"](v):
             raise UsageError(f"--{name} {v} is not allowed; allowed: {SAMPLER[name]['allowed']}")
+    if args.sampler is not None and args.sampler not in SAMPLER["sampler"]["choices"]:
+        raise UsageError(f"--sampler {args.sampler!r} is not allowed; allowed: {', '.join(SAMPLER['sampler']['choices'])}")
     for w in args.weights or []:
         if not (math.isfinite(w) and w > 0):
             raise UsageError(f"--weights {w} is not allowed; allowed: finite numbers > 0, one per --soup entry")
@@ -903,7 +923,7 @@ def main(argv=None) -> int:
         args = build_parser().parse_args(argv)
         device = checkpoint.check_device("--device", args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         s = Settings(images_per_prompt=args.images_per_prompt, seed=args.seed, steps=args.steps,
-                     guidance=args.guidance, dtype=args.dtype or ("fp16" if device.startswith("cuda") else "fp32"),
+                     guidance=args.guidance, sampler=args.sampler, dtype=args.dtype or ("fp16" if device.startswith("cuda") else "fp32"),
                      device=device, batch=args.batch, reward_spec=args.reward_spec, fid_ref=args.fid_ref,
                      fid_features=args.fid_features, max_prompts=args.max_prompts, resolution=args.resolution,
                      coco=args.coco if args.fid == "coco" else None, coco_n=args.coco_n)

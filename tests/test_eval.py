@@ -2,9 +2,11 @@
 tests/tiny.py + rid adapters saved with rid's own save, a tiny-CLIP reward spec), checked against
 metrics recomputed directly (rewards on rid.sample's images, PIL file sizes, a Frechet distance
 written out with eigh)."""
+import dataclasses
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ import mini
 import rewards
 import rid
 from test_rewards import tiny_spec
-from tiny import tiny_sd
+from tiny import tiny_sd, tiny_sdxl
 
 PROMPTS = ["a photo of a cat", "a red car", "a blue house"]
 SETTINGS = dict(images_per_prompt=2, seed=0, batch=6, device="cpu", dtype="fp32", fid_features="clip")
@@ -96,9 +98,10 @@ def world(tmp_path_factory):
     return {"root": root, "model": model, "spec": str(root / "spec" / "rewards.json"), "ref": str(ref)}
 
 
-def make_run(dir, world, tasks=("aesthetic", "hps"), method="rid", seed=1):
-    """A run directory as train.py lays it out, with random non-zero adapters per stage."""
-    models = rid.load_models(world["model"])
+def make_run(dir, world, tasks=("aesthetic", "hps"), method="rid", seed=1, model=None):
+    """A run directory as train.py lays it out, with random non-zero adapters per stage (model: world's)."""
+    model = model or world["model"]
+    models = rid.load_models(model)
     group = rid.inject(models.unet, rank=2)
     g = torch.Generator().manual_seed(seed)
     stages = []
@@ -109,7 +112,7 @@ def make_run(dir, world, tasks=("aesthetic", "hps"), method="rid", seed=1):
         stages.append(f"stage{k}-{task}")
         checkpoint.save(group, dir / stages[-1])
     (dir / "test_prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    run = {"tasks": list(tasks), "method": method, "model": world["model"], "reward_spec": world["spec"],
+    run = {"tasks": list(tasks), "method": method, "model": model, "reward_spec": world["spec"],
            "stages": stages, "test_prompts": "test_prompts.txt", "seed": 0, "config": {"steps": 2, "guidance": 3.0}}
     (dir / "run.json").write_text(json.dumps(run))
     return dir
@@ -244,6 +247,33 @@ def test_changed_setting_recomputes_only_what_it_changes(report, run_dir, world,
     assert len(list((run_dir / "eval").glob("*.json"))) == 6  # both settings stay cached
 
 
+def test_lcm_sdxl_eval_is_reproducible_and_its_sampler_a_setting(world, run_dir, tmp_path):
+    """A tiny LCM-SDXL run (sampler auto -> lcm: it re-noises between steps): its fresh noise comes from eval's
+    seeded generators, so two evals from scratch, the global RNG moved in between, give identical metrics.
+    --sampler ddim is another setting (its own cache entry, other images). An SD run evaluated with the
+    sampler left at auto keeps a cache key without "sampler": every cache written before --sampler holds."""
+    model = tiny_sdxl(tmp_path / "lcm", scheduler="lcm", time_cond_proj_dim=8)
+    run = make_run(tmp_path / "run", world, tasks=("aesthetic",), model=model)
+    s = ev.Settings(**{**SETTINGS, "images_per_prompt": 1}, fid_ref=world["ref"])
+    results = []
+    for seed in (1, 2):
+        shutil.rmtree(run / "eval", ignore_errors=True)
+        torch.manual_seed(seed)
+        out = ev.evaluate([str(run)], s=s, out=tmp_path / f"report{seed}", log=lambda m: None)
+        assert out["computed"] == 2
+        results.append([r["metrics"] for r in out["rows"]])
+    assert results[0] == results[1]
+    assert ev.main(["--ckpt", str(run), "--sampler", "ddim", "--images-per-prompt", "1", "--batch", "6",
+                    "--fid-ref", world["ref"], "--fid-features", "clip", "--device", "cpu", "--dtype", "fp32",
+                    "--out", str(tmp_path / "ddim")]) == 0
+    cached = [json.loads(p.read_text()) for p in (run / "eval").glob("*.json")]
+    assert sorted(c["config"].get("sampler", "auto") for c in cached) == ["auto", "auto", "ddim", "ddim"]
+    ddim = [c["metrics"] for c in cached if c["config"].get("sampler") == "ddim" and c["index"] == 1]
+    assert ddim[0] != results[0][1]
+    sd = [json.loads(p.read_text())["config"] for p in (run_dir / "eval").glob("*.json")]
+    assert sd and all("sampler" not in c for c in sd)
+
+
 def test_soup_of_identical_runs_equals_the_run(report, run_dir, world, tmp_path):
     out = ev.evaluate([], soup=[str(run_dir), str(run_dir)], s=ev.Settings(**SETTINGS, fid_ref=world["ref"]),
                       out=tmp_path, log=lambda m: None)
@@ -326,6 +356,7 @@ def test_inception_unavailable_skips_fid(world, run_dir, tmp_path, monkeypatch):
     (["--ckpt", "{tmp}", "--images-per-prompt", "0"], "--images-per-prompt 0"),
     (["--ckpt", "{tmp}", "--weights", "0.5"], "--weights applies to --soup"),
     (["--soup", "{tmp}"], "is neither a run directory"),
+    (["--ckpt", "{tmp}", "--sampler", "euler"], "--sampler 'euler' is not allowed; allowed: auto, ddim, lcm"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, args, msg):
     assert ev.main([a.format(tmp=tmp_path) for a in args]) == 2

@@ -517,6 +517,40 @@ def test_stage_dirs_load_in_diffusers_as_the_stage(world, full_run):
                                  f"{diff:.3g} (the adapters move it {moved:.3g})"
 
 
+def test_lcm_sdxl_run_samples_with_its_seeded_generator_and_loads_in_diffusers(world, tmp_path, monkeypatch):
+    """A real tiny LCM-SDXL run (sampler auto -> lcm, which re-noises between steps): samples.png is rid.sample
+    with the LCM sampler and the fresh noise drawn from the generator that drew the initial noise (the global
+    RNG is moved first, so a draw from it would differ), and the stage dir loads with load_lora_weights."""
+    import rid
+    from diffusers import StableDiffusionXLPipeline
+
+    model = tiny.tiny_sdxl(tmp_path / "lcm", scheduler="lcm", time_cond_proj_dim=8)
+    out = tmp_path / "run"
+    torch.manual_seed(123)
+    assert run_main(monkeypatch, tiny_args(world, out, tasks="aesthetic")[2:] + ["--model", model]) == 0
+    models = rid.load_models(model)
+    group = checkpoint.load(models.unet, out / "stage1-aesthetic")
+    test = (out / "test_prompts.txt").read_text().split("\n")[:-1]
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn((len(test), *models.latent_shape), generator=gen)
+    imgs = rid.sample(models, test, noise, steps=2, guidance=7.5, group=group, sampler="lcm", generator=gen)
+    png = torch.from_numpy(np.array(Image.open(out / "stage1-aesthetic" / "samples.png"))).permute(2, 0, 1)
+    assert (png.float() - torch.cat(list(imgs), dim=2) * 255).abs().max() <= 1.0
+    other = rid.sample(models, test, noise, steps=2, guidance=7.5, group=group, sampler="lcm",
+                       generator=torch.Generator().manual_seed(7))  # other fresh noise: the check can fail
+    assert (png.float() - torch.cat(list(other), dim=2) * 255).abs().max() > 1.0
+
+    z = torch.randn(2, *models.latent_shape, generator=torch.Generator().manual_seed(1))
+    cond = models.conditioning(test, 7.5)
+    pipe = StableDiffusionXLPipeline.from_pretrained(model)
+    pipe.load_lora_weights(str(out / "stage1-aesthetic"))
+    with torch.no_grad():
+        ours = models.predict(z, 501, cond, 7.5)
+        theirs = dataclasses.replace(models, unet=pipe.unet).predict(z, 501, cond, 7.5)
+    diff = (ours - theirs).abs().max().item()
+    assert diff <= 1e-5, f"LCM-SDXL stage dir: max |diffusers - rid| = {diff:.3g}"
+
+
 #### CRASH SAFETY ####
 
 def test_resume_of_a_run_from_before_lr_schedules_means_constant(world, full_run, tmp_path):
