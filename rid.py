@@ -8,7 +8,10 @@ generator by regularized multi-reward maximization) → `train_step`. The model 
 the denoiser call, the sampler from its scheduler config, decode) sits behind one seam, backbones/;
 the samplers are written out in samplers.py; adapter groups on disk in checkpoint.py; timings in bench.py.
 
-Shapes use SD-1.5 names: latents z (B, 4, h, w), images (B, 3, H, W) in [0, 1], text (B, L, D).
+Shapes use SD-1.5 names: latents z (B, 4, h, w), images (B, 3, H, W) in [0, 1], text (B, L, D). The methods
+read the sampler only through samplers.py's interface (timestep, step, x0, add_noise), so they run unchanged
+on rectified flows (SD3: z (B, 16, h, w); FLUX: packed z (B, h·w/4, 64)): the last step to σ = 0 is x̂₀,
+DRaFT-LV re-noises to (1 − σ)x̂₀ + σε, R0's random η is samplers.Flow's η analogue.
 """
 from __future__ import annotations
 
@@ -91,8 +94,9 @@ class StepConfig:
                          "an integer in [1, 1000]",
                           lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000)
     sampler: str = setting("auto", "the sampler: auto follows the model's scheduler config (LCMScheduler: lcm, "
-                           "else ddim; samplers.py)", choices=("auto",) + samplers.SAMPLERS)
-    guidance: float = setting(7.5, "classifier-free guidance scale w; 1 = no unconditional branch (paper: 7.5)",
+                           "FlowMatchEulerDiscreteScheduler (SD3, FLUX): flow, else ddim; samplers.py)", choices=("auto",) + samplers.SAMPLERS)
+    guidance: float = setting(7.5, "classifier-free guidance scale w; 1 = no unconditional branch (paper: 7.5); "
+                              "FLUX-dev: w as its guidance embedding, no unconditional branch (its default 3.5)",
                               *_finite_at_least(0))
     lam: float = setting(0.1, "rid: λ, weight of the distillation term λ·‖x₀ˢ − x₀ᵗ‖² (paper: 0.1)",
                          *_finite_at_least(0))
