@@ -85,6 +85,7 @@ SUR_LEARNS = f"{T_SUR}::test_surrogate_learns_a_known_function_of_the_latent"
 SUR_TASK = f"{T_SUR}::test_surrogate_task_scores_the_latents_it_was_given_with_the_true_reward"
 SUR_STATE = f"{T_SUR}::test_state_dict_continues_bit_exactly"
 EXPORT = f"{T_RID}::test_export_lora_loads_in_diffusers"
+EXPORT_BOTH = "tests/test_export.py::test_export_loads_in_diffusers_as_rids_forward_for_both_backbones"
 
 MUTANTS = [
     *section("RID: the EMA teacher (rid.py)",
@@ -269,7 +270,7 @@ MUTANTS = [
         M("held-out-prompts-in-the-buffer", "surrogate.py", "self.sur.add(z[:cut], pid[:cut], r[:cut])",
           "self.sur.add(z, pid, r)", (SUR_TASK,), "the held-out pair accuracy is measured on training data"),
     ),
-    *section("LoRA export for diffusers (checkpoint.py)",
+    *section("LoRA export: diffusers and kohya files (checkpoint.py, backbones/)",
         M("export-scale-dropped", "checkpoint.py", "B = torch.cat([s * t[name][1] for s, t in zip(",
           "B = torch.cat([t[name][1] for s, t in zip(", (EXPORT,), "the tasks' scales s_i not in the file"),
         M("export-scale-squared", "checkpoint.py", "B = torch.cat([s * t[name][1] for s, t in zip(",
@@ -277,12 +278,13 @@ MUTANTS = [
         M("export-last-task-only", "checkpoint.py",
           "per_task = [group.task_tensors(i) for i in range(len(group.tasks))]",
           "per_task = [group.task_tensors(len(group.tasks) - 1)]", (EXPORT,), "the frozen tasks are not exported"),
-        M("export-keys-without-unet-prefix", "checkpoint.py", 'tensors[f"unet.{name}.lora_A.weight"]',
-          'tensors[f"{name}.lora_A.weight"]', (EXPORT,), "diffusers finds no UNet key for A"),
-        M("export-alpha-of-one-task", "checkpoint.py", 'tensors[f"unet.{name}.lora_B.weight"] = B',
-          'tensors[f"unet.{name}.alpha"] = torch.tensor(A.shape[0] / len(per_task)); '
-          'tensors[f"unet.{name}.lora_B.weight"] = B',
-          (EXPORT,), "an alpha key per layer (r, not T·r): diffusers refuses the file, a key without 'lora'"),
+        M("export-key-map-drops-the-prefix", "backbones/__init__.py",
+          'return f"{self.lora_prefix}.{layer}.lora_A.weight", f"{self.lora_prefix}.{layer}.lora_B.weight"',
+          'return f"{layer}.lora_A.weight", f"{self.lora_prefix}.{layer}.lora_B.weight"', (EXPORT,),
+          "the diffusers key map loses 'unet.' on A: diffusers finds no UNet key for it"),
+        M("export-kohya-alpha-of-one-task", "checkpoint.py", "alpha: torch.tensor(float(A.shape[0]))})",
+          "alpha: torch.tensor(float(A.shape[0] // len(per_task)))})", (EXPORT_BOTH,),
+          "kohya alpha = r (one task's rank) at rank T·r: the loader scales the sum by 1/T"),
     ),
     *section("kernels (rid_kernels/)",
         M("jpeg-table-clamp-0", "rid_kernels/jpeg.py", "t = ((t * scale + 50) // 100).clamp(1, 255)",
