@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                       f"{MINI_BATCH} for every method)")
     a("--micro-batch", help="prompts per forward/backward on one process, or auto: the largest that fits the "
                             "device's free memory (15 %% kept free), from the fake-tensor memory model of "
-                            "experiments.memory run on the loaded model; micro-batches per step = batch / world size "
+                            "memplan.py (the model behind docs/sd15_memory.md) run on the loaded model; micro-batches per step = batch / world size "
                             "/ micro-batch; it sets the order the gradient sums in, so --resume keeps it "
                             f"(default: auto on a GPU, {d.micro_batch} on a CPU)")
     a("--grad-accum", type=int, help="micro-batches per step per process; sets the micro-batch size "
@@ -966,20 +966,21 @@ def adopt_micro_batch(cfg: Config, resume: bool) -> None:
 
 def plan_micro_batch(cfg: Config, models, reward_fns: dict, world: int, free=None) -> int:
     """--micro-batch auto: the largest micro-batch whose training step fits the free memory of the device
-    (experiments.memory's fake-tensor model of the loaded architecture, per task's reward, 15 % kept free)
-    and divides every task's batch per process. Sets cfg.micro_batch; UsageError when not even 1 fits."""
-    from experiments import memory  # the model that writes docs/sd15_memory.md, run here on this run's model
+    (memplan's fake-tensor model of the loaded architecture, per task's reward, 15 % kept free; the model
+    behind docs/sd15_memory.md) and divides every task's batch per process. Sets cfg.micro_batch; UsageError
+    when not even 1 fits."""
+    import memplan
 
     step_cfg = step_config(cfg)
-    budget = memory.free_bytes(cfg.device) if free is None else free
+    budget = memplan.free_bytes(cfg.device) if free is None else free
     per_rank = {t: cfg.batch[t] // world for t in cfg.tasks}
     top, need = None, None
     for task in cfg.tasks:
         if surrogate.is_black_box(task):  # scored on latents: no VAE decode with gradient, less than any other
             continue
-        p = memory.plan_micro_batch(models, reward_fns[task], cfg.method, budget, steps=cfg.steps,
-                                    truncate=step_cfg.truncate, checkpointing=cfg.gradient_checkpointing,
-                                    rank=cfg.rank, frozen_tasks=len(cfg.tasks) - 1)
+        p = memplan.plan_micro_batch(models, reward_fns[task], cfg.method, budget, steps=cfg.steps,
+                                     truncate=step_cfg.truncate, checkpointing=cfg.gradient_checkpointing,
+                                     rank=cfg.rank, frozen_tasks=len(cfg.tasks) - 1)
         if top is None or p["top"] < top:
             top, need = p["top"], p
     if top is None:  # black-box tasks only

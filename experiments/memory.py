@@ -6,7 +6,8 @@
 How: the SD-1.5 UNet, VAE and text encoder (experiments.sd15's published configs) and the reward models a
 RIL run holds (open_clip ViT-L-14 + the LAION MLP for aesthetic, ViT-H-14 for hps) are built as *fake*
 tensors (torch's FakeTensorMode: shapes, dtypes and devices, no storage), and rid.train_step, the real
-code, runs one optimizer step on hps. A dispatch mode sees every tensor each op returns and adds its
+code, runs one optimizer step on hps. A dispatch mode (memplan.PeakMemory, the counter train.py's
+--micro-batch auto runs too) sees every tensor each op returns and adds its
 storage's bytes while the storage lives; the peak of that sum is the step's peak of live tensor memory,
 which is what torch.cuda.max_memory_allocated reports for the same step on a GPU (before the caching
 allocator's fragmentation; the attention runs as SDPA, as on a GPU). Every value a Python branch reads
@@ -25,64 +26,18 @@ import json
 import math
 import sys
 import time
-import weakref
 from pathlib import Path
 from unittest import mock
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from experiments.common import ROOT, Parser, ints, logger, write_doc
+from memplan import MARGIN, PeakMemory, fake_copy, fits, free_bytes, plan_micro_batch, step_memory, steps_for  # noqa: F401
 
 PROG = "python -m experiments.memory"
 GIB = 2 ** 30
 FITS = (24, 40, 80)  # GB of the usual GPUs (the doc's columns; 1 GB = 10⁹ bytes as vendors count)
 GC_METHODS = ("draft-k", "draft", "r0")  # more than one step with gradient: checkpointing changes their memory
-
-
-class PeakMemory(TorchDispatchMode):
-    """Live tensor bytes: every storage an op returns counts from its creation until it is freed (a weakref
-    finalizer on the storage, whose Python object lives exactly as long as the storage). `peak` is the
-    largest sum seen. Storages passed to the constructor (weights, buffers) count from the start.
-    `_local_scalar_dense` (.item(), float(t), bool(t)) on a fake tensor reads 1 of the tensor's dtype
-    (a finiteness check passes, AdamW's step counter is 1): no tensor's size depends on it."""
-
-    def __init__(self, *tensors):
-        super().__init__()
-        self.live, self.now, self.peak = {}, 0, 0
-        for t in tensors:
-            self.add(t)
-
-    def add(self, t) -> None:
-        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-            return
-        st = t.untyped_storage()
-        key = st._cdata
-        if key in self.live:
-            return
-        self.live[key] = st.nbytes()
-        self.now += st.nbytes()
-        self.peak = max(self.peak, self.now)
-        weakref.finalize(st, self._free, key)
-
-    def _free(self, key) -> None:
-        self.now -= self.live.pop(key, 0)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and _is_fake(args[0]):
-            t = args[0]
-            return True if t.dtype == torch.bool else 1.0 if t.is_floating_point() else 1
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            self.add(t)
-        return out
-
-
-def _is_fake(t) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    return isinstance(t, FakeTensor)
 
 
 def _fake_clip(arch: str, weights, device):
@@ -153,35 +108,6 @@ def sd15_world(dtype: torch.dtype, tokenizer, tasks=("aesthetic", "hps")):
     return rid.Models(unet, vae, text, tokenizer), fns, made
 
 
-def step_memory(models, reward_fn, modules, method: str, batch: int, checkpointing: bool, steps: int,
-                truncate: int = 1, rank: int = 4, frozen_tasks: int = 2) -> dict:
-    """One rid.train_step (one micro-batch of `batch` prompts) on the current task of an adapter group with
-    `frozen_tasks` frozen tasks before it (the last task of a 3-task RIL run). -> {"static", "peak"} bytes:
-    static = everything alive before the step (weights, adapters, EMA, AdamW's state), peak = the step's."""
-    import rid
-
-    unet = models.unet
-    group = rid.group_of(unet) or rid.inject(unet, rank=rank)
-    group.clear()
-    for k in range(frozen_tasks):
-        group.add_task(f"t{k}")
-    group.add_task("current")
-    opt = torch.optim.AdamW([group.flat], lr=1e-4)
-    for st in ("exp_avg", "exp_avg_sq"):  # AdamW's state, as after the first step
-        opt.state[group.flat][st] = torch.zeros_like(group.flat)
-    opt.state[group.flat]["step"] = torch.tensor(1.0)
-    cfg = rid.StepConfig(method=method, steps=steps, truncate=truncate, gradient_checkpointing=checkpointing)
-    noise = torch.randn(batch, *models.latent_shape, device=models.device)
-    own = [t for m in (models.unet, models.vae, models.text_encoder, *modules)
-           for t in (*m.parameters(), *m.buffers())]
-    own += [group.flat, group.ema, *opt.state[group.flat].values()]
-    own += [b for layer in group.layers.values() for b in (layer.A_frozen, layer.B_frozen, layer.B_scaled)]
-    with PeakMemory(*own, noise) as mem:
-        static = mem.now
-        rid.train_step(models, group, reward_fn, [(["a photo of a cat"] * batch, noise)], opt, cfg)
-    return {"static": static, "peak": mem.peak}
-
-
 def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kw) -> int:
     """FlopCounterMode counts the CUDA attention kernels; on CPU SDPA runs as its own op: the same count."""
     from torch.utils.flop_counter import sdpa_flop_count
@@ -221,99 +147,6 @@ def step_flops(models, reward_fn, method: str, batch: int, steps: int, rank: int
         ctx = torch.randn(2 * batch, models.tokenizer.model_max_length, models.text_encoder.config.hidden_size)
         models.unet(z, torch.tensor(1), encoder_hidden_states=ctx)
     return {"total": total, "unet_call": fc.get_total_flops()}
-
-
-def free_bytes(device) -> int:
-    """Memory a run may still take on `device`: the GPU's free memory, or the host's available memory."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    import os
-
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-MARGIN = 0.15  # kept free: the caching allocator's fragmentation and cuBLAS/cuDNN workspaces (~10 %), and 5 % more
-
-
-def fake_copy(models):
-    """The loaded models' architecture, built from their configs as fake tensors (call inside
-    FakeTensorMode): what the planner runs the step on, so it allocates nothing on the device."""
-    import rid
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-
-    def build(real, make):
-        default = torch.get_default_dtype()
-        torch.set_default_dtype(next(real.parameters()).dtype)  # Module.to() cannot swap fake parameters
-        try:
-            return make(real.config)
-        finally:
-            torch.set_default_dtype(default)
-
-    unet = build(models.unet, UNet2DConditionModel.from_config)
-    vae = build(models.vae, AutoencoderKL.from_config)  # fp32 in a bf16 run when its config says force_upcast
-    text = build(models.text_encoder, type(models.text_encoder))
-    for m in (unet, vae, text):
-        m.eval().requires_grad_(False)
-    unet.rid_base_model = getattr(models.unet, "rid_base_model", "fake")
-    fake = rid.Models(unet, vae, text, models.tokenizer)
-    fake.resolution = models.resolution
-    return fake
-
-
-def plan_micro_batch(models, reward_fn, method: str, budget: int, *, steps: int, truncate: int = 1,
-                     checkpointing: bool = False, rank: int = 4, frozen_tasks: int = 2) -> dict:
-    """train.py --micro-batch auto: the largest micro-batch whose step fits `budget` bytes less MARGIN
-    (train.py then takes the largest divisor of the batch at most that), from the fake-tensor step of the loaded
-    architecture at micro-batches 1 and 2 (the fixed part and the part per sample, as docs/sd15_memory.md).
-    Weights the run has already loaded are in neither `budget` (free memory) nor the count: the count is
-    the step's peak above everything alive before it, plus the adapters and AdamW's state.
-    -> {"top": 0 when not even 1 fits, "fixed", "per_sample", "usable"} (bytes)."""
-    import os
-
-    mode = os.environ.get("RID_KERNELS")
-    os.environ["RID_KERNELS"] = "torch"  # a Triton kernel cannot launch on fake tensors: the reference path,
-    try:                                 # whose saved tensors the docs' table counts too
-        return _plan(models, reward_fn, method, budget, steps, truncate, checkpointing, rank, frozen_tasks)
-    finally:
-        if mode is None:
-            os.environ.pop("RID_KERNELS", None)
-        else:
-            os.environ["RID_KERNELS"] = mode
-        import importlib
-
-        jpeg = importlib.import_module("rid_kernels.jpeg")  # the module (the package exports a function `jpeg`)
-        for cached in (jpeg._dct_matrix, jpeg._dct_kron, jpeg._constants):  # constants the compress reward
-            cached.cache_clear()  # cached per device while faking: fake tensors, unusable by the real run
-
-
-def _plan(models, reward_fn, method, budget, steps, truncate, checkpointing, rank, frozen_tasks) -> dict:
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    runs = []
-    with FakeTensorMode(allow_non_fake_inputs=True), torch.device(models.device):
-        fake = fake_copy(models)
-        weights = sum(t.untyped_storage().nbytes() for m in (fake.unet, fake.vae, fake.text_encoder)
-                      for t in (*m.parameters(), *m.buffers()))
-        for b in (1, 2):
-            r = step_memory(fake, reward_fn, [], method, b, checkpointing, steps_for(method, steps, truncate),
-                            truncate=truncate, rank=rank, frozen_tasks=frozen_tasks)
-            runs.append(r["peak"] - weights)
-    per = runs[1] - runs[0]
-    fixed = runs[0] - per
-    usable = int(budget * (1 - MARGIN))
-    return {"top": fits(fixed, per, usable / 1e9), "fixed": fixed, "per_sample": per, "usable": usable}
-
-
-def steps_for(method: str, paper_steps: int, truncate: int) -> int:
-    """DDIM steps of the measured step: the no-grad sampling steps free their activations, so only the
-    steps with gradient change the peak; draft keeps all `paper_steps`, r0 its K = 4."""
-    return {"draft": paper_steps, "draft-k": truncate + 1, "r0": 4}.get(method, 2)
-
-
-def fits(fixed: float, per: float, gb: float) -> int:
-    """The largest micro-batch b with fixed + b·per ≤ gb·10⁹ bytes (0: not even one)."""
-    return max(0, math.floor((gb * 1e9 - fixed) / per)) if per > 0 else 0
 
 
 def main(argv=None) -> int:

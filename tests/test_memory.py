@@ -1,16 +1,18 @@
-"""experiments.memory: the live-tensor counter against hand-counted allocations, the fake-tensor step
-against the same step on real tensors, and the doc's arithmetic."""
+"""memplan (train.py's --micro-batch auto) and experiments.memory (docs/sd15_memory.md, sd15_cost.md): the
+live-tensor counter against hand-counted allocations, the fake-tensor step against the same step on real
+tensors (SD, and SDXL through memplan.fake_copy), the planner, and the doc's arithmetic."""
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import memplan
 import rid
 from experiments import memory
-from tiny import toy_reward
+from tiny import tiny_sdxl, toy_reward
 
 
 def test_counter_counts_each_storage_once_while_it_lives():
-    with memory.PeakMemory() as m:
+    with memplan.PeakMemory() as m:
         a = torch.ones(1000)                        # 4000 B
         b = torch.ones(2000)                        # + 8000 = 12000
         v = b[:10].view(2, 5)                       # a view: no new storage
@@ -26,13 +28,13 @@ def test_counter_counts_each_storage_once_while_it_lives():
 
 def test_counter_starts_from_the_tensors_it_is_given_and_reads_fake_scalars_as_one():
     w = torch.zeros(256)  # 1024 B alive before
-    with memory.PeakMemory(w, w[3:]) as m:  # the same storage twice counts once
+    with memplan.PeakMemory(w, w[3:]) as m:  # the same storage twice counts once
         x = torch.ones(64)
         y = (x * w[:64]).sum()
         now = m.now
     assert m.peak == 1024 + 256 + 256 + 4  # w, x, the product and the sum, alive together while sum() ran
     assert now == 1024 + 256 + 4 and y.shape == ()  # then the unnamed product was freed
-    with FakeTensorMode(), memory.PeakMemory() as m:
+    with FakeTensorMode(), memplan.PeakMemory() as m:
         t = torch.zeros(3)
         assert float(t.sum()) == 1.0 and bool(torch.isfinite(t).all()) and int(t.long().sum()) == 1
 
@@ -55,22 +57,42 @@ def _fake_like(real):
 def test_fake_step_needs_the_memory_of_the_real_step(sd_path, method, gc):
     """The estimate's premise: fake tensors go through the same ops with the same shapes, so a step on
     them holds exactly the live bytes the real step holds (tiny SD, real weights vs fake)."""
-    steps = memory.steps_for(method, 6, 2)
+    steps = memplan.steps_for(method, 6, 2)
     models = rid.load_models(sd_path)
     with FakeTensorMode(allow_non_fake_inputs=True):
-        fake = memory.step_memory(_fake_like(models), toy_reward, [], method, 2, gc, steps,
-                                  truncate=2 if method == "draft-k" else 1)
-    real = memory.step_memory(models, toy_reward, [], method, 2, gc, steps,
-                              truncate=2 if method == "draft-k" else 1)
+        fake = memplan.step_memory(_fake_like(models), toy_reward, [], method, 2, gc, steps,
+                                   truncate=2 if method == "draft-k" else 1)
+    real = memplan.step_memory(models, toy_reward, [], method, 2, gc, steps,
+                               truncate=2 if method == "draft-k" else 1)
     assert real["static"] == fake["static"] and real["static"] > 0
     assert fake["peak"] == real["peak"], (real, fake)  # byte for byte
     assert real["peak"] > real["static"]
 
 
+def test_fake_copy_of_sdxl_needs_the_memory_of_the_real_step(tmp_path):
+    """memplan.fake_copy rebuilds any backbone from its configs (SDXL: both text encoders, the added
+    embedding): the step on it holds the live bytes of the same step on the real tiny SDXL, byte for byte."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    models = rid.load_models(tiny_sdxl(tmp_path / "xl"))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake_models = memplan.fake_copy(models)
+        assert type(fake_models) is type(models) and fake_models.text_encoder_2 is not models.text_encoder_2
+        fake = memplan.step_memory(fake_models, toy_reward, [], "rid", 2, False, 2)
+    real = memplan.step_memory(models, toy_reward, [], "rid", 2, False, 2)
+    assert real["static"] == fake["static"] > 0 and fake["peak"] == real["peak"] > real["static"], (real, fake)
+
+
+def test_experiments_memory_runs_memplans_planner():
+    """No second copy: the doc's generator and train.py's --micro-batch auto share one model."""
+    for name in ("PeakMemory", "step_memory", "fake_copy", "free_bytes", "plan_micro_batch", "steps_for", "fits"):
+        assert getattr(memory, name) is getattr(memplan, name), name
+
+
 def test_fits_is_the_largest_batch_under_the_budget():
-    assert memory.fits(4e9, 2e9, 24) == 10          # 4 + 10·2 = 24 GB exactly
-    assert memory.fits(4e9, 2.1e9, 24) == 9
-    assert memory.fits(30e9, 1e9, 24) == 0
+    assert memplan.fits(4e9, 2e9, 24) == 10          # 4 + 10·2 = 24 GB exactly
+    assert memplan.fits(4e9, 2.1e9, 24) == 9
+    assert memplan.fits(30e9, 1e9, 24) == 0
 
 
 @pytest.mark.parametrize("argv,words", [(["--resolution", "100"], "--resolution '100'"),
@@ -111,7 +133,7 @@ def test_planning_leaves_the_real_run_working(models):
     import rewards
 
     compress = rewards.get("compress")
-    plan = memory.plan_micro_batch(models, compress, "rid", 10**12, steps=2, frozen_tasks=0)
+    plan = memplan.plan_micro_batch(models, compress, "rid", 10**12, steps=2, frozen_tasks=0)
     assert plan["top"] > 0 and plan["per_sample"] > 0
     images = torch.rand(2, 3, 16, 16)
     assert torch.isfinite(compress(images, ["a", "b"])).all()

@@ -284,20 +284,20 @@ def test_the_papers_prompts_are_the_default_for_sd_and_by_name(tmp_path, capsys)
 def _real_need(world, batch):
     """Oracle for the planner: the bytes one real training step (tiny SD, real tensors, toy reward; 1 frozen
     task + the current one, DDIM 2, rid) holds at its peak beyond the model's weights, counted live."""
+    import memplan
     import rid
-    from experiments import memory
 
     models = rid.load_models(world.sd)
     weights = sum(t.untyped_storage().nbytes() for m in (models.unet, models.vae, models.text_encoder)
                   for t in (*m.parameters(), *m.buffers()))
-    r = memory.step_memory(models, tiny.toy_reward, [], "rid", batch, False, 2, frozen_tasks=0)
+    r = memplan.step_memory(models, tiny.toy_reward, [], "rid", batch, False, 2, frozen_tasks=0)
     return r["peak"] - weights
 
 
 def test_micro_batch_auto_picks_the_largest_that_fits_a_given_device(world, tmp_path, monkeypatch, capsys):
     """--micro-batch auto against a fake device size: batch 4 (micro-batches 1, 2 or 4); the device is sized
     between what the real step needs at 2 and at 4 (after the 15 % margin), so 2 is the answer."""
-    from experiments import memory
+    import memplan as memory
 
     need = {b: _real_need(world, b) for b in (1, 2, 4)}
     assert need[1] < need[2] < need[4]
@@ -842,11 +842,10 @@ def test_branch_from_copies_the_shared_stages_and_ends_as_a_run_from_scratch(wor
 DDP_AUTO = """
 import os, sys
 sys.path[:0] = [{root!r}, {tests!r}]
-import tiny, train
-from experiments import memory
+import memplan, tiny, train
 train.reward_fn = lambda task, cfg: tiny.toy_reward
 free = {free!r}[int(os.environ["RANK"])]
-memory.free_bytes = lambda device: free
+memplan.free_bytes = lambda device: free
 sys.exit(train.main(sys.argv[1:]))
 """
 
@@ -854,7 +853,7 @@ sys.exit(train.main(sys.argv[1:]))
 def test_micro_batch_auto_under_torchrun_takes_the_smallest_gpus_pick(world, tmp_path):
     """Two processes whose devices have different free memory: rank 0 could take 2 samples per pass, rank 1
     only 1; both must run the same micro-batch (the smaller), recorded once in run.json."""
-    from experiments import memory
+    import memplan as memory
 
     need = {b: _real_need(world, b) for b in (1, 2)}
     roomy, tight = need[2] * 4, (need[1] + need[2]) / 2 / (1 - memory.MARGIN)
