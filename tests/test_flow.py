@@ -13,7 +13,8 @@
     every method   rid (pixel, latent), baseline, draft-k, draft, draft-lv, refl: loss and gradient == `Hand`, an
                    unrolled loop on the pipeline's encode_prompt, diffusers' FlowMatchEuler σ's and the
                    transformer called directly (CFG, Euler, re-noising (1 − σ)x̂₀ + σε, x̂₀ = z − σv written out);
-                   r0's η from the generator; one train_step of each method moves the adapters
+                   r0 at η = 0.5: gradient through every η step (noise from the generator after the η's) ==
+                   the hand loop with the η analogue written out; one train_step of each method moves the adapters
     LoRA export    a diffusers-format file from the backbone's key map loads with StableDiffusion3Pipeline.
                    load_lora_weights and gives the transformer output of rid's adapter group
     LaSRO          the MMDiT encoder (first half of the joint blocks) reads the pooled text and the tokens
@@ -662,3 +663,34 @@ def test_lasro_encoder_on_flux_reads_packed_latents_and_text(flux):
         moved = backbones.Cond(emb.hidden * 2, pooled=emb.extra["pooled"])
         assert not torch.allclose(backbones.encoder_features(enc, z, moved)[0], f[0])
         torch.testing.assert_close(backbones.encoder_features(enc, z[[1, 0]], emb[[1, 0]])[0], f[0][[1, 0]])
+
+
+def test_sd3_r0_gradient_through_eta_steps_equals_the_hand_unrolled_loop(fresh_sd3, sd3_path):
+    """r0 at a fixed η = 0.5: every step is the η analogue written out here on the scheduler's σ's
+    (x' = (1−σ')x̂₀ + √(σ'² − c²)ε̂ + c·noise, c = η(σ'/σ)√(σ² − ((1−σ)σ'/(1−σ'))²)), its noise drawn from the
+    generator after the K η's, the last step x̂₀; loss gradient = −(normalised ∇R)·img/B + λ_w‖θ − θ₀‖²'s."""
+    models, K, eta, lam_w = fresh_sd3, 3, 0.5, 0.3
+    group = sd3_adapters(models, teacher_std=0.1)
+    hand, z0 = Hand(models, sd3_pipeline(sd3_path), K, W), latents(models)
+    g = gen(4)
+    torch.rand(K, generator=g, dtype=torch.float64)  # r0 draws its K η's first
+    z = z0
+    for i in range(K):
+        s, s_next = float(hand.sched.sigmas[i]), float(hand.sched.sigmas[i + 1])
+        v = hand.v(z, i)
+        if s_next == 0:
+            z = z - s * v
+            continue
+        c = eta * s_next / s * (s ** 2 - ((1 - s) * s_next / (1 - s_next)) ** 2) ** 0.5
+        noise = torch.randn(z.shape, generator=g)
+        z = (1 - s_next) * (z - s * v) + (s_next ** 2 - c ** 2) ** 0.5 * (z + (1 - s) * v) + c * noise
+    img = hand.decode(z)
+    x = img.detach().requires_grad_(True)
+    (d,) = torch.autograd.grad(toy_reward(x, PROMPTS).sum(), x)
+    d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    want = -(d * img).flatten(1).sum(1).mean() + lam_w * (group.flat - group.ema).pow(2).sum()
+    want_grad = _grad(want, group)
+    cfg = rid.StepConfig(method="r0", steps=K, guidance=W, eta_range=(eta, eta), lam_w=lam_w)
+    loss, logs = rid.method_loss(models, group, toy_reward, PROMPTS, z0, cfg, gen(4))
+    assert logs["reward"] == pytest.approx(toy_reward(img, PROMPTS).mean().item(), rel=1e-5)
+    torch.testing.assert_close(_grad(loss, group), want_grad, rtol=1e-4, atol=1e-6)
