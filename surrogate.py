@@ -133,7 +133,7 @@ class LatentSurrogate(nn.Module):
                 if isinstance(child, rid.LoRALinear):
                     setattr(parent, name, child.base)
         self.encoder = enc.requires_grad_(False).eval()
-        widths = [b.resnets[-1].out_channels for b in enc["down_blocks"]] + [enc["mid_block"].resnets[-1].out_channels]
+        widths = backbones.encoder_widths(enc)
         self.head = nn.Sequential(nn.Linear(sum(widths), hidden), nn.SiLU(), nn.Linear(hidden, 1))
         with torch.no_grad():  # its own generator: the surrogate's init does not shift anyone else's draws
             for p in self.head.parameters():

@@ -33,6 +33,8 @@ import samplers
 REGISTRY = {
     "StableDiffusionPipeline": "sd",
     "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3",
+    "FluxPipeline": "flux",
 }
 
 HOW = ("a local diffusers directory (what a pipeline's save_pretrained writes: model_index.json and "

@@ -251,20 +251,22 @@ def test_lasro_surrogate_reads_sdxl_conditioning(xl):
 #### REGISTRY ####
 
 def test_unsupported_pipeline_class_is_one_line_naming_the_supported(tmp_path):
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
     with pytest.raises(ValueError) as e:
         rid.load_models(str(tmp_path))
     msg = str(e.value)
-    assert "FluxPipeline" in msg and "StableDiffusionPipeline, StableDiffusionXLPipeline" in msg and "\n" not in msg
+    assert "KandinskyPipeline" in msg and "\n" not in msg
+    assert all(name in msg for name in backbones.REGISTRY)
     (tmp_path / "p.txt").write_text("a red cat\na blue dog\na red car\na blue tree\n")
     out = subprocess.run([sys.executable, "train.py", "--model", str(tmp_path), "--tasks", "compress", "--max-steps",
                           "1", "--out", str(tmp_path / "out"), "--prompts", str(tmp_path / "p.txt")],
                          cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and "FluxPipeline" in lines[0] and "StableDiffusionXLPipeline" in lines[0], lines
+    assert len(lines) == 1 and "KandinskyPipeline" in lines[0] and "FluxPipeline" in lines[0], lines
 
 
 def test_sd_and_sdxl_are_chosen_from_model_index(xl, sd_path):
     assert type(xl).__name__ == "SDXL" and type(rid.load_models(sd_path)).__name__ == "SD"
-    assert backbones.REGISTRY == {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+    assert backbones.REGISTRY == {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
+                                  "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}

@@ -195,11 +195,10 @@ def sd3(sd3_path):
 
 
 def load_sd3(path):
-    """What backbones.load does for a StableDiffusion3Pipeline directory once REGISTRY names it (that line
-    lands with tests/test_backbones.py's pin of the registry, which another owner edits)."""
-    model_id, index = backbones.resolve(path)
-    assert index["_class_name"] == "StableDiffusion3Pipeline"
-    return backbones.sd3.load(str(path), model_id, index)
+    """A StableDiffusion3Pipeline directory through the registry, as train.py and eval.py load it."""
+    models = rid.load_models(str(path))
+    assert isinstance(models, backbones.sd3.SD3)
+    return models
 
 
 def sd3_pipeline(path):
@@ -496,10 +495,9 @@ G = 3.5  # FLUX-dev's default guidance
 
 
 def load_flux(path):
-    """What backbones.load does for a FluxPipeline directory once REGISTRY names it (see load_sd3), at 16 px."""
-    model_id, index = backbones.resolve(path)
-    assert index["_class_name"] == "FluxPipeline"
-    models = backbones.flux.load(str(path), model_id, index)
+    """A FluxPipeline directory through the registry, as train.py and eval.py load it, at 16 px."""
+    models = rid.load_models(str(path))
+    assert isinstance(models, backbones.flux.Flux)
     models.set_resolution(16)
     return models
 
