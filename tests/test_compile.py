@@ -65,7 +65,9 @@ def test_covers_every_kernel_arch_dtype_and_every_config_the_autotuner_may_try(r
             for label, dt, adt, precision in bench.LORA_CASES:
                 aligned = layout == "aligned"
                 may_try = lg.configs_for(arch, bench.ARCHS[arch], (dt, dt, adt), precision, aligned)
-                assert len(may_try) >= 3 if aligned else may_try, f"sm_{arch} {layout} {label}: {len(may_try)} tiles"
+                # fp32 IEEE on Hopper: only 32×64 is spill-free at every R (lora_group._TILES); use TF32 there
+                least = 1 if not aligned or (arch, label) == (90, "fp32") else 3
+                assert len(may_try) >= least, f"sm_{arch} {layout} {label}: {len(may_try)} tiles"
                 for pas in ("fwd", "bwd"):
                     for R in bench.LORA_RANKS:
                         got = [r["config"] for r in rows if r["arch"] == arch and r["layout"] == layout
