@@ -2,9 +2,10 @@
 
 Oracles: checkpoint.export_lora of the group checkpoint.load / checkpoint.soup rebuild on the UNet
 (tests/test_rid.py checks that file against diffusers' load_lora_weights), and, end to end, diffusers'
-pipeline loading the exported file against rid's own forward with the stage's adapters: SD-1.5 and SDXL,
-both formats (diffusers detects a kohya file and converts it with its own kohya converter), exported with
-every weights file of the base model hidden (the key names come from its configs alone)."""
+pipeline loading the exported file against rid's own forward with the stage's adapters: SD-1.5 and SDXL in
+both formats (diffusers detects a kohya file and converts it with its own kohya converter), SD3 and FLUX in
+diffusers' (transformer.<layer>), exported with every weights file of the base model hidden (the key names
+come from its configs alone)."""
 import dataclasses
 import json
 import subprocess
@@ -116,20 +117,51 @@ class hidden_weights:
             p.with_name(p.name + ".hidden").rename(p)
 
 
+@pytest.fixture(scope="module")
+def mmdit_paths(tmp_path_factory):
+    from tiny import tiny_flux, tiny_sd3
+
+    d = tmp_path_factory.mktemp("mmdit")
+    return {"sd3": tiny_sd3(d / "sd3"), "flux": tiny_flux(d / "flux")}
+
+
+def model_path(request, kind):
+    return {"sd": lambda: request.getfixturevalue("sd_path"), "sdxl": lambda: request.getfixturevalue("xl_path"),
+            "sd3": lambda: request.getfixturevalue("mmdit_paths")["sd3"],
+            "flux": lambda: request.getfixturevalue("mmdit_paths")["flux"]}[kind]()
+
+
 @pytest.mark.parametrize("fmt", checkpoint.FORMATS)
 @pytest.mark.parametrize("kind", ["sd", "sdxl"])
-def test_export_loads_in_diffusers_as_rids_forward_for_both_backbones(request, tmp_path, kind, fmt):
+def test_export_loads_in_diffusers_as_rids_forward_for_both_backbones(request, tmp_path, capsys, kind, fmt):
     """Round trip: a run's last stage (two tasks, the first at scale 0.5) -> `export --format fmt` with the base
     model's weights hidden -> DiffusionPipeline.load_lora_weights (diffusers' own kohya converter for kohya)
     -> its UNet's CFG prediction == rid's with checkpoint.load's group."""
+    round_trip(model_path(request, kind), kind, fmt, tmp_path, capsys)
+
+
+@pytest.mark.parametrize("fmt", checkpoint.FORMATS)
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_export_of_the_mmdit_backbones(request, tmp_path, capsys, kind, fmt):
+    """The same round trip on SD3 and FLUX (transformer.<layer> keys); they have no kohya format: exit 2, one line."""
+    round_trip(model_path(request, kind), kind, fmt, tmp_path, capsys)
+
+
+def round_trip(path, kind, fmt, tmp_path, capsys):
     from diffusers import DiffusionPipeline
 
-    path = request.getfixturevalue("sd_path" if kind == "sd" else "xl_path")
     models = rid.load_models(path)
     run = make_run(models, tmp_path / "run", model=path, scale=0.5)
     out = tmp_path / f"{fmt}.safetensors"
+    mmdit = kind in ("sd3", "flux")
+    capsys.readouterr()
     with hidden_weights(path):
-        assert checkpoint.main(["export", str(run), str(out), "--format", fmt]) == 0
+        code = checkpoint.main(["export", str(run), str(out), "--format", fmt])
+    if mmdit and fmt == "kohya":
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and "kohya-format LoRA export is for UNet models" in err[0], err
+        return
+    assert code == 0
     saved = load_file(str(out))
     group = checkpoint.load(models.denoiser, run / "stage2-hps")
     assert group.scales == [0.5, 1.0]
@@ -140,14 +172,16 @@ def test_export_loads_in_diffusers_as_rids_forward_for_both_backbones(request, t
         assert all(float(saved[models.kohya_keys(n)[2]]) == 2 * group.rank for n in group.layers)  # alpha = rank
         if kind == "sdxl":
             assert any(k.startswith("lora_unet_input_blocks_") for k in saved)  # sgm names, not diffusers'
+    field = "transformer" if mmdit else "unet"
     pipe = DiffusionPipeline.from_pretrained(path)
     pipe.load_lora_weights(str(tmp_path), weight_name=out.name)
     z = torch.randn(2, *models.latent_shape, generator=torch.Generator().manual_seed(0))
     cond = models.conditioning(["a photo of a cat", "a red car"], 3.0)
     with torch.no_grad():
         ours = models.predict(z, 501, cond, 3.0)
-        theirs = dataclasses.replace(models, unet=pipe.unet).predict(z, 501, cond, 3.0)
-        base = dataclasses.replace(models, unet=type(pipe).from_pretrained(path).unet).predict(z, 501, cond, 3.0)
+        theirs = dataclasses.replace(models, **{field: getattr(pipe, field)}).predict(z, 501, cond, 3.0)
+        plain = getattr(type(pipe).from_pretrained(path), field)
+        base = dataclasses.replace(models, **{field: plain}).predict(z, 501, cond, 3.0)
     moved, diff = (ours - base).abs().max().item(), (ours - theirs).abs().max().item()
     assert moved > 1e-3, f"the adapters change the output by only {moved:.3g}: the comparison could not fail"
     assert diff <= 1e-5, f"{kind} {fmt}: max |diffusers - rid| = {diff:.3g} (the adapters move it {moved:.3g})"
