@@ -6,12 +6,12 @@ ahead-of-time path (ASTSource + GPUTarget; ptxas and cuobjdump ship in triton's 
 cubin itself — stack 0 (no register spills) and shared memory within the arch's per-block maximum.
 The LoRA group compiles in both of its modes: R = 12 (shrink fused) and R = 64 (h streamed), at SD-1.5's
 64² self-attention and at odd widths; `compile --all` (every backbone's layer shapes × every R ≤ 128,
-~1800 compilations, measured once for the README) is too long for a test, and the tests below check
-that the default's compilations are the full matrix's at those ranks.
+1690 compilations, ~40 min on 2 shared cores cold, measured once for the README) is too long for a
+test; the tests check that the default's compilations are among the full matrix's.
 
 It runs as a subprocess with TRITON_INTERPRET=0: this session decorated the kernels for the
 interpreter, whose objects cannot be compiled. Triton caches every cubin on disk, so only the first
-run after a kernel or config change pays the compile time (~4 min on 2 cores, see the README).
+run after a kernel or config change pays the compile time (~10 min on 2 shared cores, see the README).
 """
 import importlib
 import json
