@@ -422,7 +422,6 @@ def inject(unet, rank: int = 4, targets=None) -> AdapterGroup:
 # What other modules and the tests call by these names is the backbone's (backbones/__init__.py lists it all).
 Models = backbones.sd.SD  # SD-1.5's backbone; rid.Models(unet, vae, text_encoder, tokenizer) builds one from modules
 load_models = backbones.load  # (model, device, dtype) -> the backbone its model_index.json names
-import_failure = backbones.import_failure
 
 
 def encode_prompts(models, prompts: list):

@@ -298,6 +298,15 @@ def import_failure(e: BaseException) -> str | None:
     return f"importing {failed!r} failed in {importer} ({detail}); installed: {versions}"
 
 
+def require_subfolders(model: str, names) -> None:
+    """A local model directory must hold each of its backbone's component folders (a hub id is checked
+    by from_pretrained)."""
+    if os.path.isdir(model):
+        missing = [s for s in names if not os.path.isdir(os.path.join(model, s))]
+        if missing:
+            raise ValueError(f"model={model!r} lacks the subfolder(s) {missing}; expected {HOW}")
+
+
 def loading_error(model: str, e: BaseException, how: str = HOW) -> BaseException:
     """The ValueError a backbone's load raises for a failure inside the libraries (one line)."""
     broken = import_failure(e)

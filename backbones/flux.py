@@ -15,14 +15,13 @@ q/k/v, both feed-forwards); the file's keys carry the "transformer." prefix (Flu
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 import samplers
-from backbones import HOW, Backbone, Cond, loading_error
+from backbones import Backbone, Cond, loading_error, require_subfolders
 
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
@@ -144,10 +143,7 @@ SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer
 
 def load(model: str, model_id: str, index: dict, device="cpu", dtype=torch.float32) -> Flux:
     """The components and the scheduler config from a local diffusers-layout dir or a hub id."""
-    if os.path.isdir(model):
-        missing = [s for s in SUBFOLDERS if not os.path.isdir(os.path.join(model, s))]
-        if missing:
-            raise ValueError(f"model={model!r} lacks the subfolder(s) {missing}; expected {HOW}")
+    require_subfolders(model, SUBFOLDERS)
     try:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel

@@ -6,14 +6,13 @@ length as SD does; the unconditional branch is the "" prompt's, computed once an
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 import samplers
-from backbones import HOW, Backbone, loading_error
+from backbones import Backbone, loading_error, require_subfolders
 
 
 @dataclass
@@ -64,10 +63,7 @@ def scheduler_config(model: str) -> dict:
 
 def load(model: str, model_id: str, index: dict, device="cpu", dtype=torch.float32) -> SD:
     """unet/vae/text_encoder/tokenizer/scheduler from a local diffusers-layout dir or a hub id."""
-    if os.path.isdir(model):
-        missing = [s for s in SUBFOLDERS if not os.path.isdir(os.path.join(model, s))]
-        if missing:
-            raise ValueError(f"model={model!r} lacks the subfolder(s) {missing}; expected {HOW}")
+    require_subfolders(model, SUBFOLDERS)
     try:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTokenizer

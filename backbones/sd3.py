@@ -16,14 +16,13 @@ projections of the text stream (diffusers' train_dreambooth_lora_sd3.py targets)
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 import samplers
-from backbones import HOW, Backbone, Cond, loading_error
+from backbones import Backbone, Cond, loading_error, require_subfolders
 
 # diffusers' examples/dreambooth/train_dreambooth_lora_sd3.py: attention of both streams (attn2 of SD3.5's
 # dual-attention blocks is not among them: ".attn.to_q" does not end "attn2.to_q")
@@ -130,10 +129,7 @@ SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer
 def load(model: str, model_id: str, index: dict, device="cpu", dtype=torch.float32) -> SD3:
     """The components and the scheduler config from a local diffusers-layout dir or a hub id; T5 where the
     model_index.json lists it (text_encoder_3 null: without)."""
-    if os.path.isdir(model):
-        missing = [s for s in SUBFOLDERS if not os.path.isdir(os.path.join(model, s))]
-        if missing:
-            raise ValueError(f"model={model!r} lacks the subfolder(s) {missing}; expected {HOW}")
+    require_subfolders(model, SUBFOLDERS)
     with_t5 = (index.get("text_encoder_3") or [None])[0] is not None
     try:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel

@@ -11,14 +11,13 @@ The VAE (scaling 0.13025) runs in fp32 when its config says force_upcast and the
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 import samplers
-from backbones import HOW, Backbone, Cond, loading_error
+from backbones import Backbone, Cond, loading_error, require_subfolders
 from backbones.sd import scheduler_config
 
 
@@ -93,10 +92,7 @@ SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tok
 
 def load(model: str, model_id: str, index: dict, device="cpu", dtype=torch.float32) -> SDXL:
     """The six components and the scheduler config from a local diffusers-layout dir or a hub id."""
-    if os.path.isdir(model):
-        missing = [s for s in SUBFOLDERS if not os.path.isdir(os.path.join(model, s))]
-        if missing:
-            raise ValueError(f"model={model!r} lacks the subfolder(s) {missing}; expected {HOW}")
+    require_subfolders(model, SUBFOLDERS)
     try:
         from diffusers import AutoencoderKL, UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
