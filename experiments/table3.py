@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import shutil
 import statistics
 import sys
@@ -87,26 +88,32 @@ def paper_counts() -> dict:
 
 #### TABLES FROM EVAL'S REPORT ####
 
-def build_tables(rows: list, runs: dict, soup_dirs: list, joint_dir: str | None) -> dict:
-    """eval's report rows → the tables' data. runs: {run dir: (method, order, seed)} of the sequences.
-    Returns {"final": {(method, order): [last-stage rows over seeds]}, "average": {method: {metric: [the
-    per-order means]}}, "base": row, "soup": row | None, "joint": row | None, "counts": {metric: (rid <
-    baseline, orders compared)}}."""
+def build_tables(rows: list, runs: dict, soup_dirs: list, joint_dirs: list) -> dict:
+    """eval's report rows → the tables' data. runs: {run dir: (method, order, seed)} of the sequences;
+    joint_dirs: the joint-tuning runs, one per seed. Returns {"final": {(method, order): [last-stage rows,
+    one per seed]}, "average": {method: {metric: [the per-order means]}}, "base": row, "soup": row | None,
+    "joint": [rows], "counts": {metric: (orders where RID's mean forgetting is lower, orders compared)},
+    "pairs": {metric: [(order, seed, RID's forgetting, the baseline's)]}, "tests": {metric: pair_tests(...)}}."""
     by_dir = {}
     for r in rows:
         if r["stage"] > 0 and r["method"] != "soup":
             if r["stage"] >= by_dir.get(r["run"], {"stage": 0})["stage"]:
                 by_dir[r["run"]] = r
-    final: dict = {}
-    for d, (method, order, _seed) in runs.items():
+    final, seeded = {}, {}
+    for d, (method, order, seed) in runs.items():
         if d in by_dir:
             final.setdefault((method, order), []).append(by_dir[d])
+            seeded[method, order, seed] = by_dir[d]
     average = {}
     for method in METHODS:
         per_order = [final[method, o] for o in ORDERS if (method, o) in final]
         average[method] = {m: [statistics.fmean(r["metrics"][m] for r in rs) for rs in per_order
                                if all(m in r["metrics"] for r in rs)] for m in COLS}
-    counts = {}
+    seeds = sorted({seed for (_, _, seed) in seeded})
+    by_seed = {method: {m: [statistics.fmean(seeded[method, o, sd]["metrics"][m] for o in ORDERS)
+                            for sd in seeds if all((method, o, sd) in seeded and m in seeded[method, o, sd]["metrics"]
+                                                   for o in ORDERS)] for m in COLS} for method in METHODS}
+    counts, pairs = {}, {}
     for m in COLS:
         less = total = 0
         for o in ORDERS:
@@ -118,11 +125,66 @@ def build_tables(rows: list, runs: dict, soup_dirs: list, joint_dir: str | None)
                 total += 1
                 less += statistics.fmean(fr) < statistics.fmean(fb)
         counts[m] = (less, total)
+        pairs[m] = [(o, seed, rr["forgetting"][m], rb["forgetting"][m])
+                    for (meth, o, seed), rr in sorted(seeded.items(), key=lambda kv: (ORDERS.index(kv[0][1]), kv[0][2]))
+                    if meth == "rid" and (rb := seeded.get(("baseline", o, seed))) is not None
+                    and m in rr["forgetting_shown"] and m in rb["forgetting_shown"]]
     base = next(r for r in rows if r["stage"] == 0)
     soup = next((r for r in rows if r["method"] == "soup"), None)
-    joint = by_dir.get(joint_dir) if joint_dir else None
-    return {"final": final, "average": average, "base": base, "soup": soup, "joint": joint, "counts": counts,
+    joint = [by_dir[d] for d in joint_dirs if d in by_dir]
+    return {"final": final, "average": average, "by_seed": by_seed, "base": base, "soup": soup, "joint": joint,
+            "counts": counts,
+            "pairs": pairs, "tests": {m: pair_tests([(r, b) for _, _, r, b in pairs[m]]) for m in COLS},
             "soup_dirs": soup_dirs}
+
+
+#### PAIRED TESTS: does RID forget less than the baseline over the (order, seed) pairs? ####
+
+def pair_tests(pairs: list) -> dict:
+    """Over (RID's forgetting, the baseline's) pairs: how many pairs RID forgets less / more / the same,
+    the two-sided exact sign test over the untied pairs, and the two-sided exact Wilcoxon signed-rank test
+    (zero differences dropped, tied |differences| given their mean rank; the exact null distribution
+    of W+ by counting the 2^n sign assignments with a dynamic programme over doubled ranks)."""
+    d = [r - b for r, b in pairs]
+    less, more = sum(x < 0 for x in d), sum(x > 0 for x in d)
+    out = {"n": len(d), "less": less, "more": more, "ties": len(d) - less - more,
+           "sign_p": sign_test_p(less, less + more), "wilcoxon_p": wilcoxon_p(d)}
+    return out
+
+
+def sign_test_p(k: int, n: int) -> float | None:
+    """Two-sided exact binomial(n, 1/2) p-value of k successes: P(X ≤ min(k, n−k)) doubled, capped at 1."""
+    if n == 0:
+        return None
+    tail = sum(math.comb(n, i) for i in range(min(k, n - k) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def wilcoxon_p(diffs: list) -> float | None:
+    """Two-sided exact Wilcoxon signed-rank p-value: 2·P(W+ ≤ min(W+, W−)) under the null, capped at 1."""
+    d = [x for x in diffs if x != 0]
+    n = len(d)
+    if n == 0:
+        return None
+    order = sorted(range(n), key=lambda i: abs(d[i]))
+    ranks2 = [0] * n  # doubled ranks: mean ranks of ties are then integers
+    i = 0
+    while i < n:
+        j = i
+        while j + 1 < n and abs(d[order[j + 1]]) == abs(d[order[i]]):
+            j += 1
+        for k in range(i, j + 1):
+            ranks2[order[k]] = i + j + 2  # 2 × mean of the 1-based ranks i+1 .. j+1
+        i = j + 1
+    w_plus2 = sum(r for r, x in zip(ranks2, d) if x > 0)
+    w_min2 = min(w_plus2, sum(ranks2) - w_plus2)
+    ways = {0: 1}  # doubled rank sum of the positive signs → number of sign assignments
+    for r in ranks2:
+        nxt = dict(ways)
+        for total, c in ways.items():
+            nxt[total + r] = nxt.get(total + r, 0) + c
+        ways = nxt
+    return min(1.0, 2 * sum(c for total, c in ways.items() if total <= w_min2) / 2 ** n)
 
 
 def _cell(rs: list, m: str) -> str:
@@ -132,6 +194,19 @@ def _cell(rs: list, m: str) -> str:
         return f"{v} (-)"
     f = [r["forgetting"][m] for r in rs]
     return f"{v} ({mean_std(f) if len(f) > 1 else _num(f[0], m)})"
+
+
+def _average(data: dict, method: str, m: str) -> str:
+    """The average row: over the orders; with several seeds, mean ± std over the seeds' averages."""
+    per_seed = data["by_seed"][method][m]
+    if len(per_seed) > 1:
+        return mean_std(per_seed)
+    avg = data["average"][method][m]
+    return _num(statistics.fmean(avg) if avg else None, m)
+
+
+def _p(p: float | None) -> str:
+    return "–" if p is None else f"{p:.2g}" if p < 0.01 else f"{p:.2f}"
 
 
 def _num(v, m: str) -> str:
@@ -150,9 +225,7 @@ def write_markdown(data: dict, facts: list, path: Path, weights: dict, figure: s
             if (method, o) in data["final"]:
                 lines.append(f"| {method} | {o} | " + " | ".join(_cell(data["final"][method, o], m) for m in COLS) + " |")
     for method in METHODS:
-        avg = data["average"][method]
-        lines.append(f"| Average ({method}) | | " + " | ".join(_num(statistics.fmean(avg[m]) if avg[m] else None, m)
-                                                            for m in COLS) + " |")
+        lines.append(f"| Average ({method}) | | " + " | ".join(_average(data, method, m) for m in COLS) + " |")
     lines.append("| Base model | | " + " | ".join(_num(data["base"]["metrics"].get(m), m) for m in COLS) + " |")
     if data["soup"]:
         lines.append("| Model soup | | " + " | ".join(_num(data["soup"]["metrics"].get(m), m) for m in COLS) + " |")
@@ -165,24 +238,40 @@ def write_markdown(data: dict, facts: list, path: Path, weights: dict, figure: s
     lines += ["## Table 6 at mini scale", "", "| Method | " + " | ".join(head[2:]) + " |", "|" + "---|" * (len(COLS) + 1),
               "| Base model | " + " | ".join(_num(data["base"]["metrics"].get(m), m) for m in COLS) + " |"]
     if data["joint"]:
-        lines.append("| Joint tuning (baseline) | " + " | ".join(_num(data["joint"]["metrics"].get(m), m) for m in COLS) + " |")
+        lines.append("| Joint tuning (baseline) | " + " | ".join(
+            mean_std([r["metrics"].get(m) for r in data["joint"]]) if len(data["joint"]) > 1
+            else _num(data["joint"][0]["metrics"].get(m), m) for m in COLS) + " |")
     for method in ("rid", "baseline"):
-        avg = data["average"][method]
-        lines.append(f"| Average ({method}) | " + " | ".join(_num(statistics.fmean(avg[m]) if avg[m] else None, m)
-                                                          for m in COLS) + " |")
+        lines.append(f"| Average ({method}) | " + " | ".join(_average(data, method, m) for m in COLS) + " |")
     lines += ["", "Joint tuning: the baseline method on one task rewarded by " + " + ".join(
         f"{w:.3g}·R_{r}" for r, w in weights.items()) + " (weights ∝ 1/‖∂R/∂θ‖ measured at the base model, "
         "compress = 1; the paper's SD-scale weights are 0.01 / 2 / 1), for the mini preset's longest schedule "
-        "among its rewards.", ""]
+        "among its rewards" + (f", one run per seed ({len(data['joint'])}); the averages over the six orders are "
+        "per seed, then mean ± std over the seeds." if len(data["joint"]) > 1 else "."), ""]
 
-    counts, paper = data["counts"], paper_counts()
+    counts, paper, tests = data["counts"], paper_counts(), data["tests"]
     lines += ["## Where RID forgets less", "",
-              "Orders in which RID's forgetting is below the baseline's, of the orders where both are defined "
-              "(the paper prints a dash for a target metric whose task came last):", "",
+              "Per metric: the orders in which RID's forgetting (mean over seeds) is below the baseline's, of the "
+              "orders where both are defined (the paper prints a dash for a target metric whose task came last); "
+              "the (order, seed) pairs in which RID forgets less / more; and two-sided exact paired tests over "
+              "those pairs (sign test; Wilcoxon signed-rank on RID − baseline). A small p says the direction "
+              "is unlikely to be chance at this many pairs; it is not a statement about SD-1.5.", "",
               "| | " + " | ".join(evaluation.METRICS[m][0] for m in COLS) + " |", "|" + "---|" * (len(COLS) + 1),
-              "| mini world | " + " | ".join(f"{a} of {n}" for a, n in (counts[m] for m in COLS)) + " |",
-              "| paper (SD-1.5, Table 3) | " + " | ".join(f"{a} of {n}" for a, n in (paper[m] for m in COLS)) + " |",
-              "", f"![forgetting per order and method]({figure})", ""]
+              "| orders, mini world | " + " | ".join(f"{a} of {n}" for a, n in (counts[m] for m in COLS)) + " |",
+              "| (order, seed) pairs: RID less | " + " | ".join(f"{tests[m]['less']} of {tests[m]['n']}" for m in COLS) + " |",
+              "| (order, seed) pairs: RID more | " + " | ".join(f"{tests[m]['more']} of {tests[m]['n']}" for m in COLS) + " |",
+              "| sign test p | " + " | ".join(_p(tests[m]["sign_p"]) for m in COLS) + " |",
+              "| Wilcoxon p | " + " | ".join(_p(tests[m]["wilcoxon_p"]) for m in COLS) + " |",
+              "| orders, paper (SD-1.5, Table 3) | " + " | ".join(f"{a} of {n}" for a, n in (paper[m] for m in COLS)) + " |",
+              "", "Per order, the seeds in which RID forgets less than the baseline (\"–\": not defined for that order):", "",
+              "| Order | " + " | ".join(evaluation.METRICS[m][0] for m in COLS) + " |", "|" + "---|" * (len(COLS) + 1)]
+    for o in ORDERS:
+        cells = []
+        for m in COLS:
+            ps = [(r, b) for order, _, r, b in data["pairs"][m] if order == o]
+            cells.append(f"{sum(r < b for r, b in ps)} of {len(ps)}" if ps else "–")
+        lines.append(f"| {o} | " + " | ".join(cells) + " |")
+    lines += ["", f"![forgetting per order and method]({figure})", ""]
 
     lines += ["## The paper's Table 3 (reference)", "", "| Method | Tasks | " + " | ".join(head[2:]) + " |",
               "|" + "---|" * (len(COLS) + 2)]
@@ -276,18 +365,18 @@ def main(argv=None) -> int:
             weights = joint_weights()
             out.mkdir(parents=True, exist_ok=True)
             weights_file.write_text(json.dumps(weights, indent=1) + "\n")
-        joint_dir = out / f"baseline-joint-seed{seeds[0]}"
-        if not finished(joint_dir, 1):
-            spec = ",".join(f"{r}:{w:.6g}" for r, w in weights.items())
-            cmd = train_cmd(joint_dir, None, "baseline", seeds[0], "--joint", spec, *extra)
-            todo.append(cmd)
-        log(f"{len(todo)} run(s) to train, {len(runs) + len(singles) + 1 - len(todo)} finished earlier")
+        joint_dirs = {seed: out / f"baseline-joint-seed{seed}" for seed in seeds}  # Table 6: one per seed
+        spec = ",".join(f"{r}:{w:.6g}" for r, w in weights.items())
+        for seed, d in joint_dirs.items():
+            if not finished(d, 1):
+                todo.append(train_cmd(d, None, "baseline", seed, "--joint", spec, *extra))
+        log(f"{len(todo)} run(s) to train, {len(runs) + len(singles) + len(joint_dirs) - len(todo)} finished earlier")
         run_parallel(todo, args.jobs, out, PROG, log)
         t_train = time.time() - t0
 
         #### EVALUATE everything side by side, the soup with it ####
         ev = out / "eval"
-        run([sys.executable, "eval.py", "--ckpt", *runs, *singles, joint_dir, "--soup", *singles,
+        run([sys.executable, "eval.py", "--ckpt", *runs, *singles, *joint_dirs.values(), "--soup", *singles,
              "--weights", *(["0.333333333333"] * 3), "--out", ev, *args.eval_args.split()], PROG, log)
         timing_file = out / "experiment.json"
         if todo or not timing_file.exists():
@@ -301,7 +390,7 @@ def main(argv=None) -> int:
     resolved = {str(Path(d).resolve()): v for d, v in runs.items()}
     rows = [{**r, "run": str(Path(r["run"]).resolve())} for r in report["rows"]]
     data = build_tables(rows, resolved, [str(d / f"stage1-{t}") for d, t in zip(singles, REWARDS)],
-                        str(joint_dir.resolve()))
+                        [str(d.resolve()) for d in joint_dirs.values()])
     doc = ROOT / args.doc
     figure = doc.with_name(doc.stem + "_forgetting.png")
     labelled = [{**r, "method": f"{resolved[r['run']][0]} {resolved[r['run']][1]}"} for r in rows if r["run"] in resolved]

@@ -189,7 +189,7 @@ def test_table3_builder_on_synthetic_reports():
         final[method, order] = _row(d, 3, {**m, "aesthetic": aes}, fg, ["aesthetic", "clip", "fid"], method)
         rows.append(final[method, order])
     rows.append(_row("soup", 1, {**m, "aesthetic": 6.5}, method="soup"))
-    data = table3.build_tables(rows, runs, ["a", "b", "c"], None)
+    data = table3.build_tables(rows, runs, ["a", "b", "c"], [])
     assert data["final"][("rid", "AHC")] == [final["rid", "AHC"]]
     assert data["average"]["rid"]["aesthetic"] == [6.0, 5.0] and data["average"]["baseline"]["aesthetic"] == [7.0, 4.0]
     # aesthetic: RID below the baseline in AHC (0.2 < 0.5), not in ACH (0.9 > 0.4); clip: both orders (1 < 2);
