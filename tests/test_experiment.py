@@ -209,6 +209,78 @@ def test_table3_paper_counts_are_the_papers():
     assert sorted(table3.ORDERS) == sorted(["AHC", "ACH", "HAC", "HCA", "CAH", "CHA"])
 
 
+def _wilcoxon_by_enumeration(d):
+    """The exact two-sided Wilcoxon p by listing every sign assignment (the oracle for table3.wilcoxon_p)."""
+    import itertools
+    d = [x for x in d if x != 0]
+    a = [abs(x) for x in d]
+    rank = [statistics.fmean([1 + sorted(a).index(v) + i for i in range(a.count(v))]) for v in a]  # mid-ranks
+    w = sum(r for r, x in zip(rank, d) if x > 0)
+    w_min = min(w, sum(rank) - w)
+    hits = sum(sum(r for r, s in zip(rank, signs) if s) <= w_min + 1e-9
+               for signs in itertools.product((0, 1), repeat=len(d)))
+    return min(1.0, 2 * hits / 2 ** len(d))
+
+
+def test_table3_paired_tests_by_hand():
+    # six pairs, RID lower in all: sign test 2·(1/2)^6, Wilcoxon W+ = 0 → 2·1/64
+    six = [(0.1 * i, 0.1 * i + 1) for i in range(6)]
+    t = table3.pair_tests(six)
+    assert (t["n"], t["less"], t["more"], t["ties"]) == (6, 6, 0, 0)
+    assert t["sign_p"] == pytest.approx(2 / 64) and t["wilcoxon_p"] == pytest.approx(2 / 64)
+    # 4 less, 1 more, 1 tie: the sign test drops the tie: 2·P(X ≤ 1 | n=5) = 2·6/32
+    t = table3.pair_tests([(0, 1), (0, 2), (0, 3), (0, 4), (5, 0), (2, 2)])
+    assert (t["less"], t["more"], t["ties"]) == (4, 1, 1) and t["sign_p"] == pytest.approx(12 / 32)
+    # d = -1,-2,-3,-4,+5: W+ = 5, W− = 10; the rank sets of sum ≤ 5 are {}, {1}, {2}, {3}, {4}, {5}, {1,2},
+    # {1,3}, {1,4}, {2,3}: 10 of 32, p = 2·10/32
+    assert table3.wilcoxon_p([-1, -2, -3, -4, 5]) == pytest.approx(20 / 32)
+    # ties in |d| (mid-ranks) and zeros, against the enumeration
+    for d in ([-1, -1, 2, -3, -3, -3, 0, 4], [0.5, -0.5, 0.5, -2.0, -7.0, 1.0], [-0.2] * 9 + [0.1]):
+        assert table3.wilcoxon_p(d) == pytest.approx(_wilcoxon_by_enumeration(d))
+    assert table3.sign_test_p(0, 0) is None and table3.wilcoxon_p([0.0, 0.0]) is None
+    assert table3.sign_test_p(3, 6) == 1.0
+
+
+def test_table3_builder_over_seeds_pairs_by_seed(tmp_path):
+    """Three seeds of two orders: pairs are matched by (order, seed); the joint rows per seed; Table 6's average
+    rows are the seeds' averages over the orders."""
+    m = dict.fromkeys(table3.COLS, 0.0)
+    rows = [_row("base", 0, dict(m), method="base")]
+    runs = {}
+    # aesthetic forgetting: RID's, the baseline's per (order, seed)
+    f = {("AHC", 0): (0.1, 0.5), ("AHC", 1): (0.9, 0.4), ("AHC", 2): (0.2, 0.3),
+         ("ACH", 0): (0.3, 0.3), ("ACH", 1): (0.1, 0.8), ("ACH", 2): (0.6, 0.7)}
+    for (order, seed), pair in f.items():
+        for method, fa in zip(("rid", "baseline"), pair):
+            d = f"{method}-{order}-{seed}"
+            runs[d] = (method, order, seed)
+            aes = 10.0 * seed + (1.0 if method == "rid" else 2.0) + (0.5 if order == "ACH" else 0.0)
+            rows.append(_row(d, 3, {**m, "aesthetic": aes}, {**dict.fromkeys(table3.COLS, 0.0), "aesthetic": fa},
+                             ["aesthetic"], method))
+    # only two orders exist here, so the per-seed averages over all six orders are not defined
+    for seed in range(3):
+        rows.append(_row(f"joint{seed}", 1, {**m, "aesthetic": 1.0 + seed}, method="baseline"))
+    data = table3.build_tables(rows, runs, ["a", "b", "c"], ["joint0", "joint1", "joint2", "missing"])
+    assert [r["metrics"]["aesthetic"] for r in data["joint"]] == [1.0, 2.0, 3.0]
+    pairs = data["pairs"]["aesthetic"]
+    assert [(o, s) for o, s, _, _ in pairs] == [("AHC", 0), ("AHC", 1), ("AHC", 2), ("ACH", 0), ("ACH", 1), ("ACH", 2)]
+    assert [(r, b) for _, _, r, b in pairs] == [f[o, s] for o, s, _, _ in pairs]
+    t = data["tests"]["aesthetic"]
+    assert (t["n"], t["less"], t["more"], t["ties"]) == (6, 4, 1, 1)
+    assert t["sign_p"] == pytest.approx(12 / 32)
+    # orders by mean over seeds: AHC 0.4 vs 0.4 (not less), ACH 0.333 vs 0.6 (less)
+    assert data["counts"]["aesthetic"] == (1, 2)
+    assert data["by_seed"]["rid"]["aesthetic"] == []  # not every order ran
+    assert data["tests"]["hps"]["n"] == 0 and data["tests"]["hps"]["sign_p"] is None
+    doc = tmp_path / "t3.md"
+    table3.write_markdown(data, ["facts"], doc, {"aesthetic": 1.0, "hps": 1.0, "compress": 1.0}, "f.png")
+    text = doc.read_text()
+    assert "| (order, seed) pairs: RID less | 4 of 6 | 0 of 0 |" in text
+    assert "| (order, seed) pairs: RID more | 1 of 6 |" in text and "| sign test p | 0.38 | – |" in text
+    assert "| AHC | 2 of 3 | – |" in text and "| ACH | 2 of 3 | – |" in text and "| HAC | – |" in text
+    assert "| Joint tuning (baseline) | 2.00 ± 1.00 |" in text
+
+
 @pytest.mark.parametrize("flag,value", [("--seeds", "0,a"), ("--seeds", "-1"), ("--jobs", "0")])
 def test_table3_bad_flags_name_the_flag(flag, value, capsys):
     with pytest.raises(SystemExit) as e:
