@@ -18,6 +18,7 @@ handled and its test.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -37,6 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import checkpoint
+import ddpo
 import mini
 import plots
 import rewards
@@ -54,6 +56,9 @@ PAPER_BASELINE = {"batch": 128, "lr": 1e-3}  # the baseline; the DRaFT family (d
 # R0 (seed 003) publishes no code nor schedule: its K = 4 steps, and RID's batch and lr as our choice.
 R0_STEPS = 4
 PAPER_R0 = {"batch": 8, "lr": 5e-5}
+# DDPO (ddpo-pytorch's SD-1.5 runs, config/dgx.py): 256 samples per round (--batch), 4 updates of 64 each
+# (--ddpo-minibatches), lr 3e-4 on its LoRA.
+PAPER_DDPO = {"batch": 256, "lr": 3e-4}
 # The mini world's schedule (CPU scale): the paper's task order, sized so RID + baseline over all three
 # tasks plus eval.py fit in 20 min on 2 CPU cores. Every method gets batch 8 and the same epochs. As in
 # the paper, RID and the baseline have their own hps lr: each the schedule under which it gains HPS in
@@ -92,10 +97,11 @@ class NonFiniteLoss(Exception):
 #### CONFIG ####
 
 @dataclass
-class Config(rid.StepConfig):
+class Config(ddpo.DDPOConfig):
     """The run's settings. The method's knobs (method, steps, guidance, lam, ema, truncate, lv_n, refl_m,
-    distill_space, gradient_checkpointing, eta_range, lam_w, raw_grads, r0_plus) are rid.StepConfig's fields, declared there once with their
-    help and range; the CLI flags for them are derived from those declarations (build_parser)."""
+    distill_space, gradient_checkpointing, eta_range, lam_w, raw_grads, r0_plus) are rid.StepConfig's fields,
+    DDPO's (ddpo_*) ddpo.DDPOConfig's, declared there once with their help and range; the CLI flags for them
+    are derived from those declarations (build_parser)."""
     # -- the task sequence --
     tasks: list = field(default_factory=lambda: list(rewards.REWARDS))  # stage order; ["joint"] with --joint
     joint: dict | None = None  # {reward: weight}: ONE task "joint" rewarded by Σ w·R (paper: 0.01/2/1)
@@ -151,7 +157,7 @@ MAX_BATCH = 65536      # prompts per optimizer step (the paper's largest is 128)
 def paper(cfg: Config) -> Config:
     """Preset: the paper's schedules. A joint task runs the longest schedule among its rewards. r0: the
     K = R0_STEPS generator."""
-    opt = PAPER_RID if cfg.method == "rid" else PAPER_R0 if cfg.method == "r0" else PAPER_BASELINE
+    opt = {"rid": PAPER_RID, "r0": PAPER_R0, "ddpo": PAPER_DDPO}.get(cfg.method, PAPER_BASELINE)
     if cfg.method == "r0":
         cfg.steps = R0_STEPS
     for task in cfg.tasks:
@@ -219,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--epochs", help="passes over the training prompts: N for every task or task=N[,task=N] "
                        f"(default, the paper: {', '.join(f'{k} {v}' for k, v in PAPER_EPOCHS.items())}; "
                        f"mini world: {', '.join(f'{k} {v}' for k, v in MINI_EPOCHS.items())})")
-    a("--lr", help=f"AdamW learning rate, N or task=N[,...] (default: rid {PAPER_RID['lr']}, "
+    a("--lr", help=f"AdamW learning rate, N or task=N[,...] (default: rid {PAPER_RID['lr']}, ddpo {PAPER_DDPO['lr']}, "
                    f"other methods {PAPER_BASELINE['lr']}; mini world: "
                    f"{', '.join(f'{k} {v:g}' for k, v in MINI_LR.items())}, "
                    f"but rid hps {MINI_RID['lr']['hps']:g})")
@@ -228,9 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "constant, as the paper; mini world: "
                             f"{', '.join(f'{k} {v}' for k, v in MINI_LR_SCHEDULE.items())}, "
                             f"but rid hps {MINI_RID['lr_schedule']['hps']})")
-    a("--batch", help=f"global batch per optimizer step (1 to {MAX_BATCH}), N or task=N[,...] (default: rid "
-                      f"{PAPER_RID['batch']}, other methods {PAPER_BASELINE['batch']} by gradient accumulation; mini world: "
-                      f"{MINI_BATCH} for every method)")
+    a("--batch", help=f"global batch per optimizer step (1 to {MAX_BATCH}; ddpo: the samples of one round), N or "
+                      f"task=N[,...] (default: rid {PAPER_RID['batch']}, ddpo {PAPER_DDPO['batch']}, other methods "
+                      f"{PAPER_BASELINE['batch']} by gradient accumulation; mini world: {MINI_BATCH} for every method)")
     a("--micro-batch", help="prompts per forward/backward on one process, or auto: the largest that fits the "
                             "device's free memory (15 %% kept free), from the fake-tensor memory model of "
                             "memplan.py (the model behind docs/sd15_memory.md) run on the loaded model; micro-batches per step = batch / world size "
@@ -268,9 +274,10 @@ MINI_SETS = ("steps", "guidance")
 
 
 def add_method_flags(p: argparse.ArgumentParser, d: Config) -> None:
-    """One --flag per rid.StepConfig field, from its declaration (help, choices); checked in resolve()."""
+    """One --flag per ddpo.DDPOConfig field (rid.StepConfig's and DDPO's), from its declaration (help, choices);
+    checked in resolve()."""
     kinds = {"int": int, "float": float, "str": str}
-    for f in fields(rid.StepConfig):
+    for f in fields(ddpo.DDPOConfig):
         flag, meta = "--" + f.name.replace("_", "-"), f.metadata
         default = getattr(d, f.name)
         note = "; the mini world sets its own" if f.name in MINI_SETS else ""
@@ -325,8 +332,8 @@ def parse_per_task(flag: str, text: str, tasks: list, cast, choices: tuple = (),
 def resolve(args) -> tuple[Config, bool]:
     """CLI -> the resolved Config: the base, then presets (paper; mini world), then explicit flags."""
     method = args.method or Config.method
-    if method not in rid.METHODS:
-        raise UsageError(f"--method {method!r} is unknown; valid: {', '.join(rid.METHODS)}")  # picks presets
+    if method not in ddpo.METHODS:
+        raise UsageError(f"--method {method!r} is unknown; valid: {', '.join(ddpo.METHODS)}")  # picks presets
     joint = None
     if args.joint is not None:
         if args.tasks is not None:
@@ -358,11 +365,11 @@ def resolve(args) -> tuple[Config, bool]:
         cfg.branch_from = str(Path(args.branch_from).resolve())
     if args.reward_spec is not None:
         cfg.reward_spec = str(Path(args.reward_spec).resolve())
-    method_fields = [f.name for f in fields(rid.StepConfig)]
+    method_fields = [f.name for f in fields(ddpo.DDPOConfig)]
     for name in ("out", "seed", "dtype", "device", "report_to", "resolution", *method_fields):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
-    for f in fields(rid.StepConfig):  # settings given as text in their own syntax (--eta-range LO,HI)
+    for f in fields(ddpo.DDPOConfig):  # settings given as text in their own syntax (--eta-range LO,HI)
         if f.metadata.get("parse") and isinstance(getattr(cfg, f.name), str):
             flag = "--" + f.name.replace("_", "-")
             try:
@@ -426,9 +433,11 @@ def gpu_defaults(cfg: Config, args) -> Config:
     return cfg
 
 
-def step_config(cfg: Config) -> rid.StepConfig:
-    """The method's part of the run's settings (its __post_init__ checks how they combine)."""
-    return rid.StepConfig(**{f.name: getattr(cfg, f.name) for f in fields(rid.StepConfig)})
+def step_config(cfg: Config) -> ddpo.DDPOConfig:
+    """The method's part of the run's settings, rid.StepConfig's and DDPO's (its __post_init__ checks how they
+    combine); rid.train_step reads the former, ddpo.train_round both."""
+    own = {f.name: getattr(cfg, f.name) for f in fields(ddpo.DDPOConfig) if f.name.startswith("ddpo_")}
+    return ddpo.DDPOConfig(**own, **{f.name: getattr(cfg, f.name) for f in fields(rid.StepConfig)})
 
 
 def micro_plan(cfg: Config, task: str, world: int) -> tuple[int, int]:
@@ -437,6 +446,9 @@ def micro_plan(cfg: Config, task: str, world: int) -> tuple[int, int]:
     if batch % world:
         raise UsageError(f"--batch {task}={batch} does not split over {world} processes")
     per_rank = batch // world
+    if cfg.method == "ddpo" and per_rank % cfg.ddpo_minibatches:
+        raise UsageError(f"--ddpo-minibatches {cfg.ddpo_minibatches} does not divide {task}'s round of {per_rank} "
+                         "samples per process (--batch); allowed: a divisor of it")
     if cfg.grad_accum is not None:
         if per_rank % cfg.grad_accum:
             raise UsageError(f"--grad-accum {cfg.grad_accum} does not divide {task}'s batch per process {per_rank}")
@@ -549,6 +561,9 @@ def saved_run(d: Path) -> dict:
     constant lr)."""
     run = checkpoint.read_run(d, need=("config", "stages", "train_prompts", "test_prompts"))
     run["config"].setdefault("lr_schedule", dict.fromkeys(run["config"].get("tasks", []), "constant"))
+    for f in fields(ddpo.DDPOConfig):  # runs from before ddpo: its settings at their defaults (only ddpo reads them)
+        if f.name.startswith("ddpo_"):
+            run["config"].setdefault(f.name, f.default)
     return run
 
 
@@ -706,9 +721,11 @@ def _stage_start(k: int, models, group, cfg: Config):
 
 
 def _resume_from(ckpt: Path, k: int, models, cfg: Config, total: int):
-    """-> (group, optimizer, step) from a mid-task checkpoint; UsageError when anything in it is
-    unreadable or does not belong to this stage."""
+    """-> (group, optimizer, trainer state: {"step", "optimizer", ddpo's "tracker"}) from a mid-task checkpoint;
+    UsageError when anything in it is unreadable or does not belong to this stage."""
     state = checkpoint.load_trainer(ckpt)
+    if cfg.method == "ddpo" and not isinstance(state.get("tracker"), dict):
+        raise UsageError(f"{ckpt / 'trainer.pt'}: no ddpo reward statistics ('tracker') in it")
     with bad_input():
         group = checkpoint.load(models.unet, ckpt)
     if group.tasks != cfg.tasks[:k] or not group.trainable:
@@ -724,7 +741,7 @@ def _resume_from(ckpt: Path, k: int, models, cfg: Config, total: int):
                     raise ValueError(f"optimizer {name} has shape {tuple(t.shape)}, the adapters "
                                      f"{tuple(group.flat.shape)}")
         optimizer.load_state_dict(state["optimizer"])
-    return group, optimizer, state["step"]
+    return group, optimizer, state
 
 
 def _optimizer(group, cfg: Config, task: str) -> torch.optim.AdamW:
@@ -804,11 +821,13 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
                  "micro_batch_resolved": micro, "grad_accum_resolved": accum}
 
     #### RESUME: the newest readable checkpoint (ckpt/, then ckpt.old/), else the stage's start ####
-    start, optimizer, saved, box_state = 0, None, None, None  # saved: the step of the newest checkpoint on disk
+    start, optimizer, saved, box_state, state = 0, None, None, None, {}  # saved: the newest checkpoint's step
+    lasro = surrogate.is_black_box(task) and cfg.method != "ddpo"  # ddpo calls the black box itself
     for ckpt in checkpoint.ckpt_candidates(sdir):
         try:
-            group, optimizer, start = _resume_from(ckpt, k, models, cfg, total)
-            box_state = _surrogate_state(ckpt) if surrogate.is_black_box(task) else None
+            group, optimizer, state = _resume_from(ckpt, k, models, cfg, total)
+            start = state["step"]
+            box_state = _surrogate_state(ckpt) if lasro else None
             saved = start
             log(f"stage {k} {task}: resuming at step {start}/{total} from {ckpt}")
             break
@@ -828,9 +847,15 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
         init = torch.Generator(models.device).manual_seed(seed_of(cfg.seed, k, INIT))
         group.add_task(task, generator=init)  # the new adapter's LoRA init
         optimizer = _optimizer(group, cfg, task)
-    box = None
-    if surrogate.is_black_box(task):  # LaSRO: the method maximises the black box's latent surrogate
+    box = tracker = None
+    if lasro:  # LaSRO: the method maximises the black box's latent surrogate
         box = reward = _surrogate_task(k, task, reward, models, train, cfg, box_state)
+    if cfg.method == "ddpo":  # the reward's own value, never its gradient: a black box scores the decoded images
+        if surrogate.is_black_box(task):
+            reward = functools.partial(surrogate.true_scores, task, reward)
+        tracker = ddpo.PerPromptStatTracker(cfg.ddpo_buffer, cfg.ddpo_min_count)  # a new reward, new statistics
+        if "tracker" in state:
+            tracker.load_state_dict(state["tracker"])
 
     metrics, elapsed = sdir / "metrics.jsonl", 0.0  # elapsed: stage time before a resume
     if rank == 0:
@@ -845,7 +870,8 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
     def save_ckpt(step):
         def write(tmp):
             checkpoint.save(group, tmp, extra={"task": task, "stage": k, "step": step})
-            torch.save({"step": step, "optimizer": optimizer.state_dict()}, tmp / "trainer.pt")
+            torch.save({"step": step, "optimizer": optimizer.state_dict(),
+                        **({"tracker": tracker.state_dict()} if tracker is not None else {})}, tmp / "trainer.pt")
             if box is not None:
                 torch.save(box.state_dict(), tmp / "surrogate.pt")
             write_json(tmp / "config.json", stage_cfg)
@@ -868,7 +894,7 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
                dynamic_ncols=True)
     lo, hi = rank * (batch // world), (rank + 1) * (batch // world)  # this process's shard of the batch
     for step in range(start, total):
-        #### ONE OPTIMIZER STEP ####
+        #### ONE OPTIMIZER STEP (ddpo: one round of sampling and updates) ####
         # Seeds from (seed, stage, step): noise for the whole global batch (any world size gives each
         # prompt the same noise), the method's own draws (refl's step, draft-lv's re-noising) and the
         # global RNGs per process (whatever else draws from them).
@@ -883,8 +909,13 @@ def train_stage(k: int, task: str, models, group, reward, train: list, test: lis
         lr_now = lr_at(lr, step, total, cfg.lr_schedule.get(task, "constant"))
         for pg in optimizer.param_groups:
             pg["lr"] = lr_now
-        logs = rid.train_step(models, group, reward, micro_batches, optimizer, step_cfg,
-                              clip_grad=cfg.clip_grad, generator=method_gen)
+        if tracker is not None:  # ddpo: one round, sampling and its inner epochs of updates
+            with bad_input():  # a user's black box failing mid-run: one line, exit 2, checkpoints kept
+                logs = ddpo.train_round(models, group, reward, micro_batches, optimizer, step_cfg, tracker,
+                                        clip_grad=cfg.clip_grad, generator=method_gen)
+        else:
+            logs = rid.train_step(models, group, reward, micro_batches, optimizer, step_cfg,
+                                  clip_grad=cfg.clip_grad, generator=method_gen)
         if box is not None:  # the step's samples → the true reward → the surrogate's buffer (and an adaptation)
             with bad_input():  # a user's black box failing mid-run: one line, exit 2, checkpoints kept
                 logs.update(box.after_step())
@@ -964,6 +995,11 @@ def adopt_micro_batch(cfg: Config, resume: bool) -> None:
         log(f"--micro-batch auto: {cfg.micro_batch or f'--grad-accum {cfg.grad_accum}'}, as {src} was trained")
 
 
+def _plan_stand_in(images, prompts):
+    """ddpo's reward in the memory plan: any differentiable one (the planned step is an upper bound)."""
+    return images.mean((1, 2, 3))
+
+
 def plan_micro_batch(cfg: Config, models, reward_fns: dict, world: int, free=None) -> int:
     """--micro-batch auto: the largest micro-batch whose training step fits the free memory of the device
     (memplan's fake-tensor model of the loaded architecture, per task's reward, 15 % kept free; the model
@@ -976,9 +1012,12 @@ def plan_micro_batch(cfg: Config, models, reward_fns: dict, world: int, free=Non
     per_rank = {t: cfg.batch[t] // world for t in cfg.tasks}
     top, need = None, None
     for task in cfg.tasks:
-        if surrogate.is_black_box(task):  # scored on latents: no VAE decode with gradient, less than any other
+        method, fn = cfg.method, reward_fns[task]
+        if method == "ddpo":  # one UNet call with gradient, the reward never differentiated (black boxes too):
+            method, fn = "baseline", _plan_stand_in  # the baseline's step, its decode and reward backward, is larger
+        elif surrogate.is_black_box(task):  # scored on latents: no VAE decode with gradient, less than any other
             continue
-        p = memplan.plan_micro_batch(models, reward_fns[task], cfg.method, budget, steps=cfg.steps,
+        p = memplan.plan_micro_batch(models, fn, method, budget, steps=cfg.steps,
                                      truncate=step_cfg.truncate, checkpointing=cfg.gradient_checkpointing,
                                      rank=cfg.rank, frozen_tasks=len(cfg.tasks) - 1)
         if top is None or p["top"] < top:
@@ -1043,6 +1082,8 @@ def _run(cfg: Config, is_mini: bool, model_given: bool, resume: bool, world: int
             models.vae.to(torch.float32)  # rid.decode casts the latents to the VAE's dtype
     with bad_input():
         models.set_resolution(cfg.resolution, "--resolution")
+        if cfg.method == "ddpo":  # its sampler must have a stochastic step to be a policy
+            ddpo.policy_steps(models.sampler(cfg.steps, cfg.sampler), cfg.steps, cfg.ddpo_eta)
     reward_fns = {}
     for task in cfg.tasks:  # all weights, up front
         spec = f" (reward spec {cfg.reward_spec})" if cfg.reward_spec else ""
@@ -1081,6 +1122,9 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)
         cfg, is_mini = resolve(args)
+        if cfg.method == "ddpo" and world > 1:
+            raise UsageError(f"--method ddpo trains on one process only for now (its advantages would need every "
+                             f"process's rewards); run without torchrun, WORLD_SIZE is {world}")
         if world > 1:
             if cfg.device.startswith("cuda"):
                 cfg.device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
