@@ -12,11 +12,12 @@ A backbone provides
     denoiser                          the module the adapter group wraps (rid.inject)
     lora_keys(layer), kohya_keys(layer)   the LoRA exports' keys of one wrapped layer (diffusers, kohya)
 and, for LaSRO's latent surrogate, `surrogate_encoder(unet)` / `encoder_features(enc, z, cond)` /
-`encoder_widths(enc)` below.
+`encoder_widths(enc)` below; each file's LORA_SHAPES, its LoRA-target layer shapes at its native
+resolution, which the kernel benchmarks read through `lora_shapes()` (no model is built).
 
 Which backbone a model gets is read from its model_index.json's pipeline class (`REGISTRY`).
-Adding one: a file here with a Backbone subclass and `load(model, model_id, index, device, dtype)`
-(index: the model_index.json dict), and one line in REGISTRY naming the pipeline class it serves.
+Adding one: a file here with a Backbone subclass, `load(model, model_id, index, device, dtype)`
+(index: the model_index.json dict) and LORA_SHAPES, and one line in REGISTRY naming the pipeline class it serves.
 """
 from __future__ import annotations
 
@@ -36,6 +37,16 @@ REGISTRY = {
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
 }
+
+
+def lora_shapes() -> dict:
+    """{model: [(where, tokens per image, in, out), …]}: every registered file's LORA_SHAPES, in REGISTRY's
+    order (sd15, sdxl, sd3, flux): the layer shapes the kernel compile matrix and gpu-check run."""
+    shapes = {}
+    for name in dict.fromkeys(REGISTRY.values()):
+        shapes.update(import_module(f"backbones.{name}").LORA_SHAPES)
+    return shapes
+
 
 HOW = ("a local diffusers directory (what a pipeline's save_pretrained writes: model_index.json and "
        "its subfolders), or a hub id such as stable-diffusion-v1-5/stable-diffusion-v1-5 available in "

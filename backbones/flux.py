@@ -26,6 +26,22 @@ from backbones import Backbone, Cond, loading_error, require_subfolders
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
                 "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+
+# Every LoRA-target linear (attention q/k/v/out, the transformer feed-forward DRaFT adapts, and the text
+# stream's twins add_q/k/v_proj, to_add_out, ff_context, which diffusers' SD3/FLUX LoRA scripts target) at
+# the native resolution: (where, tokens per image, in, out) from the diffusers config; M = batch · tokens.
+# The kernel compile matrix and gpu-check run these (rid_kernels/bench.py, via backbones.lora_shapes()).
+# FLUX.1-dev, 1024²: width 3072 (24 heads × 128); 19 double blocks as SD3's with 4096 image and 512 T5 tokens,
+# feed-forward 3072 → 12288; 38 single blocks on the joint 4608 tokens: q/k/v, proj_mlp 3072 → 12288, proj_out
+# (3072 + 12288) → 3072. Guidance-distilled: batch = images, no CFG doubling.
+LORA_SHAPES = {
+    "flux": [("image q/k/v/out", 4096, 3072, 3072), ("text add_q/k/v, to_add_out", 512, 3072, 3072),
+             ("image ff in", 4096, 3072, 12288), ("image ff out", 4096, 12288, 3072),
+             ("text ff in", 512, 3072, 12288), ("text ff out", 512, 12288, 3072),
+             ("single q/k/v", 4608, 3072, 3072), ("single proj_mlp", 4608, 3072, 12288),
+             ("single proj_out", 4608, 15360, 3072)],
+}
+
 MAX_SEQUENCE_LENGTH = 512  # FluxPipeline's default max_sequence_length
 
 

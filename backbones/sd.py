@@ -48,6 +48,19 @@ class SD(Backbone):
         return self.unet(z, t, encoder_hidden_states=cond, timestep_cond=w_emb).sample
 
 
+# Every LoRA-target linear (attention q/k/v/out and the transformer feed-forward DRaFT adapts) at the
+# native resolution: (where, tokens per image, in, out) from the diffusers config; M = batch · tokens. The
+# kernel compile matrix and gpu-check run these (rid_kernels/bench.py, via backbones.lora_shapes()).
+# SD-1.5 UNet, 512² (latent 64²): channels 320/640/1280, one transformer block per attention, GEGLU
+# feed-forward (C → 2·4C, 4C → C), cross-attention on 77 CLIP tokens of width 768
+LORA_SHAPES = {
+    "sd15": [("attn 64²", 4096, 320, 320), ("attn 32²", 1024, 640, 640), ("attn 16²", 256, 1280, 1280),
+             ("attn 8² (mid)", 64, 1280, 1280), ("cross k/v 64²", 77, 768, 320), ("cross k/v 32²", 77, 768, 640),
+             ("cross k/v 16²", 77, 768, 1280), ("ff in 64²", 4096, 320, 2560), ("ff out 64²", 4096, 1280, 320),
+             ("ff in 32²", 1024, 640, 5120), ("ff out 32²", 1024, 2560, 640), ("ff in 16²", 256, 1280, 10240),
+             ("ff out 16²", 256, 5120, 1280), ("ff in 8²", 64, 1280, 10240), ("ff out 8²", 64, 5120, 1280)],
+}
+
 SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer")
 
 

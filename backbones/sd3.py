@@ -28,6 +28,19 @@ from backbones import Backbone, Cond, loading_error, require_subfolders
 # dual-attention blocks is not among them: ".attn.to_q" does not end "attn2.to_q")
 LORA_TARGETS = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
                 "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
+
+# Every LoRA-target linear (attention q/k/v/out, the transformer feed-forward DRaFT adapts, and the text
+# stream's twins add_q/k/v_proj, to_add_out, ff_context, which diffusers' SD3/FLUX LoRA scripts target) at
+# the native resolution: (where, tokens per image, in, out) from the diffusers config; M = batch · tokens.
+# The kernel compile matrix and gpu-check run these (rid_kernels/bench.py, via backbones.lora_shapes()).
+# SD3-Medium MMDiT, 1024²: 24 blocks of width 1536 (24 heads × 64), 4096 image tokens (64² patches of 2×2) and
+# 333 text tokens (77 CLIP + 256 T5) in their own projections, GELU feed-forward 1536 → 6144
+LORA_SHAPES = {
+    "sd3": [("image q/k/v/out", 4096, 1536, 1536), ("text add_q/k/v, to_add_out", 333, 1536, 1536),
+            ("image ff in", 4096, 1536, 6144), ("image ff out", 4096, 6144, 1536),
+            ("text ff in", 333, 1536, 6144), ("text ff out", 333, 6144, 1536)],
+}
+
 MAX_SEQUENCE_LENGTH = 256  # the pipeline's default max_sequence_length for T5
 
 

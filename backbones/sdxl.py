@@ -87,6 +87,17 @@ class SDXL(Backbone):
         return ".".join(["middle_block", "1", *parts[3:]])  # mid_block.attentions.0.…
 
 
+# Every LoRA-target linear (attention q/k/v/out and the transformer feed-forward DRaFT adapts) at the
+# native resolution: (where, tokens per image, in, out) from the diffusers config; M = batch · tokens. The
+# kernel compile matrix and gpu-check run these (rid_kernels/bench.py, via backbones.lora_shapes()).
+# SDXL UNet, 1024² (latent 128²): attention at 64² (640 ch, 2 blocks) and 32² (1280 ch, 10 blocks, mid too),
+# cross-attention on 77 tokens of width 2048 (two CLIPs), GEGLU feed-forward
+LORA_SHAPES = {
+    "sdxl": [("attn 64²", 4096, 640, 640), ("attn 32²", 1024, 1280, 1280), ("cross k/v 64²", 77, 2048, 640),
+             ("cross k/v 32²", 77, 2048, 1280), ("ff in 64²", 4096, 640, 5120), ("ff out 64²", 4096, 2560, 640),
+             ("ff in 32²", 1024, 1280, 10240), ("ff out 32²", 1024, 5120, 1280)],
+}
+
 SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 

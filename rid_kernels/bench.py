@@ -26,6 +26,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import backbones
 import rid_kernels
 from rid_kernels import lora_group as lg
 from rid_kernels.ema import ema_reference_
@@ -75,38 +76,9 @@ def adapter_views(flat, shapes=SD15_ADAPTER_SHAPES):
     return views
 
 
-# Every LoRA-target linear of each backbone rid supports or will (attention q/k/v/out, the transformer
-# feed-forward DRaFT adapts, and the MMDiTs' text-stream twins add_q/k/v_proj, to_add_out, ff_context,
-# which diffusers' SD3/FLUX LoRA scripts target) at its native resolution: (where, tokens per image,
-# in, out), from the diffusers configs; M = batch · tokens. Each list moves next to its backbone
-# (backbones/) when that lands.
-BACKBONE_LORA_SHAPES = {
-    # SD-1.5 UNet, 512² (latent 64²): channels 320/640/1280, one transformer block per attention,
-    # GEGLU feed-forward (C → 2·4C, 4C → C), cross-attention on 77 CLIP tokens of width 768
-    "sd15": [("attn 64²", 4096, 320, 320), ("attn 32²", 1024, 640, 640), ("attn 16²", 256, 1280, 1280),
-             ("attn 8² (mid)", 64, 1280, 1280), ("cross k/v 64²", 77, 768, 320), ("cross k/v 32²", 77, 768, 640),
-             ("cross k/v 16²", 77, 768, 1280), ("ff in 64²", 4096, 320, 2560), ("ff out 64²", 4096, 1280, 320),
-             ("ff in 32²", 1024, 640, 5120), ("ff out 32²", 1024, 2560, 640), ("ff in 16²", 256, 1280, 10240),
-             ("ff out 16²", 256, 5120, 1280), ("ff in 8²", 64, 1280, 10240), ("ff out 8²", 64, 5120, 1280)],
-    # SDXL UNet, 1024² (latent 128²): attention at 64² (640 ch, 2 blocks) and 32² (1280 ch, 10 blocks,
-    # mid too), cross-attention on 77 tokens of width 2048 (two CLIPs), GEGLU feed-forward
-    "sdxl": [("attn 64²", 4096, 640, 640), ("attn 32²", 1024, 1280, 1280), ("cross k/v 64²", 77, 2048, 640),
-             ("cross k/v 32²", 77, 2048, 1280), ("ff in 64²", 4096, 640, 5120), ("ff out 64²", 4096, 2560, 640),
-             ("ff in 32²", 1024, 1280, 10240), ("ff out 32²", 1024, 5120, 1280)],
-    # SD3-Medium MMDiT, 1024²: 24 blocks of width 1536 (24 heads × 64), 4096 image tokens (64² patches of
-    # 2×2) and 333 text tokens (77 CLIP + 256 T5) in their own projections, GELU feed-forward 1536 → 6144
-    "sd3": [("image q/k/v/out", 4096, 1536, 1536), ("text add_q/k/v, to_add_out", 333, 1536, 1536),
-            ("image ff in", 4096, 1536, 6144), ("image ff out", 4096, 6144, 1536),
-            ("text ff in", 333, 1536, 6144), ("text ff out", 333, 6144, 1536)],
-    # FLUX.1-dev, 1024²: width 3072 (24 heads × 128); 19 double blocks as SD3's with 4096 image and 512
-    # T5 tokens, feed-forward 3072 → 12288; 38 single blocks on the joint 4608 tokens: q/k/v, proj_mlp
-    # 3072 → 12288, proj_out (3072 + 12288) → 3072. Guidance-distilled: batch = images, no CFG doubling.
-    "flux": [("image q/k/v/out", 4096, 3072, 3072), ("text add_q/k/v, to_add_out", 512, 3072, 3072),
-             ("image ff in", 4096, 3072, 12288), ("image ff out", 4096, 12288, 3072),
-             ("text ff in", 512, 3072, 12288), ("text ff out", 512, 12288, 3072),
-             ("single q/k/v", 4608, 3072, 3072), ("single proj_mlp", 4608, 3072, 12288),
-             ("single proj_out", 4608, 15360, 3072)],
-}
+# Every LoRA-target linear of each backbone (where, tokens per image, in, out) at its native resolution, kept
+# beside the backbone (backbones/<name>.py's LORA_SHAPES), in REGISTRY's order: sd15, sdxl, sd3, flux.
+BACKBONE_LORA_SHAPES = backbones.lora_shapes()
 
 
 def naive_lora_loop(x, weight, bias, As, Bs, scales):
