@@ -1,18 +1,22 @@
-"""Samplers, written out: DDIM / η-DDIM (timestep spacing leading, trailing or linspace), LCM's
-multistep consistency sampler, and the flow-matching Euler sampler of rectified-flow models (SD3,
-FLUX) with its η analogue. Each is built from a model directory's scheduler config — betas,
-prediction type, timestep spacing, offset, the last step's ᾱ; the flow's shift — never from
-constants, and each equals diffusers' own scheduler on the same inputs step by step
-(tests/test_samplers.py, tests/test_flow.py):
-    DDIM(steps, config) == DDIMScheduler.from_config(config) after set_timesteps(steps)
-    LCM(steps, config)  == LCMScheduler.from_config(config)  after set_timesteps(steps)
+"""Samplers, written out: DDIM / η-DDIM (timestep spacing leading, trailing or linspace), Euler (the
+k-diffusion σ form of EulerDiscreteScheduler, SDXL base's own) with its η analogue, LCM's multistep
+consistency sampler, and the flow-matching Euler sampler of rectified-flow models (SD3, FLUX) with its η
+analogue. Each is built from a model directory's scheduler config — betas, prediction type, timestep
+spacing, offset, the last step's ᾱ or σ; the flow's shift — never from constants, and each equals
+diffusers' own scheduler on the same inputs step by step (tests/test_samplers.py, tests/test_flow.py):
+    DDIM(steps, config)  == DDIMScheduler.from_config(config)  after set_timesteps(steps)
+    Euler(steps, config) == EulerDiscreteScheduler.from_config(config) after set_timesteps(steps), on the
+                           scaled latent z = x/√(σ²+1) the UNet reads (Euler's docstring)
+    LCM(steps, config)   == LCMScheduler.from_config(config)  after set_timesteps(steps)
     Flow(steps, config, mu, sigmas) == FlowMatchEulerDiscreteScheduler.from_config(config) after
                            set_timesteps(steps, mu=mu, sigmas=...) as StableDiffusion3Pipeline / FluxPipeline call it
-A config of another scheduler class (SDXL ships EulerDiscreteScheduler) gives the DDIM that
-`DDIMScheduler.from_config` would make of it: its keys, DDIMScheduler's defaults for the rest.
+Which one a model gets (`build`, kind 'auto'): its scheduler config's class — LCMScheduler → lcm,
+EulerDiscreteScheduler → euler, FlowMatchEulerDiscreteScheduler → flow, any other (DDIM, PNDM, Euler
+ancestral, …) → ddim, the DDIM that `DDIMScheduler.from_config` would make of it (its keys, DDIMScheduler's
+defaults for the rest). An explicit kind (`--sampler ddim`) overrides it.
 
 The interface the methods use (rid.py): `timesteps` (steps,) first = noisiest; `timestep(i)` the
-i-th as the denoiser takes it (DDIM/LCM: int; flow: float σ·1000); `x0(pred, t, z)` the clean
+i-th as the denoiser takes it (DDIM/LCM: int; Euler: float; flow: float σ·1000); `x0(pred, t, z)` the clean
 estimate from the model's output at timestep t; `step(pred, t, z, eta, noise)` z_t → z_prev;
 `needs_noise(t, eta)` whether that step takes fresh noise (drawn by the caller from its seeded
 generator); `add_noise(x0, eps, t)` the forward process q(z_t | x0) (flow: (1−σ)x0 + σε).
@@ -27,7 +31,7 @@ import numpy as np
 import torch
 import torch.utils.checkpoint
 
-SAMPLERS = ("ddim", "lcm", "flow")
+SAMPLERS = ("ddim", "euler", "lcm", "flow")
 
 # DDIMScheduler's own defaults: what a key missing from the directory's config means.
 DDIM_DEFAULTS = {
@@ -39,6 +43,15 @@ DDIM_DEFAULTS = {
 # LCMScheduler's: the same keys, its own values where they differ, and the consistency parametrisation.
 LCM_DEFAULTS = {**DDIM_DEFAULTS, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
                 "clip_sample": False, "original_inference_steps": 50, "timestep_scaling": 10.0}
+# EulerDiscreteScheduler's (SDXL base ships it): its own defaults, which differ from DDIM's (linspace spacing).
+EULER_CLASS = "EulerDiscreteScheduler"
+EULER_DEFAULTS = {
+    "num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+    "trained_betas": None, "prediction_type": "epsilon", "interpolation_type": "linear", "use_karras_sigmas": False,
+    "use_exponential_sigmas": False, "use_beta_sigmas": False, "sigma_min": None, "sigma_max": None,
+    "timestep_spacing": "linspace", "timestep_type": "discrete", "steps_offset": 0, "rescale_betas_zero_snr": False,
+    "final_sigmas_type": "zero",
+}
 # SD-1.5's shipped scheduler_config.json (what rid.DDIM(steps) means without a config).
 SD15_SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
                   "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
@@ -49,9 +62,9 @@ SPACINGS = ("leading", "trailing", "linspace")
 
 
 def default_kind(config: dict) -> str:
-    """The sampler a scheduler config asks for: lcm for LCMScheduler, flow for FlowMatchEulerDiscreteScheduler,
-    ddim for everything else."""
-    return {"LCMScheduler": "lcm", FLOW_CLASS: "flow"}.get(config.get("_class_name"), "ddim")
+    """The sampler a scheduler config asks for: lcm for LCMScheduler, euler for EulerDiscreteScheduler (SDXL
+    base), flow for FlowMatchEulerDiscreteScheduler, ddim for everything else (DDIM, PNDM, Euler ancestral, …)."""
+    return {"LCMScheduler": "lcm", EULER_CLASS: "euler", FLOW_CLASS: "flow"}.get(config.get("_class_name"), "ddim")
 
 
 def build(config: dict, steps: int, kind: str = "auto", generator: torch.Generator | None = None, **flow):
@@ -65,9 +78,10 @@ def build(config: dict, steps: int, kind: str = "auto", generator: torch.Generat
     own = default_kind(config)
     kind = own if kind == "auto" else kind
     if (kind == "flow") != (own == "flow"):
-        allowed = "auto, flow" if own == "flow" else "auto, ddim, lcm"
+        allowed = "auto, flow" if own == "flow" else "auto, ddim, euler, lcm"
         raise ValueError(f"sampler {kind!r} is not allowed for a {config.get('_class_name')} model; allowed: {allowed}")
-    sampler = Flow(steps, config, **flow) if kind == "flow" else (LCM if kind == "lcm" else DDIM)(steps, config)
+    sampler = Flow(steps, config, **flow) if kind == "flow" else \
+        {"ddim": DDIM, "euler": Euler, "lcm": LCM}[kind](steps, config)
     sampler.generator = generator
     return sampler
 
@@ -258,6 +272,153 @@ class LCM(DDIM):
             return denoised
         a_next = self.alpha(t_next)
         return a_next.sqrt() * denoised + (1 - a_next).sqrt() * noise
+
+
+#### EULER (EulerDiscreteScheduler, SDXL base's own): k-diffusion's σ form ####
+
+def _sigma_to_t(sigma: float, log_sigmas: np.ndarray) -> float:
+    """The (fractional) training timestep of σ: linear interpolation in log σ (diffusers' _sigma_to_t)."""
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return ((1 - w) * low + w * (low + 1)).reshape(np.shape(sigma))
+
+
+class Euler:
+    """Euler on the probability-flow ODE in k-diffusion's variables (Karras et al. 2022): x = x₀ + σε with
+    σ_t = √((1 − ᾱ_t)/ᾱ_t), the UNet reading the scaled x/√(σ² + 1) (diffusers' scale_model_input). rid's
+    state z IS that scaled latent, z = √ᾱ x₀ + √(1 − ᾱ) ε (what DDIM's z is too), so the methods call the
+    denoiser on z unchanged; a step converts to x, takes diffusers' step and converts back:
+        x = √(σ² + 1)·z,  x̂₀ = x − σε̂ (v: √ᾱ z − √(1−ᾱ) v; x₀: the output),  d = (x − x̂₀)/σ,
+        x' = x + (σ' − σ)d,  z' = x'/√(σ'² + 1)   (the last step returns x', the latent the pipeline decodes).
+    Schedule, from the config as EulerDiscreteScheduler.set_timesteps: timesteps by `timestep_spacing`
+    (leading + steps_offset: SDXL's 50 steps → 981, 961, …, 1; trailing; linspace), σ interpolated at them
+    (`interpolation_type` linear in t, or log_linear), or Karras / exponential σ's with their timesteps
+    read back (`use_karras_sigmas`, `use_exponential_sigmas`); a final σ of 0, or the training σ_min
+    (`final_sigmas_type`).
+    Start: z = the unit noise at the first timestep, i.e. x = √(σ_max² + 1)·noise, diffusers' init_noise_sigma
+    for leading spacing (SDXL base). For trailing and linspace diffusers starts at x = σ_max·noise instead
+    (k-diffusion's habit): 0.23 % less at SDXL's σ_max = 14.6; pass its pipeline latents × init_scale to match.
+    η analogue (R0's random η): DDIM's η posterior in these coordinates, i.e. k-diffusion's ancestral step
+        σ↑ = min(σ', η·σ'√(σ² − σ'²)/σ),  σ↓ = √(σ'² − σ↑²),  x' = x + (σ↓ − σ)d + σ↑·noise;
+    η = 0: the Euler step (computed as such, diffusers' to float rounding); η = 1: EulerAncestralDiscreteScheduler's."""
+
+    defaults = EULER_DEFAULTS
+
+    def __init__(self, steps: int = 50, config: dict | None = None):
+        c = {**self.defaults, **{k: v for k, v in (config or SD15_SCHEDULER).items() if k in self.defaults}}
+        T = c["num_train_timesteps"]
+        if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T:
+            raise ValueError(f"steps {steps!r} is not allowed; allowed: an integer in [1, {T}]")
+        for key, allowed in (("prediction_type", PREDICTIONS), ("timestep_spacing", SPACINGS),
+                             ("interpolation_type", ("linear", "log_linear")),
+                             ("final_sigmas_type", ("zero", "sigma_min")),
+                             ("timestep_type", ("discrete",))):
+            if c[key] not in allowed:
+                raise ValueError(f"scheduler {key} {c[key]!r} is not allowed; allowed: {', '.join(allowed)}")
+        for key in ("use_beta_sigmas", "rescale_betas_zero_snr"):
+            if c[key]:
+                raise ValueError(f"scheduler {key} {c[key]!r} is not allowed; allowed: false (not implemented)")
+        if c["use_karras_sigmas"] and c["use_exponential_sigmas"]:
+            raise ValueError("scheduler use_karras_sigmas and use_exponential_sigmas are both true; allowed: one")
+        self.config, self.prediction_type, self.generator = c, c["prediction_type"], None
+        self.alphas_cumprod = torch.cumprod(1.0 - _betas(c), dim=0)  # ᾱ_t (T,)
+        timesteps, sigmas = self._schedule(steps, c, self.alphas_cumprod)
+        self.timesteps = torch.from_numpy(timesteps)  # (steps,) float32, noisiest first
+        self.sigmas = torch.from_numpy(sigmas)  # (steps + 1,) float32 (log_linear: steps + 2, as diffusers)
+        self._sigma = sigmas.tolist()  # the same as Python floats: no tensor read on the hot path
+        self._index = {float(t): i for i, t in enumerate(timesteps)}
+
+    @staticmethod
+    def _schedule(steps: int, c: dict, alphas_cumprod: torch.Tensor) -> tuple:
+        """(timesteps (steps,), σ's (steps + 1,)) float32 numpy, as EulerDiscreteScheduler.set_timesteps."""
+        T = c["num_train_timesteps"]
+        if c["timestep_spacing"] == "linspace":
+            timesteps = np.linspace(0, T - 1, steps, dtype=np.float32)[::-1].copy()
+        elif c["timestep_spacing"] == "leading":  # 0, r, 2r, … reversed, + offset
+            timesteps = (np.arange(0, steps) * (T // steps)).round()[::-1].copy().astype(np.float32) + c["steps_offset"]
+        else:  # trailing: T, T − T/n, … rounded, − 1
+            timesteps = np.arange(T, 0, -T / steps).round().copy().astype(np.float32) - 1
+        train = np.array(((1 - alphas_cumprod) / alphas_cumprod) ** 0.5)  # σ_t (T,) float32, t ascending
+        log_train = np.log(train)
+        if c["interpolation_type"] == "linear":
+            sigmas = np.interp(timesteps, np.arange(0, T), train)
+        else:  # log_linear: steps + 1 σ's from σ_max to σ_min, the timesteps kept (diffusers' own quirk)
+            sigmas = torch.linspace(np.log(train[-1]), np.log(train[0]), steps + 1).exp().numpy()
+        if c["use_karras_sigmas"] or c["use_exponential_sigmas"]:
+            lo = c["sigma_min"] if c["sigma_min"] is not None else sigmas[-1].item()
+            hi = c["sigma_max"] if c["sigma_max"] is not None else sigmas[0].item()
+            if c["use_karras_sigmas"]:  # ρ = 7, Karras et al.'s
+                ramp = np.linspace(0, 1, steps)
+                sigmas = (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
+            else:
+                sigmas = np.exp(np.linspace(math.log(hi), math.log(lo), steps))
+            timesteps = np.array([_sigma_to_t(s, log_train) for s in sigmas])
+        last = 0.0 if c["final_sigmas_type"] == "zero" else float(train[0])  # sigma_min: the training σ_0
+        sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
+        return timesteps.astype(np.float32), sigmas
+
+    @property
+    def init_noise_sigma(self) -> float:
+        """diffusers' initial x = noise × this: √(σ_max² + 1) for leading spacing, σ_max for trailing/linspace."""
+        top = max(self._sigma)
+        return top if self.config["timestep_spacing"] in ("linspace", "trailing") else (top ** 2 + 1) ** 0.5
+
+    @property
+    def init_scale(self) -> float:
+        """rid's start z = noise is diffusers' x = noise × √(σ₀² + 1): its latents = noise × this (1 for leading)."""
+        return (self._sigma[0] ** 2 + 1) ** 0.5 / self.init_noise_sigma
+
+    def timestep(self, i: int) -> float:
+        """The i-th timestep (negative: from the end) as the denoiser takes it."""
+        return float(self.timesteps[i])
+
+    def sigma(self, t: float) -> torch.Tensor:
+        """σ of timestep t (one of `timesteps`), the float32 scalar the scheduler holds."""
+        return self.sigmas[self._index[float(t)]]
+
+    def _x0(self, pred: torch.Tensor, sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """x̂₀ from the model's output and the unscaled x, as EulerDiscreteScheduler.step computes it."""
+        if self.prediction_type == "epsilon":
+            return x - sigma * pred
+        if self.prediction_type == "v_prediction":
+            return pred * (-sigma / (sigma ** 2 + 1) ** 0.5) + (x / (sigma ** 2 + 1))
+        return pred
+
+    def x0(self, pred: torch.Tensor, t: float, z: torch.Tensor) -> torch.Tensor:
+        """x̂₀ from the model's output at timestep t on the scaled latent z (ε: (z − √(1−ᾱ)ε̂)/√ᾱ, as DDIM's)."""
+        sigma = self.sigma(t)
+        return self._x0(pred, sigma, z.to(torch.float32) * (sigma ** 2 + 1) ** 0.5).to(pred.dtype)
+
+    def needs_noise(self, t: float, eta: float) -> bool:
+        return eta > 0 and self._sigma[self._index[float(t)] + 1] > 0
+
+    def step(self, pred: torch.Tensor, t: float, z: torch.Tensor, eta: float = 0.0,
+             noise: torch.Tensor | None = None) -> torch.Tensor:
+        """z at σ → z at σ' (σ' the next σ): Euler at η = 0, else the ancestral η step of the class docstring.
+        In float32 as diffusers, cast back to the prediction's dtype; the last step returns the unscaled x'."""
+        i = self._index[float(t)]
+        sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
+        x = z.to(torch.float32) * (sigma ** 2 + 1) ** 0.5  # diffusers' sample (B, C, h, w)
+        d = (x - self._x0(pred, sigma, x)) / sigma  # the ODE's derivative dx/dσ = ε̂
+        if eta == 0:
+            x_next = x + d * (sigma_next - sigma)
+        else:
+            up = eta * (sigma_next ** 2 * (sigma ** 2 - sigma_next ** 2) / sigma ** 2) ** 0.5  # σ↑
+            up = torch.clamp(up, max=sigma_next)
+            down = (sigma_next ** 2 - up ** 2) ** 0.5
+            x_next = x + d * (down - sigma)
+            if self.needs_noise(t, eta):
+                x_next = x_next + noise * up
+        if i + 1 < len(self.timesteps):  # scaled for the next denoiser call
+            x_next = x_next / (sigma_next ** 2 + 1) ** 0.5
+        return x_next.to(pred.dtype)
+
+    def add_noise(self, x0: torch.Tensor, eps: torch.Tensor, t: float) -> torch.Tensor:
+        """z_t = (x₀ + σε)/√(σ² + 1) = √ᾱ x₀ + √(1−ᾱ) ε: a clean estimate back onto the chain (DRaFT-LV)."""
+        sigma = self.sigma(t)
+        return (x0 + sigma * eps) / (sigma ** 2 + 1) ** 0.5
 
 
 #### RECTIFIED FLOWS: FLOW-MATCHING EULER AND ITS η ANALOGUE (SD3, FLUX) ####

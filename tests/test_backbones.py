@@ -2,14 +2,17 @@
 and SD directories written by the pipelines' save_pretrained (tests/tiny.py).
 
     conditioning   == StableDiffusionXLPipeline.encode_prompt (zeroed or "" negative) and _get_add_time_ids
-    sampling       == StableDiffusionXLPipeline(...) with the same latents: DDIM (leading; trailing as
-                      SDXL-Turbo, one step, guidance off) with and without CFG, LCM with a seeded generator
+    sampling       == StableDiffusionXLPipeline(...) with the same latents: its own EulerDiscreteScheduler
+                      (leading, SDXL base's; trailing) with and without CFG, latents and images, max |diff|
+                      printed (pytest -s); DDIM (--sampler ddim; trailing as SDXL-Turbo, one step, guidance
+                      off); LCM with a seeded generator
     LoRA keys      a file written with backbone.lora_keys, loaded by pipe.load_lora_weights, gives the
                    UNet output of rid's adapter group (SD and SDXL)
     every method   one rid.train_step of each method on tiny SDXL moves the adapters, finitely; LaSRO's
                    surrogate reads SDXL's conditioning (its features move with the pooled text and time ids)
     fp16 / bf16    the VAE stays fp32 where its config says force_upcast
-    registry       an unsupported pipeline class: one line naming the supported ones, train.py exits 2
+    registry       an unsupported pipeline class: one line naming the supported ones, train.py exits 2;
+                   each file's LORA_SHAPES collected for the kernel benchmarks (rid_kernels/bench.py)
 """
 import dataclasses
 import json
@@ -90,16 +93,59 @@ def test_time_ids_follow_the_resolution(xl):
 
 #### SAMPLING ####
 
+@pytest.mark.parametrize("steps", [1, 3, 8])
+@pytest.mark.parametrize("guidance", [1.0, 4.0])
+def test_sdxl_euler_sample_equals_the_pipeline(xl, xl_path, guidance, steps):
+    """SDXL base's own scheduler (EulerDiscreteScheduler, leading): rid's default sampler on it, from the same
+    noise, ends at the pipeline's latents (output_type latent) and decodes to its images."""
+    import samplers
+
+    pipe = pipeline(xl_path)
+    assert type(pipe.scheduler).__name__ == "EulerDiscreteScheduler"
+    sampler = xl.sampler(steps)
+    assert type(sampler) is samplers.Euler and sampler.init_scale == pytest.approx(1.0, abs=1e-7)
+    z = latents(xl)
+    ref = pipe(PROMPTS, latents=z.clone(), num_inference_steps=steps, guidance_scale=guidance,
+               output_type="latent").images
+    with torch.no_grad():
+        out = samplers.denoise(xl, xl.conditioning(PROMPTS, guidance), z, sampler, range(steps), guidance)
+    print(f"sdxl euler pipeline latents, guidance {guidance}, {steps} steps: max |diff| "
+          f"{(out - ref).abs().max().item():.2e} (|latent| ≤ {ref.abs().max().item():.2f})")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    images = pipe(PROMPTS, latents=z.clone(), num_inference_steps=steps, guidance_scale=guidance,
+                  output_type="pt").images
+    torch.testing.assert_close(rid.sample(xl, PROMPTS, z, steps=steps, guidance=guidance), images, rtol=1e-5, atol=1e-5)
+
+
+def test_sdxl_euler_trailing_equals_the_pipeline_from_its_scaled_latents(tmp_path):
+    """EulerDiscreteScheduler with trailing spacing (SDXL-Lightning's): diffusers starts at x = σ_max·noise, rid
+    at the unit scaled latent, i.e. x = √(σ_max² + 1)·noise; the pipeline given latents × init_scale matches."""
+    path = tiny_sdxl(tmp_path, scheduler="turbo")  # an EulerDiscreteScheduler config with trailing spacing
+    models, pipe = rid.load_models(path), pipeline(path)
+    z = latents(models, 1)
+    for steps in (1, 4):
+        sampler = models.sampler(steps)
+        assert type(sampler).__name__ == "Euler" and sampler.timestep(0) == 999.0
+        ref = pipe(PROMPTS, latents=z * sampler.init_scale, num_inference_steps=steps, guidance_scale=0.0,
+                   output_type="latent").images
+        with torch.no_grad():
+            out = rid.denoise(models, models.conditioning(PROMPTS, 1.0), z, sampler, range(steps), 1.0)
+        print(f"sdxl euler trailing pipeline latents, {steps} steps: max |diff| {(out - ref).abs().max().item():.2e}")
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("guidance", [1.0, 4.0])
 def test_sdxl_ddim_sample_equals_the_pipeline(xl, xl_path, guidance):
+    """--sampler ddim keeps DDIM on SDXL base (DDIMScheduler.from_config of its Euler config)."""
     from diffusers import DDIMScheduler
 
     pipe = pipeline(xl_path, DDIMScheduler)
     z = latents(xl)
     ref = pipe(PROMPTS, latents=z.clone(), num_inference_steps=3, guidance_scale=guidance, output_type="pt").images
-    out = rid.sample(xl, PROMPTS, z, steps=3, guidance=guidance)
+    out = rid.sample(xl, PROMPTS, z, steps=3, guidance=guidance, sampler="ddim")
     assert out.shape == ref.shape == (2, 3, 16, 16)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(rid.sample(xl, PROMPTS, z, steps=3, guidance=guidance), ref, atol=1e-4)  # Euler's
 
 
 def test_turbo_one_step_trailing_without_guidance_equals_the_pipeline(tmp_path):
@@ -107,11 +153,11 @@ def test_turbo_one_step_trailing_without_guidance_equals_the_pipeline(tmp_path):
 
     path = tiny_sdxl(tmp_path, scheduler="turbo")
     models, pipe = rid.load_models(path), pipeline(path, DDIMScheduler)
-    assert models.sampler(1).timesteps.tolist() == [999]
+    assert models.sampler(1, "ddim").timesteps.tolist() == [999]
     z = latents(models, 1)
     for steps in (1, 4):
         ref = pipe(PROMPTS, latents=z.clone(), num_inference_steps=steps, guidance_scale=0.0, output_type="pt").images
-        out = rid.sample(models, PROMPTS, z, steps=steps, guidance=1.0)
+        out = rid.sample(models, PROMPTS, z, steps=steps, guidance=1.0, sampler="ddim")
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
@@ -270,3 +316,21 @@ def test_sd_and_sdxl_are_chosen_from_model_index(xl, sd_path):
     assert type(xl).__name__ == "SDXL" and type(rid.load_models(sd_path)).__name__ == "SD"
     assert backbones.REGISTRY == {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
                                   "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
+
+
+def test_lora_shapes_live_beside_each_backbone_and_the_kernel_bench_reads_them():
+    """Each registered file owns its LoRA-target layer shapes; backbones.lora_shapes() collects them in REGISTRY's
+    order and rid_kernels.bench's BACKBONE_LORA_SHAPES is that collection (the widths are checked against the
+    modules diffusers builds in tests/test_compile.py)."""
+    from importlib import import_module
+
+    from rid_kernels import bench
+
+    shapes = backbones.lora_shapes()
+    assert list(shapes) == ["sd15", "sdxl", "sd3", "flux"]
+    for name in backbones.REGISTRY.values():
+        own = import_module(f"backbones.{name}").LORA_SHAPES
+        assert all(shapes[k] is v for k, v in own.items())
+        assert all(isinstance(w, str) and all(isinstance(n, int) and n > 0 for n in rest)
+                   for rows in own.values() for w, *rest in rows)
+    assert bench.BACKBONE_LORA_SHAPES == shapes
