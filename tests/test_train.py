@@ -351,7 +351,7 @@ def test_cli_error_is_one_line_in_a_subprocess():
 
 @pytest.mark.parametrize("argv, words", [
     (["--tasks", "aesthetic,beauty"], ["beauty", "aesthetic, hps, compress"]),
-    (["--method", "ddpo"], ["ddpo", "baseline, rid, draft-k"]),
+    (["--method", "ppo"], ["ppo", "baseline, rid, draft-k"]),
     (["--epochs", "aesthetic=abc"], ["--epochs", "abc"]),
     (["--epochs", "hps=3"], ["--epochs", "'hps'", "not in --tasks"]),
     (["--batch", "0"], ["--batch", "> 0"]),
