@@ -94,7 +94,8 @@ class StepConfig:
                          "an integer in [1, 1000]",
                           lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000)
     sampler: str = setting("auto", "the sampler: auto follows the model's scheduler config (LCMScheduler: lcm, "
-                           "FlowMatchEulerDiscreteScheduler (SD3, FLUX): flow, else ddim; samplers.py)", choices=("auto",) + samplers.SAMPLERS)
+                           "EulerDiscreteScheduler (SDXL base): euler, FlowMatchEulerDiscreteScheduler (SD3, FLUX): "
+                           "flow, else ddim; samplers.py)", choices=("auto",) + samplers.SAMPLERS)
     guidance: float = setting(7.5, "classifier-free guidance scale w; 1 = no unconditional branch (paper: 7.5); "
                               "FLUX-dev: w as its guidance embedding, no unconditional branch (its default 3.5)",
                               *_finite_at_least(0))

@@ -356,7 +356,7 @@ def test_inception_unavailable_skips_fid(world, run_dir, tmp_path, monkeypatch):
     (["--ckpt", "{tmp}", "--images-per-prompt", "0"], "--images-per-prompt 0"),
     (["--ckpt", "{tmp}", "--weights", "0.5"], "--weights applies to --soup"),
     (["--soup", "{tmp}"], "is neither a run directory"),
-    (["--ckpt", "{tmp}", "--sampler", "euler"], "--sampler 'euler' is not allowed; allowed: auto, ddim, lcm"),
+    (["--ckpt", "{tmp}", "--sampler", "heun"], "--sampler 'heun' is not allowed; allowed: auto, ddim, euler, lcm"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, args, msg):
     assert ev.main([a.format(tmp=tmp_path) for a in args]) == 2
