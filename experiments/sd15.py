@@ -1,20 +1,28 @@
-"""SD-1.5 at its real size with random weights, no download: the paper's scale, run on a CPU.
+"""SD-1.5 or SDXL at its real size with random weights, no download: the paper's scale, run on a CPU.
 
     python -m experiments.sd15 build DIR     DIR/model: a diffusers directory shaped exactly like SD-1.5 (UNet
                                              860 M, VAE, CLIP ViT-L/14 text encoder, CLIP's own 49408-token
                                              BPE tokenizer); DIR/rewards: open_clip ViT-L-14 + the LAION MLP
                                              (aesthetic, the CLIP metric) and ViT-H-14 (hps), and their spec
+    python -m experiments.sd15 build DIR --backbone sdxl
+                                             the same for SDXL base 1.0 (StableDiffusionXLPipeline: UNet 2.57 B
+                                             with its text_time embedding, CLIP ViT-L/14 + OpenCLIP bigG text
+                                             encoders, SDXL's VAE, its EulerDiscrete scheduler config), the
+                                             weights stored in bf16 (what --dtype bf16 loads; 7 GB of disk)
     python -m experiments.sd15 run DIR       the real CLIs on it: one optimizer step of every method
                                              (train.py --model DIR/model --reward-spec ...), eval.py of one
-                                             stage, a soup, and checkpoint.export_lora loaded by diffusers'
-                                             load_lora_weights against rid's own forward; peak RSS per
-                                             process → DIR/dry_run.json and, with --doc, a markdown table
+                                             stage (and, SD-1.5, a soup), and `python -m checkpoint export`
+                                             loaded by diffusers' load_lora_weights against rid's own forward;
+                                             peak RSS per process → DIR/dry_run.json and, with --doc, a
+                                             markdown table. The backbone is read from DIR/model.
 
 At `--resolution 64` and 2 DDIM steps (the defaults) a step of each method takes seconds to a minute on
-2 cores; `--resolution 256` or `512` measure memory at the sizes people train at. Every number is the
-process's peak resident memory (fp32 on CPU, a proxy for GPU memory: the same tensors). The weights are
-random, so rewards and metrics mean nothing here: the run checks shapes, dtypes, file formats and
-plumbing at SD-1.5's size (tests/test_sd15.py runs it when RID_SD15_DRY_RUN=1).
+2 cores (SDXL: minutes); `--resolution 256` or `512` measure memory at the sizes people train at. Every
+number is the process's peak resident memory (on CPU a proxy for GPU memory: the same tensors). SD-1.5 runs
+in fp32, SDXL with its frozen base in bf16 (`--dtype`; its fp32 base alone is 12 GB). The weights are
+random, so rewards and metrics mean nothing here: the run checks shapes, dtypes, file formats and plumbing
+at the real size (tests/test_sd15.py runs it when RID_SD15_DRY_RUN=1 / RID_SDXL_DRY_RUN=1, and builds a
+tiny SDXL through the same code always).
 """
 from __future__ import annotations
 
@@ -46,6 +54,43 @@ SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, be
 LAION_DIMS = (1024, 128, 64, 16)  # the aesthetic MLP on 768-d ViT-L/14 features
 PARAMS = {"unet": 859_520_964, "vae": 83_653_863, "text_encoder": 123_060_480}  # SD-1.5's, the build's oracle
 
+# SDXL base 1.0's published configs (stabilityai/stable-diffusion-xl-base-1.0: unet/, vae/, text_encoder/,
+# text_encoder_2/, scheduler/). attention_head_dim is diffusers' historical name for the number of heads.
+XL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+               up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+               transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20), use_linear_projection=True,
+               cross_attention_dim=2048, addition_embed_type="text_time", addition_time_embed_dim=256,
+               projection_class_embeddings_input_dim=2816, norm_num_groups=32)  # 2816 = 1280 pooled + 6 time ids × 256
+XL_VAE = dict(VAE, sample_size=1024, scaling_factor=0.13025, force_upcast=True)  # SD's VAE shape, SDXL's weights
+# Both encoders keep the configs' legacy token ids (eos 2: the pooled token is the highest id, <|endoftext|>).
+XL_TEXT = dict(TEXT, bos_token_id=0, eos_token_id=2, pad_token_id=1)  # CLIP ViT-L/14
+XL_TEXT_2 = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
+                 num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu", projection_dim=1280,
+                 bos_token_id=0, eos_token_id=2, pad_token_id=1)  # OpenCLIP ViT-bigG/14, with its projection
+XL_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                   prediction_type="epsilon", interpolation_type="linear", timestep_spacing="leading", steps_offset=1,
+                   use_karras_sigmas=False)
+# The published scheduler_config.json also carries DDIM's keys, which EulerDiscreteScheduler does not take as
+# arguments but a DDIM sampler built from the same file reads (--sampler ddim): written into the config as well.
+XL_SCHEDULE_EXTRA = dict(clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True, sample_max_value=1.0)
+XL_PARAMS = {"unet": 2_567_463_684, "vae": 83_653_863, "text_encoder": 123_060_480,
+             "text_encoder_2": 694_659_840}  # SDXL base 1.0's, the build's oracle
+BACKBONES = {"StableDiffusionPipeline": "sd15", "StableDiffusionXLPipeline": "sdxl"}  # model_index.json → name
+
+
+def sdxl_configs(tiny: bool = False) -> dict:
+    """SDXL base's component configs; tiny: the same structure (three levels, 2 resnets per block, transformer
+    depths 1/2/10, the text_time embedding, both encoders with pooled projection, the 4-level VAE) with widths
+    cut to tens of channels and 2 encoder layers: what the default tests build through the same code."""
+    if not tiny:
+        return {"unet": XL_UNET, "vae": XL_VAE, "text_encoder": XL_TEXT, "text_encoder_2": XL_TEXT_2}
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32)
+    return {"unet": dict(XL_UNET, block_out_channels=(32, 64, 64), attention_head_dim=(2, 4, 4), cross_attention_dim=64,
+                         addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8),
+            "vae": dict(XL_VAE, block_out_channels=(32, 32, 64, 64)),
+            "text_encoder": dict(XL_TEXT, **text), "text_encoder_2": dict(XL_TEXT_2, **text)}
+
 
 def clip_tokenizer(out: Path):
     """CLIP's own tokenizer, built from the BPE open_clip ships: the 256 byte tokens, the same with </w>,
@@ -64,17 +109,13 @@ def clip_tokenizer(out: Path):
     return tok
 
 
-def build(d: Path, log) -> dict:
-    """DIR/model and DIR/rewards; returns the parameter counts."""
-    import open_clip
+def build_sd15(d: Path) -> dict:
+    """DIR/model for SD-1.5 (fp32); returns the parameter counts."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from mini.models import AestheticMLP
-
     torch.manual_seed(0)
-    t0 = time.time()
     tok = clip_tokenizer(d / "tokenizer-src")
     text = CLIPTextModel(CLIPTextConfig(**TEXT, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                         pad_token_id=tok.pad_token_id))
@@ -83,8 +124,48 @@ def build(d: Path, log) -> dict:
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     counts = {k: sum(p.numel() for p in getattr(pipe, k).parameters()) for k in PARAMS}
     pipe.save_pretrained(d / "model")
-    del pipe
-    log(f"model written ({', '.join(f'{k} {v / 1e6:.1f} M' for k, v in counts.items())}) in {time.time() - t0:.0f} s")
+    return counts
+
+
+def build_sdxl(d: Path, tiny: bool = False) -> dict:
+    """DIR/model for SDXL base, every weight made and stored in bf16 (the fp32 UNet alone would be 10 GB of
+    memory; the VAE is upcast to fp32 on load, as its force_upcast asks); returns the parameter counts.
+    tokenizer_2 pads with "!" (id 0) as SDXL's does, tokenizer with <|endoftext|>."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    c = sdxl_configs(tiny)
+    tok = clip_tokenizer(d / "tokenizer-src")
+    tok_2 = CLIPTokenizer.from_pretrained(d / "tokenizer-src", pad_token="!")
+    scheduler = EulerDiscreteScheduler(**XL_SCHEDULE)
+    scheduler.register_to_config(**XL_SCHEDULE_EXTRA)
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # every parameter created (and initialised) in bf16
+    try:
+        pipe = StableDiffusionXLPipeline(
+            vae=AutoencoderKL(**c["vae"]), text_encoder=CLIPTextModel(CLIPTextConfig(**c["text_encoder"])),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**c["text_encoder_2"])), tokenizer=tok,
+            tokenizer_2=tok_2, unet=UNet2DConditionModel(**c["unet"]), scheduler=scheduler,
+            force_zeros_for_empty_prompt=True, add_watermarker=False)
+    finally:
+        torch.set_default_dtype(default)
+    counts = {k: sum(p.numel() for p in getattr(pipe, k).parameters()) for k in XL_PARAMS}
+    pipe.save_pretrained(d / "model", max_shard_size="1GB")  # shards: a fp32 load holds one shard, not the UNet
+    return counts
+
+
+def build_rewards(d: Path) -> dict:
+    """DIR/rewards (open_clip ViT-L-14 + the LAION MLP, ViT-H-14 as HPSv2 stores it, their spec) and
+    DIR/prompts.txt; returns the reward models' parameter counts."""
+    import open_clip
+    import torch
+
+    from mini.models import AestheticMLP
+
+    torch.manual_seed(0)
+    counts = {}
     r = d / "rewards"
     r.mkdir(parents=True, exist_ok=True)
     vit_l = open_clip.create_model("ViT-L-14")
@@ -100,6 +181,20 @@ def build(d: Path, log) -> dict:
                                                 "aesthetic_head": "aesthetic.pth", "hps_arch": "ViT-H-14",
                                                 "hps_weights": "hps.pt"}, indent=1))
     (d / "prompts.txt").write_text("a photo of a cat\na photo of a dog\na photo of a horse\na photo of a fox\n")
+    return counts
+
+
+def build(d: Path, log, backbone: str = "sd15") -> dict:
+    """DIR/model and DIR/rewards; returns the parameter counts. ValueError when the model's differ from the
+    published ones."""
+    t0 = time.time()
+    counts = build_sdxl(d) if backbone == "sdxl" else build_sd15(d)
+    log(f"model written ({', '.join(f'{k} {v / 1e6:.1f} M' for k, v in counts.items())}) in {time.time() - t0:.0f} s")
+    published = XL_PARAMS if backbone == "sdxl" else PARAMS
+    wrong = {k: (v, published[k]) for k, v in counts.items() if v != published[k]}
+    if wrong:
+        raise ValueError(f"parameter counts (built, published) differ: {wrong}")
+    counts.update(build_rewards(d))
     log(f"reward weights written in {time.time() - t0:.0f} s total")
     return counts
 
@@ -117,68 +212,112 @@ def measured(cmd: list, log, env=None) -> dict:
             "tail": out.strip().splitlines()[-3:]}
 
 
-def train_args(d: Path, out: Path, method: str, task: str, res: int, *extra) -> list:
+def train_args(d: Path, out: Path, method: str, task: str, res: int, dtype: str, *extra) -> list:
     return [sys.executable, "train.py", "--model", d / "model", "--reward-spec", d / "rewards" / "rewards.json",
             "--prompts", d / "prompts.txt", "--tasks", task, "--method", method, "--steps", "2", "--batch", "1",
-            "--max-steps", "1", "--resolution", str(res), "--device", "cpu", "--out", out, *extra]
+            "--max-steps", "1", "--resolution", str(res), "--dtype", dtype, "--device", "cpu", "--out", out, *extra]
 
 
-def export_check(d: Path, run: Path, res: int) -> float:
-    """checkpoint.export_lora of the run's stage, loaded by diffusers' load_lora_weights: the largest
-    |ε_diffusers − ε_rid| on one input, relative to |ε|."""
+def export_check(model: Path, run: Path, lora: Path, res: int) -> dict:
+    """A LoRA file exported from the run's first stage, loaded by diffusers' load_lora_weights, against rid's own
+    forward: the denoiser's output on one input, relative to its largest value. One fp32 UNet serves both (SDXL's
+    is 10 GB): rid's adapter group is loaded into it and taken out again before diffusers wraps it. lora_effect
+    (how far the adapters move the output) shows the comparison is not vacuous."""
+    import diffusers
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import UNet2DConditionModel
 
     import checkpoint
-    import rid
 
-    models = rid.load_models(str(d / "model"))
-    stage = sorted(p for p in run.iterdir() if p.name.startswith("stage1-"))[0]
-    group = checkpoint.load(models.unet, stage)
-    path = checkpoint.export_lora(group, str(run / "exported.safetensors"))
-    pipe = StableDiffusionPipeline.from_pretrained(str(d / "model"), safety_checker=None, requires_safety_checker=False)
-    pipe.load_lora_weights(str(run), weight_name=Path(path).name)
-    g = torch.Generator().manual_seed(0)
-    z = torch.randn(1, 4, res // 8, res // 8, generator=g)
-    emb = torch.randn(1, 77, 768, generator=g)
+    model = str(model)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", torch_dtype=torch.float32)
+    unet.eval().requires_grad_(False)
+    unet.rid_base_model = os.path.realpath(model)  # what the run's adapters were saved against
+    c, g = unet.config, torch.Generator().manual_seed(0)
+    z = torch.randn(1, c.in_channels, res // 8, res // 8, generator=g)  # (1, 4, h, w)
+    kw = {"encoder_hidden_states": torch.randn(1, 77, c.cross_attention_dim, generator=g)}
+    if c.addition_embed_type == "text_time":  # SDXL: pooled text (1, 1280) and time ids (1, 6)
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(1, pooled, generator=g),
+                                   "time_ids": torch.tensor([[res, res, 0, 0, res, res]], dtype=torch.float32)}
+    t = torch.tensor(501)
     with torch.no_grad():
-        ours = models.unet(z, torch.tensor(501), encoder_hidden_states=emb).sample
-        theirs = pipe.unet(z, torch.tensor(501), encoder_hidden_states=emb).sample
-    return float((ours - theirs).abs().max() / ours.abs().max())
+        base = unet(z, t, **kw).sample
+        stage = sorted(p for p in run.iterdir() if p.name.startswith("stage1-"))[0]
+        group = checkpoint.load(unet, stage)
+        ours = unet(z, t, **kw).sample
+        for name, layer in group.layers.items():  # rid's wrappers out: the bare base UNet again
+            parent, _, child = name.rpartition(".")
+            setattr(unet.get_submodule(parent), child, layer.base)
+        del group
+        index = json.loads((Path(model) / "model_index.json").read_text())
+        others = {k: None for k, v in index.items() if isinstance(v, list) and k != "unet" and k != "scheduler"}
+        pipe = getattr(diffusers, index["_class_name"]).from_pretrained(model, unet=unet, **others)
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
+        theirs = pipe.unet(z, t, **kw).sample
+    scale = float(ours.abs().max())
+    return {"export_rel_err": float((ours - theirs).abs().max()) / scale,
+            "lora_effect": float((ours - base).abs().max()) / scale}
 
 
 def main(argv=None) -> int:
     p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=("build", "run"), help="build the directory, or run the CLIs on it")
-    p.add_argument("dir", help="where the SD-1.5-shaped model and reward weights live")
+    p.add_argument("dir", help="where the model and reward weights live")
+    p.add_argument("--backbone", choices=("sd15", "sdxl"), default="sd15",
+                   help="build: SD-1.5 or SDXL base 1.0 (run reads it from DIR/model) (default: sd15)")
     p.add_argument("--resolution", default="64", help="comma list of image sides for the method steps (default: 64)")
     p.add_argument("--methods", default=None, help="comma list of methods (default: every method of rid.METHODS)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                   help="train.py / eval.py --dtype of the frozen base (default: fp32 for SD-1.5, bf16 for SDXL)")
+    p.add_argument("--checks", default=None,
+                   help="comma list of the runs beyond the method steps: hps (rid on hps, ViT-H-14), compress "
+                        "(baseline on compress), eval (eval.py of the rid run), soup (eval.py --soup rid + baseline), "
+                        "export, run in this order (default: hps,compress,eval,soup,export for SD-1.5; compress,export,eval "
+                        "for SDXL: its hps step and soup would each add ViT-H-14's 4 GB to a 7 GB bf16 base, as its "
+                        "eval does, last)")
     p.add_argument("--checkpointing", action="store_true",
                    help="also run every method with --gradient-checkpointing (the memory table's second column)")
     p.add_argument("--doc", default=None, help="markdown table of the results to write (default: none)")
     args = p.parse_args(argv)
     log, d = logger(PROG), Path(args.dir).resolve()
     if args.what == "build":
-        counts = build(d, log)
+        try:
+            counts = build(d, log, args.backbone)
+        except ValueError as e:
+            p.error(str(e))
         (d / "build.json").write_text(json.dumps(counts, indent=1))
         return 0
 
     import rid
 
-    if not (d / "model" / "unet").is_dir() or not (d / "rewards" / "rewards.json").is_file():
-        p.error(f"{d} holds no built SD-1.5 dry-run directory; run `{PROG} build {args.dir}` first")
+    index = d / "model" / "model_index.json"
+    if not index.is_file() or not (d / "rewards" / "rewards.json").is_file():
+        p.error(f"{d} holds no built dry-run directory; run `{PROG} build {args.dir}` first")
+    backbone = BACKBONES.get(json.loads(index.read_text()).get("_class_name"))
+    if backbone is None:
+        p.error(f"{index}: its pipeline class is neither of {', '.join(BACKBONES)}")
+    multiple = 64 if backbone == "sd15" else 32  # the VAE's 8 × the UNet's downsampling (3 or 2 times)
     try:
         sizes = [int(x) for x in args.resolution.split(",") if x]
     except ValueError:
         p.error(f"--resolution {args.resolution!r}: expected a comma list of integers, e.g. 64,256")
-    if not sizes or any(s < 64 or s % 64 for s in sizes):
-        p.error(f"--resolution {args.resolution!r}: every size must be a multiple of 64 (SD-1.5's VAE × UNet)")
+    if not sizes or any(s < multiple or s % multiple for s in sizes):
+        p.error(f"--resolution {args.resolution!r}: every size must be a multiple of {multiple} ({backbone}'s VAE × UNet)")
     methods = args.methods.split(",") if args.methods else list(rid.METHODS)
     bad = [m for m in methods if m not in rid.METHODS]
     if bad:
         p.error(f"--methods {args.methods!r}: unknown {bad}; valid: {', '.join(rid.METHODS)}")
+    all_checks = ("hps", "compress", "eval", "soup", "export")
+    checks = (args.checks.split(",") if args.checks is not None else
+              list(all_checks) if backbone == "sd15" else ["compress", "export", "eval"])
+    needs = {"eval": {"rid"}, "soup": {"rid", "baseline"}, "export": {"rid"}}  # the method runs a check reads
+    if any(c not in all_checks or not needs.get(c, set()) <= set(methods) for c in checks):
+        p.error(f"--checks {args.checks!r}: allowed: a comma list of {', '.join(all_checks)}; eval and export read "
+                "the rid run, soup the rid and baseline runs: --methods must include them")
+    dtype = args.dtype or ("fp32" if backbone == "sd15" else "bf16")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    results = {"steps": [], "checks": {}}
+    results = {"backbone": backbone, "dtype": dtype, "steps": [], "checks": {}}
     runs = d / "runs"
     for res in sizes:
         for m in methods:
@@ -188,30 +327,49 @@ def main(argv=None) -> int:
                 extra = ["--gradient-checkpointing"] if ckpt else []
                 task = "aesthetic" if m != "r0" else "clip"
                 out = runs / f"{m}-{res}{'-gc' if ckpt else ''}"
-                r = measured(train_args(d, out, m, task, res, *extra), log, env)
+                r = measured(train_args(d, out, m, task, res, dtype, *extra), log, env)
                 results["steps"].append({"method": m, "resolution": res, "checkpointing": ckpt, "task": task, **r})
                 log(f"{m} @ {res}² {'(gc) ' if ckpt else ''}→ rc {r['rc']}, {r['seconds']} s, peak RSS {r['peak_rss_gb']} GB")
+                (d / "dry_run.json").write_text(json.dumps(results, indent=1))
     res = sizes[0]
     rid_run, base_run = runs / f"rid-{res}", runs / f"baseline-{res}"
-    results["checks"]["hps_step"] = measured(train_args(d, runs / f"rid-hps-{res}", "rid", "hps", res), log, env)
-    results["checks"]["compress_step"] = measured(train_args(d, runs / f"baseline-compress-{res}", "baseline",
-                                                             "compress", res), log, env)
-    common = ["--max-prompts", "1", "--images-per-prompt", "2", "--steps", "2", "--resolution", str(res), "--device", "cpu"]
-    results["checks"]["eval"] = measured([sys.executable, "eval.py", "--ckpt", rid_run, "--out", runs / "eval", *common],
-                                         log, env)
-    results["checks"]["soup"] = measured([sys.executable, "eval.py", "--soup", rid_run, base_run, "--out",
-                                          runs / "eval-soup", *common], log, env)
-    results["checks"]["export_rel_err"] = export_check(d, rid_run, res)
+    common = ["--max-prompts", "1", "--images-per-prompt", "2", "--steps", "2", "--resolution", str(res),
+              "--dtype", dtype, "--device", "cpu"]
+    commands = {  # check → (its key in dry_run.json, the command)
+        "hps": ("hps_step", train_args(d, runs / f"rid-hps-{res}", "rid", "hps", res, dtype)),
+        "compress": ("compress_step", train_args(d, runs / f"baseline-compress-{res}", "baseline", "compress", res,
+                                                 dtype)),
+        "eval": ("eval", [sys.executable, "eval.py", "--ckpt", rid_run, "--out", runs / "eval", *common]),
+        "soup": ("soup", [sys.executable, "eval.py", "--soup", rid_run, base_run, "--out", runs / "eval-soup",
+                          *common]),
+        "export": ("export", [sys.executable, "-m", "checkpoint", "export", rid_run, rid_run / "exported.safetensors"])}
+    for check in checks:  # in the order given
+        key, cmd = commands[check]
+        results["checks"][key] = r = measured(cmd, log, env)
+        log(f"{key} → rc {r['rc']}, {r['seconds']} s, peak RSS {r['peak_rss_gb']} GB")
+        if check == "export" and not r["rc"]:
+            import resource
+
+            t0 = time.time()
+            results["checks"].update(export_check(d / "model", rid_run, rid_run / "exported.safetensors", res))
+            results["checks"]["export_compare"] = {"seconds": round(time.time() - t0, 1), "peak_rss_gb": round(
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}  # this process: the fp32 UNet
+            log(f"export through diffusers: relative error {results['checks']['export_rel_err']:.2e} (the adapters "
+                f"move the output by {results['checks']['lora_effect']:.2e}), peak RSS "
+                f"{results['checks']['export_compare']['peak_rss_gb']} GB")
+        (d / "dry_run.json").write_text(json.dumps(results, indent=1))
     (d / "dry_run.json").write_text(json.dumps(results, indent=1))
-    failed = [s for s in results["steps"] if s["rc"]] + [v for v in results["checks"].values() if isinstance(v, dict) and v["rc"]]
+    failed = [s for s in results["steps"] if s["rc"]] + [v for v in results["checks"].values()
+                                                         if isinstance(v, dict) and v.get("rc")]
     if args.doc:
         lines = ["| method | resolution | gradient checkpointing | peak RSS (GB) | seconds | exit |", "|---|---|---|---|---|---|"]
         for s in results["steps"]:
             lines.append(f"| {s['method']} | {s['resolution']} | {'yes' if s['checkpointing'] else 'no'} | "
                          f"{s['peak_rss_gb']} | {s['seconds']} | {s['rc']} |")
         Path(args.doc).write_text("\n".join(lines) + "\n")
-    log(f"{len(failed)} failed; export through diffusers: relative error {results['checks']['export_rel_err']:.2e}; "
-        f"results in {d / 'dry_run.json'}")
+    err = results["checks"].get("export_rel_err")
+    log(f"{len(failed)} failed; export through diffusers: relative error "
+        f"{'not measured' if err is None else f'{err:.2e}'}; results in {d / 'dry_run.json'}")
     return 1 if failed else 0
 
 
