@@ -196,6 +196,7 @@ class Settings:
     max_prompts: int | None = None
     grid_prompts: int = 8
     resolution: int | None = None  # None: the run's own (train.py --resolution), else the model's
+    text_encoder_3: str | None = None  # None: the run's own (train.py --text-encoder-3; auto before it was saved)
     coco: str | None = None         # --fid coco: a local MS-COCO folder (annotations/captions_val2017.json + val2017/)
     coco_n: int = COCO_N            # captions (and reference images) of the COCO FID
 
@@ -241,6 +242,10 @@ def stage_config(stage: Stage, s: Settings) -> dict:
     if kind not in SAMPLER["sampler"]["choices"]:
         raise UsageError(f"{run.dir / 'run.json'}: config sampler {kind!r} is not allowed; allowed: "
                          f"{', '.join(SAMPLER['sampler']['choices'])} (or pass --sampler)")
+    t5 = cfg.get("text_encoder_3", "auto") if s.text_encoder_3 is None else s.text_encoder_3
+    if t5 not in rid.TEXT_ENCODER_3:
+        raise UsageError(f"{run.dir / 'run.json'}: config text_encoder_3 {t5!r} is not allowed; allowed: "
+                         f"{', '.join(rid.TEXT_ENCODER_3)} (or pass --text-encoder-3)")
     return {
         "version": CACHE_VERSION, "model": run.info["model"], "prompts": prompts, "seed": s.seed,
         "images_per_prompt": s.images_per_prompt, "dtype": s.dtype,
@@ -249,6 +254,7 @@ def stage_config(stage: Stage, s: Settings) -> dict:
         "jpeg_quality": JPEG_QUALITY, "grid_prompts": s.grid_prompts,
         **({"resolution": res} if (res := cfg.get("resolution") if s.resolution is None else s.resolution) else {}),
         **({"sampler": kind} if kind != "auto" else {}),  # auto: the model's own, as every cache before --sampler
+        **({"text_encoder_3": t5} if t5 != "auto" else {}),  # auto: every text encoder, as caches before the flag
     }
 
 
@@ -640,7 +646,10 @@ def evaluate(ckpts: list, soup: list | None = None, weights: list | None = None,
     stages = [st for chain in chains for st in chain]
     cache_dirs = sorted({str(st.cache_dir) for st in stages})
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[s.dtype]
-    scorers, loaded = {}, {}  # loaded: model id -> (Models, adapter layout injected into its UNet)
+    scorers, loaded = {}, {}  # loaded: (model id, text_encoder_3) -> (Models, adapter layout injected into its UNet)
+
+    def base(st):  # the loaded model a stage samples with: its run's model, with or without SD3's T5
+        return st.run.info["model"], st.config.get("text_encoder_3", "auto")
 
     def scorer_for(st):
         key = json.dumps([st.config["spec"], st.config["fid"]], sort_keys=True)
@@ -650,17 +659,18 @@ def evaluate(ckpts: list, soup: list | None = None, weights: list | None = None,
         return scorers[key]
 
     def load(st):
-        model = st.run.info["model"]
+        model, t5 = base(st)
         with checkpoint.reading(f"{st.run.dir / 'run.json'}: model {model}"):  # garbage weight files
             try:
-                loaded[model] = (rid.load_models(model, device=s.device, dtype=dtype), None)
+                loaded[model, t5] = (rid.load_models(model, device=s.device, dtype=dtype, text_encoder_3=t5,
+                                                     name=lambda option: "--" + option.replace("_", "-")), None)
             except ValueError as e:  # not a model directory or hub id: rid says why
                 raise UsageError(f"{st.run.dir / 'run.json'}: {e}") from None
 
     def models_for(st):
         """The run's base model; reloaded only when a stage needs another adapter layout, or the base
         model after adapters were injected (checkpoint.load reuses a UNet's group of the same layout)."""
-        model, layout = st.run.info["model"], _adapter_layout(st)
+        model, layout = base(st), _adapter_layout(st)
         if loaded[model][1] is not None and loaded[model][1] != layout:
             load(st)
         models = loaded[model][0]
@@ -674,11 +684,11 @@ def evaluate(ckpts: list, soup: list | None = None, weights: list | None = None,
             todo.setdefault(st.key, st)  # a base model shared by several runs is generated once
     order = sorted(todo.values(), key=lambda t: (t.index > 0, str(_adapter_layout(t))))  # bases first
     for st in order:  # load the base models up front: a bad model id fails before any progress bar
-        if st.run.info["model"] not in loaded:
+        if base(st) not in loaded:
             load(st)
     for st in order:  # and every stage's image size against its model's
         try:
-            loaded[st.run.info["model"]][0].set_resolution(st.config.get("resolution"), "--resolution")
+            loaded[base(st)][0].set_resolution(st.config.get("resolution"), "--resolution")
         except ValueError as e:
             raise UsageError(f"{st.name}: {e}") from None
     total = sum(images_of(t.config) for t in order)
@@ -882,6 +892,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resolution", type=int, help="image side in pixels (default: the run's train.py --resolution, else the "
                                      "model's own: 512 for SD-1.5, 32 in the mini world)")
     a("--reward-spec", help="reward spec JSON (default: the run's; see rewards.RewardSpec)")
+    a("--text-encoder-3", choices=rid.TEXT_ENCODER_3, help=f"{rid.TEXT_ENCODER_3_HELP} (default: the run's)")
     a("--fid", choices=("test", "coco"), default="test",
       help="test: FID of the test prompts' images against --fid-ref (the mini world: its own reference set); "
            "coco: the paper's zero-shot FID on MS-COCO, one image per caption of the first --coco-n images of "
@@ -926,6 +937,7 @@ def main(argv=None) -> int:
                      guidance=args.guidance, sampler=args.sampler, dtype=args.dtype or ("fp16" if device.startswith("cuda") else "fp32"),
                      device=device, batch=args.batch, reward_spec=args.reward_spec, fid_ref=args.fid_ref,
                      fid_features=args.fid_features, max_prompts=args.max_prompts, resolution=args.resolution,
+                     text_encoder_3=args.text_encoder_3,
                      coco=args.coco if args.fid == "coco" else None, coco_n=args.coco_n)
         check_settings(args)
         if args.fid == "coco":

@@ -422,7 +422,8 @@ def inject(unet, rank: int = 4, targets=None) -> AdapterGroup:
 
 # What other modules and the tests call by these names is the backbone's (backbones/__init__.py lists it all).
 Models = backbones.sd.SD  # SD-1.5's backbone; rid.Models(unet, vae, text_encoder, tokenizer) builds one from modules
-load_models = backbones.load  # (model, device, dtype) -> the backbone its model_index.json names
+load_models = backbones.load  # (model, device, dtype, text_encoder_3) -> the backbone its model_index.json names
+TEXT_ENCODER_3, TEXT_ENCODER_3_HELP = backbones.TEXT_ENCODER_3, backbones.TEXT_ENCODER_3_HELP  # --text-encoder-3
 
 
 def encode_prompts(models, prompts: list):

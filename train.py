@@ -133,6 +133,7 @@ class Config(ddpo.DDPOConfig):
     # says force_upcast (SD-1.5's does: decoded in fp32), adapters, EMA and AdamW in fp32 (DRaFT's recipe).
     dtype: str = "fp32"
     resolution: int | None = None  # image side in pixels; None: the model's own (SD-1.5: 512; mini world: 32)
+    text_encoder_3: str = "auto"  # SD3's T5: auto loads it, none never reads it (zeros instead; rid.TEXT_ENCODER_3_HELP)
     # -- runtime: knobs that do not change what is computed; --resume may change them --
     ckpt_every: int = 100      # optimizer steps between mid-task checkpoints
     n_samples: int = 8         # test prompts in each stage's samples.png
@@ -251,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--resolution", type=int, help="image side in pixels, a multiple of the VAE factor × the UNet's "
                                      "downsampling (SD-1.5: 64; 256/384 fit smaller GPUs) (default: the model's "
                                      "own: 512 for SD-1.5, 32 in the mini world)")
+    a("--text-encoder-3", choices=rid.TEXT_ENCODER_3, help=f"{rid.TEXT_ENCODER_3_HELP}; saved with the run, so eval.py "
+                                                           f"and --resume load the same (default: {d.text_encoder_3})")
     a("--ckpt-every", type=int, help=f"optimizer steps between mid-task checkpoints (default: {d.ckpt_every})")
     a("--resume", action="store_true", help="continue the run in --out from its last readable checkpoint (same "
                                             "settings required, but for --ckpt-every, --device, --report-to and "
@@ -366,7 +369,7 @@ def resolve(args) -> tuple[Config, bool]:
     if args.reward_spec is not None:
         cfg.reward_spec = str(Path(args.reward_spec).resolve())
     method_fields = [f.name for f in fields(ddpo.DDPOConfig)]
-    for name in ("out", "seed", "dtype", "device", "report_to", "resolution", *method_fields):
+    for name in ("out", "seed", "dtype", "device", "report_to", "resolution", "text_encoder_3", *method_fields):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
     for f in fields(ddpo.DDPOConfig):  # settings given as text in their own syntax (--eta-range LO,HI)
@@ -558,9 +561,10 @@ def new_run(cfg: Config, world: int, stages: list = (), **extra) -> dict:
 
 def saved_run(d: Path) -> dict:
     """run.json of the run in `d`, its config read as today's (runs from before --lr-schedule trained at a
-    constant lr)."""
+    constant lr, from before --text-encoder-3 loaded every text encoder their model had: auto)."""
     run = checkpoint.read_run(d, need=("config", "stages", "train_prompts", "test_prompts"))
     run["config"].setdefault("lr_schedule", dict.fromkeys(run["config"].get("tasks", []), "constant"))
+    run["config"].setdefault("text_encoder_3", "auto")
     for f in fields(ddpo.DDPOConfig):  # runs from before ddpo: its settings at their defaults (only ddpo reads them)
         if f.name.startswith("ddpo_"):
             run["config"].setdefault(f.name, f.default)
@@ -1077,7 +1081,8 @@ def _run(cfg: Config, is_mini: bool, model_given: bool, resume: bool, world: int
                 micro_plan(cfg, task, world)
     with reading(f"--model {cfg.model}"), bad_input():  # a weight file in it may be truncated or garbage
         models = rid.load_models(cfg.model, device=cfg.device,
-                                 dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
+                                 dtype=torch.bfloat16 if cfg.dtype == "bf16" else torch.float32,
+                                 text_encoder_3=cfg.text_encoder_3, name=lambda option: "--" + option.replace("_", "-"))
         if cfg.dtype == "bf16" and models.vae.config.get("force_upcast", False):
             models.vae.to(torch.float32)  # rid.decode casts the latents to the VAE's dtype
     with bad_input():

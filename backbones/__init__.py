@@ -351,12 +351,29 @@ def resolve(model: str) -> tuple:
         raise loading_error(model, e) from e
 
 
-def load(model: str, device="cpu", dtype=torch.float32) -> Backbone:
+# load()'s one option, a run setting (train.py and eval.py --text-encoder-3, saved in run.json): whether an SD3
+# directory's T5-XXL is loaded. "none" is StableDiffusion3Pipeline(text_encoder_3=None, tokenizer_3=None).
+TEXT_ENCODER_3 = ("auto", "none")
+TEXT_ENCODER_3_HELP = ("SD3/SD3.5 only: auto loads the T5-XXL text encoder (text_encoder_3) where the model directory "
+                       "has one; none never reads it (4.76 B parameters: 9.5 GB less in bf16, 19 GB in fp32) and "
+                       "conditions on zeros in its place, as StableDiffusion3Pipeline(text_encoder_3=None) does, at a "
+                       "quality cost the model's authors state (docs/backbones.md)")
+
+
+def load(model: str, device="cpu", dtype=torch.float32, text_encoder_3: str = "auto",
+         name=lambda option: option) -> Backbone:
     """The backbone its model_index.json names, loaded (frozen, eval mode) on `device` in `dtype`. A
-    directory without model_index.json is read as StableDiffusionPipeline (what rid always assumed)."""
+    directory without model_index.json is read as StableDiffusionPipeline (what rid always assumed).
+    text_encoder_3: TEXT_ENCODER_3_HELP; `name` turns the option's name into what the user typed (a CLI flag)."""
+    if text_encoder_3 not in TEXT_ENCODER_3:
+        raise ValueError(f"{name('text_encoder_3')} {text_encoder_3!r} is not allowed; allowed: {', '.join(TEXT_ENCODER_3)}")
     model_id, index = resolve(model)
     cls = (index or {}).get("_class_name", "StableDiffusionPipeline")
     if cls not in REGISTRY:
         raise ValueError(f"model={str(model)!r} is a {cls} (model_index.json); supported pipeline classes: "
                          f"{', '.join(REGISTRY)}")
-    return import_module(f"backbones.{REGISTRY[cls]}").load(str(model), model_id, index or {}, device, dtype)
+    if text_encoder_3 != "auto" and REGISTRY[cls] != "sd3":
+        raise ValueError(f"{name('text_encoder_3')} {text_encoder_3!r} is not allowed for model={str(model)!r}, a {cls}; "
+                         "allowed: auto (only a StableDiffusion3Pipeline has a text_encoder_3 to leave out)")
+    options = {"text_encoder_3": text_encoder_3} if REGISTRY[cls] == "sd3" else {}
+    return import_module(f"backbones.{REGISTRY[cls]}").load(str(model), model_id, index or {}, device, dtype, **options)

@@ -4,7 +4,9 @@ encoders, a 16-channel VAE.
 Conditioning, as StableDiffusion3Pipeline.encode_prompt makes it:
     hidden  (B, 77 + 256, D_T5)  [CLIP-L ⊕ CLIP-G penultimate states (B, 77, 768 + 1280), zero-padded to T5's
                                  width; T5's last states (B, 256, 4096)] along the sequence; without
-                                 text_encoder_3 (a pipeline saved without T5) the T5 part is zeros
+                                 text_encoder_3 (a pipeline saved without T5, or --text-encoder-3 none) the
+                                 T5 part is zeros (B, 256, joint_attention_dim) in CLIP-L's dtype, exactly
+                                 _get_t5_prompt_embeds' when the pipeline's text_encoder_3 is None
     pooled  (B, 768 + 1280)      both CLIP encoders' pooled, projected embeddings
 The unconditional branch is the "" prompt's (SD3 has no zeroed negative). The transformer predicts the
 flow's velocity v = ε − x₀ at timestep σ·1000; the sampler is samplers.Flow (shift 3.0 for SD3-Medium and
@@ -102,7 +104,7 @@ class SD3(Backbone):
             pooled.append(out[0])  # the projected pooled embedding (text_embeds)
             clip.append(out.hidden_states[-2])  # penultimate layer, as SD3 was trained
         dim = self.transformer.config.joint_attention_dim
-        if self.text_encoder_3 is None:
+        if self.text_encoder_3 is None:  # StableDiffusion3Pipeline(text_encoder_3=None): zeros, CLIP-L's dtype
             t5 = torch.zeros(len(prompts), self.max_sequence_length, dim, device=self.device, dtype=clip[0].dtype)
         else:
             ids = self.tokenizer_3(prompts, padding="max_length", max_length=self.max_sequence_length,
@@ -139,11 +141,12 @@ class SD3(Backbone):
 SUBFOLDERS = ("transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
 
 
-def load(model: str, model_id: str, index: dict, device="cpu", dtype=torch.float32) -> SD3:
+def load(model: str, model_id: str, index: dict, device="cpu", dtype=torch.float32, text_encoder_3: str = "auto") -> SD3:
     """The components and the scheduler config from a local diffusers-layout dir or a hub id; T5 where the
-    model_index.json lists it (text_encoder_3 null: without)."""
+    model_index.json lists it (text_encoder_3 null: without) unless text_encoder_3 is "none": then neither
+    text_encoder_3/ nor tokenizer_3/ is read (nor downloaded), and encode puts zeros where T5's states go."""
     require_subfolders(model, SUBFOLDERS)
-    with_t5 = (index.get("text_encoder_3") or [None])[0] is not None
+    with_t5 = (index.get("text_encoder_3") or [None])[0] is not None and text_encoder_3 != "none"
     try:
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel

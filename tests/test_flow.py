@@ -10,6 +10,10 @@
     SD3 (tiny_sd3) conditioning == StableDiffusion3Pipeline.encode_prompt, with T5 and without (its part zeros);
                    sampling == the pipeline on the same latents (CFG on/off; dynamic shift); decode's VAE
                    shift/scale; LoRA targets = diffusers' SD3 LoRA script's
+    SD3 without T5 --text-encoder-3 none on a directory saved with T5 whose T5 files are then deleted (so nothing
+                   may read them) == StableDiffusion3Pipeline(text_encoder_3=None): conditioning, sampled latents;
+                   refused for FLUX and unknown values; a train.py step stores it in run.json, --resume holds to
+                   it (an older run.json reads as auto), eval.py follows it
     every method   rid (pixel, latent), baseline, draft-k, draft, draft-lv, refl: loss and gradient == `Hand`, an
                    unrolled loop on the pipeline's encode_prompt, diffusers' FlowMatchEuler σ's and the
                    transformer called directly (CFG, Euler, re-noising (1 − σ)x̂₀ + σε, x̂₀ = z − σv written out);
@@ -170,6 +174,8 @@ def test_flow_eta_zero_is_the_euler_step_bit_for_bit():
 #### SD3 (tiny, tests/tiny.py) ####
 
 import dataclasses  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
 
 import backbones  # noqa: E402
 import backbones.sd3  # noqa: E402
@@ -259,6 +265,121 @@ def test_sd3_decode_uses_the_vae_shift_and_scale(sd3):
     with torch.no_grad():
         want = (sd3.vae.decode(z / 1.5305 + 0.0609).sample / 2 + 0.5).clamp(0, 1)
         torch.testing.assert_close(sd3.decode(z), want, rtol=0, atol=0)
+
+
+#### SD3 WITHOUT T5 FROM A DIRECTORY THAT HAS IT (--text-encoder-3 none) ####
+
+@pytest.fixture(scope="module")
+def t5_gone(tmp_path_factory):
+    """A tiny SD3 saved WITH T5 (model_index.json lists text_encoder_3 and tokenizer_3), then T5's weights and
+    its tokenizer's files deleted: loading succeeds only if nothing ever reads them."""
+    path = tiny_sd3(tmp_path_factory.mktemp("tiny_sd3_t5_gone"))
+    gone = [os.path.join(path, "text_encoder_3", f) for f in os.listdir(os.path.join(path, "text_encoder_3"))
+            if f.endswith(".safetensors")] + [os.path.join(path, "tokenizer_3", f)
+                                              for f in os.listdir(os.path.join(path, "tokenizer_3"))]
+    assert any(f.endswith(".safetensors") for f in gone) and len(gone) > 1
+    for f in gone:
+        os.remove(f)
+    return path
+
+
+@pytest.mark.parametrize("guidance", [1.0, W])
+def test_sd3_text_encoder_3_none_equals_the_pipeline_with_text_encoder_3_none(t5_gone, guidance):
+    from diffusers import StableDiffusion3Pipeline
+
+    assert json.load(open(os.path.join(t5_gone, "model_index.json")))["text_encoder_3"] == ["transformers", "T5EncoderModel"]
+    with pytest.raises(ValueError, match="could not be loaded"):  # auto reads T5, whose files are gone
+        rid.load_models(t5_gone)
+    models = rid.load_models(t5_gone, text_encoder_3="none")
+    assert models.text_encoder_3 is None and models.tokenizer_3 is None
+    pipe = StableDiffusion3Pipeline.from_pretrained(t5_gone, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        pe, ne, pp, npp = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=guidance > 1)
+    cond = models.conditioning(PROMPTS, guidance)  # [uncond; cond] under CFG
+    want = torch.cat([ne, pe]) if guidance > 1 else pe
+    assert cond.hidden.shape == (len(want), 16 + 256, 80)  # 77 → 16 CLIP tokens here, 256 zeros of joint_attention_dim
+    assert cond.hidden[:, 16:].abs().max() == 0
+    torch.testing.assert_close(cond.hidden, want, rtol=0, atol=0)
+    torch.testing.assert_close(cond.extra["pooled"], torch.cat([npp, pp]) if guidance > 1 else pp, rtol=1e-6, atol=1e-6)
+    z = latents(models, 3)
+    ref = pipe(PROMPTS, latents=z.clone(), num_inference_steps=3, guidance_scale=guidance, output_type="latent").images
+    with torch.no_grad():
+        out = samplers.denoise(models, cond, z, models.sampler(3), range(3), guidance)
+    print(f"\n--text-encoder-3 none vs StableDiffusion3Pipeline(text_encoder_3=None), guidance {guidance}: conditioning "
+          f"max |diff| {(cond.hidden - want).abs().max():.1e} (pooled "
+          f"{(cond.extra['pooled'] - (torch.cat([npp, pp]) if guidance > 1 else pp)).abs().max():.1e}); latents after "
+          f"3 steps max |diff| {(out - ref).abs().max():.1e} (|latent| ≤ {ref.abs().max():.1f})")
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_sd3_text_encoder_3_none_on_a_directory_without_t5_is_what_it_loads_today(tmp_path):
+    path = tiny_sd3(tmp_path, t5=False)
+    today, none = rid.load_models(path), rid.load_models(path, text_encoder_3="none")
+    assert today.text_encoder_3 is None and none.text_encoder_3 is None
+    assert torch.equal(today.conditioning(PROMPTS, W).hidden, none.conditioning(PROMPTS, W).hidden)
+
+
+def test_text_encoder_3_is_refused_for_other_models_and_values(flux_path, sd3_path, tmp_path, capsys):
+    import train
+    from tiny import write_prompts
+
+    with pytest.raises(ValueError, match=r"^text_encoder_3 'none' is not allowed for model=.*, a FluxPipeline; "
+                                         r"allowed: auto \(only a StableDiffusion3Pipeline has a text_encoder_3"):
+        rid.load_models(flux_path, text_encoder_3="none")
+    with pytest.raises(ValueError, match=r"^text_encoder_3 'off' is not allowed; allowed: auto, none$"):
+        rid.load_models(sd3_path, text_encoder_3="off")
+    out = tmp_path / "out"
+    assert train.main(["--model", flux_path, "--prompts", write_prompts(tmp_path / "p.txt"), "--text-encoder-3", "none",
+                       "--device", "cpu", "--out", str(out)]) == 2  # before any weight is read, nothing written
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("train.py: error: --text-encoder-3 'none' is not allowed for model=") and "FluxPipeline" in err
+    assert len(err.splitlines()) == 1 and not (out / "run.json").exists()
+
+
+def test_train_and_eval_without_t5_store_it_in_the_run(t5_gone, tmp_path, capsys):
+    """train.py --text-encoder-3 none on the SD3 whose T5 files are gone: one rid step on compress, the setting
+    in run.json, --resume holding to it, a run.json from before the setting read as auto, eval.py following the run."""
+    import eval as ev
+    import train
+    from test_rewards import tiny_spec
+    from tiny import write_prompts
+
+    (tmp_path / "spec").mkdir()
+    tiny_spec(tmp_path / "spec")
+    out = tmp_path / "run"
+    args = ["--model", t5_gone, "--prompts", write_prompts(tmp_path / "prompts.txt"), "--reward-spec",
+            str(tmp_path / "spec" / "rewards.json"), "--tasks", "compress", "--steps", "2", "--guidance", "3",
+            "--batch", "2", "--micro-batch", "1", "--max-steps", "1", "--lr", "1e-2", "--resolution", "16",
+            "--device", "cpu"]
+    assert train.main(args + ["--out", str(out), "--text-encoder-3", "none"]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["text_encoder_3"] == "none" and run["stages"] == ["stage1-compress"]
+    assert (out / "stage1-compress" / "pytorch_lora_weights.safetensors").is_file()
+    capsys.readouterr()
+    assert train.main(args + ["--out", str(out), "--resume"]) == 2  # auto is another setting: refused up front
+    assert "text_encoder_3: was 'none', now 'auto'" in capsys.readouterr().err
+    assert train.main(args + ["--out", str(out), "--resume", "--text-encoder-3", "none"]) == 0
+
+    # a run.json written before the setting existed resumes with its default (auto: what it loaded then)
+    old = tmp_path / "old"
+    shutil.copytree(out, old)
+    info = json.loads((old / "run.json").read_text())
+    del info["config"]["text_encoder_3"]
+    (old / "run.json").write_text(json.dumps(info))
+    cfg, _ = train.resolve(train.build_parser().parse_args(args + ["--out", str(old), "--resume"]))
+    assert train.open_run(cfg, resume=True)[0]["config"]["text_encoder_3"] == "auto" == cfg.text_encoder_3
+
+    # eval.py samples the run as it was trained (no T5; its files are gone), and --text-encoder-3 overrides it
+    flags = ["--ckpt", str(out), "--images-per-prompt", "1", "--batch", "2", "--max-prompts", "2",
+             "--fid-features", "clip", "--device", "cpu", "--dtype", "fp32"]
+    assert ev.main(flags) == 0
+    cached = [json.loads(p.read_text()) for p in (out / "eval").glob("*.json")]
+    assert len(cached) == 2 and all(c["config"]["text_encoder_3"] == "none" for c in cached)  # base and stage 1
+    capsys.readouterr()
+    assert ev.main(flags + ["--text-encoder-3", "auto"]) == 2  # with T5: reads text_encoder_3, whose weights are gone
+    err = capsys.readouterr().err.strip()
+    assert "could not be loaded" in err and len(err.splitlines()) == 1
 
 
 #### EVERY METHOD ON SD3 ####
