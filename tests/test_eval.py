@@ -247,11 +247,12 @@ def test_changed_setting_recomputes_only_what_it_changes(report, run_dir, world,
     assert len(list((run_dir / "eval").glob("*.json"))) == 6  # both settings stay cached
 
 
-def test_lcm_sdxl_eval_is_reproducible_and_its_sampler_a_setting(world, run_dir, tmp_path):
+def test_lcm_sdxl_eval_is_reproducible_and_its_sampler_a_setting(report, world, run_dir, tmp_path):
     """A tiny LCM-SDXL run (sampler auto -> lcm: it re-noises between steps): its fresh noise comes from eval's
     seeded generators, so two evals from scratch, the global RNG moved in between, give identical metrics.
     --sampler ddim is another setting (its own cache entry, other images). An SD run evaluated with the
-    sampler left at auto keeps a cache key without "sampler": every cache written before --sampler holds."""
+    sampler left at auto keeps a cache key without "sampler": every cache written before --sampler holds
+    (run_dir's cache comes from the `report` fixture, requested so the test holds when run alone)."""
     model = tiny_sdxl(tmp_path / "lcm", scheduler="lcm", time_cond_proj_dim=8)
     run = make_run(tmp_path / "run", world, tasks=("aesthetic",), model=model)
     s = ev.Settings(**{**SETTINGS, "images_per_prompt": 1}, fid_ref=world["ref"])
