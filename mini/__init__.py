@@ -7,6 +7,9 @@ Committed artifacts live in mini/world/ (rebuilt, seeded, by `python -m mini bui
                   its image tower fine-tuned on preference pairs, as HPSv2; mini.domain.preference)
     prompts/      train.txt (750) and test.txt (50) captions, disjoint combinations
     fid_ref.safetensors, world.json (sizes, default DDIM steps / guidance, measured quality)
+The flow world, mini/flow/ (`python -m mini build-flow`, mini/flow_build.py): an SD3-architecture transformer on a
+rectified flow with the world's VAE, text encoder and tokenizer, a StableDiffusion3Pipeline directory ->
+rid.load_models(str(FLOW)); flow.json in it (default Euler steps / guidance, measured quality).
 """
 import os
 from pathlib import Path
@@ -14,6 +17,7 @@ from pathlib import Path
 WORLD = Path(__file__).resolve().parent / "world"
 MODEL = WORLD / "model"
 REWARD_SPEC = WORLD / "rewards.json"
+FLOW = Path(__file__).resolve().parent / "flow"
 
 
 def is_model(model) -> bool:
@@ -22,4 +26,4 @@ def is_model(model) -> bool:
     return os.path.realpath(str(model)) == os.path.realpath(MODEL) and MODEL.is_dir()
 
 
-__all__ = ["WORLD", "MODEL", "REWARD_SPEC", "is_model"]
+__all__ = ["WORLD", "MODEL", "REWARD_SPEC", "FLOW", "is_model"]

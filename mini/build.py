@@ -178,6 +178,21 @@ def retrieval_top1(clip, x01: torch.Tensor, labels: torch.Tensor, captions: list
     return float((pred == labels).float().mean())
 
 
+@torch.no_grad()
+def fid(clip, real01: torch.Tensor, fake01: torch.Tensor) -> float:
+    """Fréchet distance between the CLIP's image embeddings before normalisation of two image sets (N, 3, 32, 32)
+    in [0, 1]: eval.py's FID in the mini world (rewards.clip_features, torchmetrics' formula in float64)."""
+    def stats(x):
+        f = torch.cat([clip.encode_image(clip_preprocess(x[i:i + 512]), normalize=False)
+                       for i in range(0, len(x), 512)]).double()           # (N, D)
+        mu = f.mean(0)
+        return mu, (f - mu).T @ (f - mu) / (len(f) - 1)
+    (m1, s1), (m2, s2) = stats(real01), stats(fake01)
+    # ‖μ₁ − μ₂‖² + tr Σ₁ + tr Σ₂ − 2 tr (Σ₁Σ₂)^½, the last from the eigenvalues of Σ₁Σ₂
+    return float((m1 - m2).square().sum() + s1.trace() + s2.trace()
+                 - 2 * torch.linalg.eigvals(s1 @ s2).sqrt().real.sum())
+
+
 #### hps model: the CLIP fine-tuned on preferences ####
 
 def vignette(x01: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:

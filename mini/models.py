@@ -13,6 +13,10 @@ Sizes (full build; `--small` shrinks nothing here, only data and steps):
                   with open_clip's default tokenizer (49408 tokens: the narrow width keeps that table at
                   2.4 M parameters); embed dim 64
     aesthetic     LAION-layout MLP (Linear 64→256→64→32→16→1, dropouts, no activations, as LAION's)
+The flow world (mini/flow, mini/flow_build.py) adds one network:
+    transformer   SD3Transformer2DModel (SD3-Medium's MMDiT, no qk-norm, no dual attention) on 8×8×4 latents,
+                  patch 1 (64 image tokens), 6 joint blocks × 64 wide (2 heads × 32), context 128 = the two
+                  CLIP slots' 64 + 64, pooled 128; 0.89 M parameters (the UNet: 1.08 M)
 """
 from __future__ import annotations
 
@@ -31,6 +35,11 @@ LATENT = (4, 8, 8)                   # (C, h, w) of the VAE latents
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                 clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
                 trained_betas=None)
+
+# The flow world's scheduler (FlowMatchEulerDiscreteScheduler's config). SD3 pre-trained at 256² unshifted and
+# shifts σ towards noise only above it (3.0 at 1024², its shipped config); the mini images (32²) are far below
+# 256², so unshifted. Training draws its σ through the same shift (mini.flow_build.train_flow).
+FLOW_SCHEDULE = dict(num_train_timesteps=1000, shift=1.0)
 
 CLIP_CONFIG = {                       # open_clip model config (written to world/clip_config.json)
     "embed_dim": 64,
@@ -54,6 +63,14 @@ def unet(cross_attention_dim: int):
                                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
                                 block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=2,
                                 cross_attention_dim=cross_attention_dim, norm_num_groups=16)
+
+
+def flow_transformer(joint_attention_dim: int, pooled_projection_dim: int):
+    from diffusers import SD3Transformer2DModel
+    return SD3Transformer2DModel(sample_size=LATENT[1], patch_size=1, in_channels=LATENT[0], out_channels=LATENT[0],
+                                 num_layers=6, attention_head_dim=32, num_attention_heads=2,
+                                 joint_attention_dim=joint_attention_dim, caption_projection_dim=64,
+                                 pooled_projection_dim=pooled_projection_dim, pos_embed_max_size=LATENT[1])
 
 
 def text_encoder(tokenizer):
