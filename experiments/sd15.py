@@ -17,9 +17,9 @@
                                              markdown table. The backbone is read from DIR/model.
 
 At `--resolution 64` and 2 DDIM steps (the defaults) a step of each method takes seconds to a minute on
-2 cores (SDXL: minutes); `--resolution 256` or `512` measure memory at the sizes people train at. Every
+2 cores (SDXL: 2.5 to 4.5 CPU-minutes and 10.4 GiB, docs/sdxl_dry_run.md); `--resolution 256` or `512` measure memory at the sizes people train at. Every
 number is the process's peak resident memory (on CPU a proxy for GPU memory: the same tensors). SD-1.5 runs
-in fp32, SDXL with its frozen base in bf16 (`--dtype`; its fp32 base alone is 12 GB). The weights are
+in fp32, SDXL with its frozen base in bf16 (`--dtype`; its fp32 base alone is 12 GiB). The weights are
 random, so rewards and metrics mean nothing here: the run checks shapes, dtypes, file formats and plumbing
 at the real size (tests/test_sd15.py runs it when RID_SD15_DRY_RUN=1 / RID_SDXL_DRY_RUN=1, and builds a
 tiny SDXL through the same code always).
@@ -200,7 +200,7 @@ def build(d: Path, log, backbone: str = "sd15") -> dict:
 
 
 def measured(cmd: list, log, env=None) -> dict:
-    """Run a command in the repository root; its exit code, wall time and own peak RSS (os.wait4)."""
+    """Run a command in the repository root; its exit code, wall time, CPU time and own peak RSS (os.wait4)."""
     log("$ " + " ".join(map(str, cmd)))
     t0 = time.time()
     p = subprocess.Popen(list(map(str, cmd)), cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -209,6 +209,7 @@ def measured(cmd: list, log, env=None) -> dict:
     _, status, usage = os.wait4(p.pid, 0)
     p.returncode = os.waitstatus_to_exitcode(status)
     return {"rc": p.returncode, "seconds": round(time.time() - t0, 1), "peak_rss_gb": round(usage.ru_maxrss / 2**20, 2),
+            "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),  # wall depends on what else runs; this less
             "tail": out.strip().splitlines()[-3:]}
 
 

@@ -4,7 +4,7 @@ tokenises as CLIP's own BPE (open_clip's SimpleTokenizer is the oracle), and a t
 code loads through diffusers' StableDiffusionXLPipeline and rid's backbone, trains one step through
 train.py and exports a LoRA file diffusers loads. Opt-in (RID_SD15_DRY_RUN=1; about 10 GB of disk, 16 GB of
 memory, 15 min on 2 cores): the full SD-1.5 build and every CLI on it at 64², export equal through
-diffusers; RID_SDXL_DRY_RUN=1 the same for SDXL in bf16 (about 13 GB of disk, 11 GB of memory)."""
+diffusers; RID_SDXL_DRY_RUN=1 the same for SDXL in bf16 (12 GB of disk, 13 GB of memory, ~40 CPU-minutes)."""
 import json
 import os
 from pathlib import Path
@@ -133,7 +133,7 @@ def test_tiny_sdxl_trains_a_step_and_exports_what_diffusers_loads(tiny_xl):
     assert check["export_rel_err"] < 1e-5 and check["lora_effect"] > 1e-4, check
 
 
-@pytest.mark.skipif(os.environ.get("RID_SDXL_DRY_RUN") != "1", reason="opt-in: RID_SDXL_DRY_RUN=1 (13 GB disk, 11 GB RAM)")
+@pytest.mark.skipif(os.environ.get("RID_SDXL_DRY_RUN") != "1", reason="opt-in: RID_SDXL_DRY_RUN=1 (12 GB disk, 13 GB RAM)")
 def test_dry_run_at_sdxl_size(tmp_path):
     d = Path(os.environ.get("RID_SDXL_DIR", tmp_path / "sdxl"))  # RID_SDXL_DIR: build there (or reuse a build)
     if not (d / "build.json").is_file():
