@@ -17,12 +17,12 @@
                                              markdown table. The backbone is read from DIR/model.
 
 At `--resolution 64` and 2 DDIM steps (the defaults) a step of each method takes seconds to a minute on
-2 cores (SDXL: 2.5 to 4.5 CPU-minutes and 10.4 GiB, docs/sdxl_dry_run.md); `--resolution 256` or `512` measure memory at the sizes people train at. Every
-number is the process's peak resident memory (on CPU a proxy for GPU memory: the same tensors). SD-1.5 runs
-in fp32, SDXL with its frozen base in bf16 (`--dtype`; its fp32 base alone is 12 GiB). The weights are
-random, so rewards and metrics mean nothing here: the run checks shapes, dtypes, file formats and plumbing
-at the real size (tests/test_sd15.py runs it when RID_SD15_DRY_RUN=1 / RID_SDXL_DRY_RUN=1, and builds a
-tiny SDXL through the same code always).
+2 cores (SDXL: 2.5 to 4.5 CPU-minutes and 10.4 GiB, docs/sdxl_dry_run.md); `--resolution 256` or `512`
+measure memory at the sizes people train at. Every number is the process's peak resident memory (on CPU a
+proxy for GPU memory: the same tensors). SD-1.5 runs in fp32, SDXL with its frozen base in bf16 (`--dtype`;
+its fp32 base alone is 12 GiB). The weights are random, so rewards and metrics mean nothing here: the run
+checks shapes, dtypes, file formats and plumbing at the real size (tests/test_sd15.py runs it when
+RID_SD15_DRY_RUN=1 / RID_SDXL_DRY_RUN=1, and builds a tiny SDXL through the same code always).
 """
 from __future__ import annotations
 
