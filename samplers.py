@@ -30,6 +30,7 @@ import math
 import numpy as np
 import torch
 import torch.utils.checkpoint
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 SAMPLERS = ("ddim", "euler", "lcm", "flow")
 
@@ -323,8 +324,9 @@ class Euler:
         if c["use_karras_sigmas"] and c["use_exponential_sigmas"]:
             raise ValueError("scheduler use_karras_sigmas and use_exponential_sigmas are both true; allowed: one")
         self.config, self.prediction_type, self.generator = c, c["prediction_type"], None
-        self.alphas_cumprod = torch.cumprod(1.0 - _betas(c), dim=0)  # ᾱ_t (T,)
-        timesteps, sigmas = self._schedule(steps, c, self.alphas_cumprod)
+        with unset_fake_temporarily():  # a schedule of real numbers, also when built in memplan's fake mode
+            self.alphas_cumprod = torch.cumprod(1.0 - _betas(c), dim=0)  # ᾱ_t (T,)
+            timesteps, sigmas = self._schedule(steps, c, self.alphas_cumprod)
         self.timesteps = torch.from_numpy(timesteps)  # (steps,) float32, noisiest first
         self.sigmas = torch.from_numpy(sigmas)  # (steps + 1,) float32 (log_linear: steps + 2, as diffusers)
         self._sigma = sigmas.tolist()  # the same as Python floats: no tensor read on the hot path
