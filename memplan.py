@@ -1,17 +1,19 @@
 """The memory of one training step, counted without running it on the device: train.py's
 --micro-batch auto (the largest micro-batch that fits the free memory) and the model behind
-docs/sd15_memory.md (experiments/memory.py writes it from these pieces).
+docs/sd15_memory.md and docs/backbone_memory.md (experiments/memory.py writes them from these pieces).
+Any backbone: SD, SDXL, SD3 / SD3.5, FLUX.
 
 How: the loaded model's architecture is rebuilt from its configs as *fake* tensors (torch's
 FakeTensorMode: shapes, dtypes and devices, no storage; `fake_copy`) and rid.train_step, the real code,
 runs one optimizer step on it. A dispatch mode (`PeakMemory`) sees every tensor each op returns and adds
 its storage's bytes while the storage lives; the peak of that sum is the step's peak of live tensor memory,
 which is what torch.cuda.max_memory_allocated reports for the same step on a GPU (before the caching
-allocator's fragmentation). Every value a Python branch reads from a tensor is 1 (a finiteness check
-passes, AdamW's step is 1), which changes no tensor's size. Micro-batches 1 and 2 give the fixed part
-(adapters, optimizer, EMA, what the step keeps) and the part per sample (activations); `plan_micro_batch`
-turns them into the largest micro-batch that fits. tests/test_memory.py checks the counter against
-hand-counted tensors and the fake step against the same step run for real.
+allocator's fragmentation). Every value a Python branch reads from a fake tensor is 1 (a finiteness check
+passes, AdamW's step is 1), which changes no tensor's size; the sampler's constants stay real
+(_real_sampler). Micro-batches 1 and 2 give the fixed part (adapters, optimizer, EMA, what the step keeps)
+and the part per sample (activations); `plan_micro_batch` turns them into the largest micro-batch that fits.
+tests/test_memory.py checks the counter against hand-counted tensors, the fake step against the same step
+run for real (SD, SDXL, SD3, FLUX: byte for byte), and the planner's choice against real steps.
 """
 from __future__ import annotations
 
@@ -88,14 +90,57 @@ def step_memory(models, reward_fn, modules, method: str, batch: int, checkpointi
     opt.state[group.flat]["step"] = torch.tensor(1.0)
     cfg = rid.StepConfig(method=method, steps=steps, truncate=truncate, gradient_checkpointing=checkpointing)
     noise = torch.randn(batch, *models.latent_shape, device=models.device)
-    own = [t for m in (models.unet, models.vae, models.text_encoder, *modules)
-           for t in (*m.parameters(), *m.buffers())]
+    own = weights(models, modules)
     own += [group.flat, group.ema, *opt.state[group.flat].values()]
     own += [b for layer in group.layers.values() for b in (layer.A_frozen, layer.B_frozen, layer.B_scaled)]
-    with PeakMemory(*own, noise) as mem:
-        static = mem.now
-        rid.train_step(models, group, reward_fn, [(["a photo of a cat"] * batch, noise)], opt, cfg)
+    models.sampler = _real_sampler(models.sampler)
+    try:
+        with PeakMemory(*own, noise) as mem:
+            static = mem.now
+            rid.train_step(models, group, reward_fn, [(["a photo of a cat"] * batch, noise)], opt, cfg)
+    finally:
+        del models.sampler  # the class's method again
     return {"static": static, "peak": mem.peak}
+
+
+def weights(models, modules=()) -> list:
+    """Every parameter and buffer of the backbone's modules (denoiser, VAE, every text encoder) and of `modules`."""
+    mods = [getattr(models, f.name) for f in dataclasses.fields(models) if isinstance(getattr(models, f.name), nn.Module)]
+    return [t for m in (*mods, *modules) for t in (*m.parameters(), *m.buffers())]
+
+
+def _real_sampler(build):
+    """models.sampler with real constants under fake tensors too. The samplers read their constants in Python
+    (a flow's σ and σ' of the step, DDIM's ᾱ_t), where a fake scalar reads 1: the η-flow step divided by
+    1 − σ' = 0 and every timestep looked like the last. So the sampler is built on the CPU, as in the real run
+    (not in the planner's device context), and its methods run with the fake mode unset: an op on its constants
+    alone stays real, one that takes a fake latent is still faked by the fake tensor's own mode. Constants of
+    a few hundred bytes, counted in the fake and the real step alike."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    def real(*args, **kwargs):
+        with unset_fake_temporarily(), torch.device("cpu"):
+            return _Unfaked(build(*args, **kwargs))
+    return real
+
+
+class _Unfaked:
+    """A sampler whose methods run with the fake mode unset (_real_sampler); attributes read through."""
+
+    def __init__(self, sampler):
+        self._sampler = sampler
+
+    def __getattr__(self, name):
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        value = getattr(self._sampler, name)
+        if not callable(value):
+            return value
+
+        def call(*args, **kwargs):
+            with unset_fake_temporarily():
+                return value(*args, **kwargs)
+        return call
 
 
 def free_bytes(device) -> int:
@@ -140,20 +185,26 @@ def fake_copy(models):
     return fake
 
 
+LIMIT = 1024  # the largest micro-batch the planner considers (train.py caps it by the batch anyway)
+
+
 def plan_micro_batch(models, reward_fn, method: str, budget: int, *, steps: int, truncate: int = 1,
-                     checkpointing: bool = False, rank: int = 4, frozen_tasks: int = 2) -> dict:
-    """train.py --micro-batch auto: the largest micro-batch whose step fits `budget` bytes less MARGIN
-    (train.py then takes the largest divisor of the batch at most that), from the fake-tensor step of the loaded
-    architecture at micro-batches 1 and 2 (the fixed part and the part per sample, as docs/sd15_memory.md).
-    Weights the run has already loaded are in neither `budget` (free memory) nor the count: the count is
-    the step's peak above everything alive before it, plus the adapters and AdamW's state.
-    -> {"top": 0 when not even 1 fits, "fixed", "per_sample", "usable"} (bytes)."""
+                     checkpointing: bool = False, rank: int = 4, frozen_tasks: int = 2, limit: int = LIMIT) -> dict:
+    """train.py --micro-batch auto: the largest micro-batch (at most `limit`) whose step fits `budget` bytes less
+    MARGIN (train.py then takes the largest divisor of the batch at most that), from fake-tensor steps of the
+    loaded architecture. Micro-batches 1 and 2 give a line, the fixed part and the part per sample (as
+    docs/sd15_memory.md), whose top is where to look; fake steps there and beside it then decide (_search): a
+    step's need is not always a line in the micro-batch (a tiny FLUX's grows faster above 2: the line's top
+    overshoots 3× there). Weights the run has already loaded are in neither `budget` (free memory) nor the
+    count: the count is the step's peak above everything alive before it, plus the adapters and AdamW's state.
+    -> {"top": 0 when not even 1 fits, "fixed", "per_sample" (the line), "usable", "need": {micro-batch: bytes
+    of each fake step run}}."""
     import os
 
     mode = os.environ.get("RID_KERNELS")
     os.environ["RID_KERNELS"] = "torch"  # a Triton kernel cannot launch on fake tensors: the reference path,
     try:                                 # whose saved tensors the docs' table counts too
-        return _plan(models, reward_fn, method, budget, steps, truncate, checkpointing, rank, frozen_tasks)
+        return _plan(models, reward_fn, method, budget, steps, truncate, checkpointing, rank, frozen_tasks, limit)
     finally:
         if mode is None:
             os.environ.pop("RID_KERNELS", None)
@@ -166,20 +217,48 @@ def plan_micro_batch(models, reward_fn, method: str, budget: int, *, steps: int,
             cached.cache_clear()  # cached per device while faking: fake tensors, unusable by the real run
 
 
-def _plan(models, reward_fn, method, budget, steps, truncate, checkpointing, rank, frozen_tasks) -> dict:
+def _plan(models, reward_fn, method, budget, steps, truncate, checkpointing, rank, frozen_tasks, limit) -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    runs = []
+    need = {}
     with FakeTensorMode(allow_non_fake_inputs=True), torch.device(models.device):
         fake = fake_copy(models)
-        weights = sum(t.untyped_storage().nbytes() for m in (fake.unet, fake.vae, fake.text_encoder)
-                      for t in (*m.parameters(), *m.buffers()))  # what step_memory counts as alive before the step
-        for b in (1, 2):
-            r = step_memory(fake, reward_fn, [], method, b, checkpointing, steps_for(method, steps, truncate),
-                            truncate=truncate, rank=rank, frozen_tasks=frozen_tasks)
-            runs.append(r["peak"] - weights)
-    per = runs[1] - runs[0]
-    fixed = runs[0] - per
+        base = PeakMemory(*weights(fake)).now  # the loaded weights, each storage once: in step_memory's static too
+
+        def at(b: int) -> int:  # the fake step's bytes beyond the loaded weights at micro-batch b
+            if b not in need:
+                need[b] = step_memory(fake, reward_fn, [], method, b, checkpointing,
+                                      steps_for(method, steps, truncate), truncate=truncate, rank=rank,
+                                      frozen_tasks=frozen_tasks)["peak"] - base
+            return need[b]
+
+        per = at(2) - at(1)
+        plan = choose(at(1) - per, per, budget)
+        plan["top"] = _search(at, plan["top"], plan["usable"], limit)
+    return {**plan, "need": dict(sorted(need.items()))}
+
+
+def _search(at, guess: int, usable: int, limit: int) -> int:
+    """The largest b ≤ limit with at(b) ≤ usable, at(b) growing with b. Probes the line's guess, then the next
+    micro-batch (when the line holds, these two decide: 2 steps beyond micro-batches 1 and 2); a fit moves up
+    with a doubling stride, a miss bisects between the largest b known to fit and the smallest known not to."""
+    lo, hi = 0, limit + 1  # at(lo) fits (0: trivially), at(hi) does not (limit + 1: not considered)
+    for b in (1, 2):
+        if lo < b < hi:
+            lo, hi = (b, hi) if at(b) <= usable else (lo, b)
+    probe, stride = guess, 1
+    while lo + 1 < hi:
+        probe = min(max(probe, lo + 1), hi - 1)
+        if at(probe) <= usable:
+            lo, probe, stride = probe, probe + stride, 2 * stride
+        else:
+            hi, probe = probe, (lo + probe) // 2
+    return lo
+
+
+def choose(fixed: int, per: int, budget: int) -> dict:
+    """The largest micro-batch whose step, `fixed` + b·`per` bytes beyond the loaded weights, fits `budget` bytes
+    of free memory less MARGIN, by the line alone. -> {"top", "fixed", "per_sample", "usable"}."""
     usable = int(budget * (1 - MARGIN))
     return {"top": fits(fixed, per, usable / 1e9), "fixed": fixed, "per_sample": per, "usable": usable}
 

@@ -2,6 +2,8 @@
 
     python -m experiments.memory                  → docs/sd15_memory.md (+ .json): 256² and 512², fp32 and bf16
     python -m experiments.memory --resolution 512 --methods rid,baseline --batches 1,2
+    python -m experiments.memory --backbone all   → docs/backbone_memory.md: SDXL, SD3-Medium, SD3.5-Large and
+                                                    FLUX.1-dev in bf16 (experiments.backbone_memory)
 
 How: the SD-1.5 UNet, VAE and text encoder (experiments.sd15's published configs) and the reward models a
 RIL run holds (open_clip ViT-L-14 + the LAION MLP for aesthetic, ViT-H-14 for hps) are built as *fake*
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -70,7 +71,6 @@ def sd15_world(dtype: torch.dtype, tokenizer, tasks=("aesthetic", "hps")):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    import rewards
     import rid
     from experiments.sd15 import TEXT, UNET, VAE
 
@@ -89,6 +89,15 @@ def sd15_world(dtype: torch.dtype, tokenizer, tasks=("aesthetic", "hps")):
     for m in (unet, vae, text):
         m.eval().requires_grad_(False)
     unet.rid_base_model = "sd15-fake"
+    fns, made = reward_world(tasks)
+    return rid.Models(unet, vae, text, tokenizer), fns, made
+
+
+def reward_world(tasks=("aesthetic", "hps")) -> tuple:
+    """({task: reward fn}, [reward modules]): the reward models a RIL run holds (open_clip ViT-L-14 + the LAION
+    MLP for aesthetic, ViT-H-14 for hps), fp32 and random (no checkpoint), built in the current mode."""
+    import rewards
+
     made = []
 
     def clip(*a):
@@ -105,7 +114,7 @@ def sd15_world(dtype: torch.dtype, tokenizer, tasks=("aesthetic", "hps")):
             mock.patch.object(rewards, "_aesthetic_file", lambda spec: "random"), \
             mock.patch.object(rewards, "_hps_file", lambda spec: "random"):
         fns = {t: rewards.get(t) for t in tasks}
-    return rid.Models(unet, vae, text, tokenizer), fns, made
+    return fns, made
 
 
 def _cpu_sdpa_flops(query, key, value, *args, out_shape=None, **kw) -> int:
@@ -149,27 +158,57 @@ def step_flops(models, reward_fn, method: str, batch: int, steps: int, rank: int
     return {"total": total, "unet_call": fc.get_total_flops()}
 
 
+def measure(models, reward_fn, modules, method: str, checkpointing: bool, batches: list, steps: int,
+            truncate: int) -> dict:
+    """One table row: the step at the two micro-batches -> peaks, the fixed part and the part per sample, and
+    the largest micro-batch that fits each of FITS (GB)."""
+    r = [step_memory(models, reward_fn, modules, method, b, checkpointing, steps,
+                     truncate=truncate if method == "draft-k" else 1) for b in batches]
+    per = (r[1]["peak"] - r[0]["peak"]) / (batches[1] - batches[0])
+    fixed = r[0]["peak"] - batches[0] * per
+    return {"method": method, "checkpointing": checkpointing, "steps": steps, "static_gib": r[0]["static"] / GIB,
+            "peak_gib": [x["peak"] / GIB for x in r], "per_sample_gib": per / GIB, "fixed_gib": fixed / GIB,
+            "fits": {str(gb): fits(fixed, per, gb) for gb in FITS}}
+
+
 def main(argv=None) -> int:
     import rid
 
+    from experiments import backbone_memory
+
     p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--resolution", default="256,512", help="comma list of image sides (default: 256,512)")
+    p.add_argument("--backbone", default=None, help="the newer backbones' table instead of SD-1.5's: "
+                   f"{', '.join(backbone_memory.BACKBONES)} or all (docs/backbone_memory.md; bf16 only)")
+    p.add_argument("--resolution", default=None, help="comma list of image sides (default: 256,512; with --backbone "
+                                                      "each backbone's own: SDXL 1024,512, the others 1024)")
     p.add_argument("--methods", default=None, help=f"comma list of methods (default: all: {','.join(rid.METHODS)})")
-    p.add_argument("--dtypes", default="fp32,bf16", help="fp32 and/or bf16 (bf16 base, fp32 LoRA) (default: both)")
+    p.add_argument("--dtypes", default=None, help="fp32 and/or bf16 (bf16 base, fp32 LoRA) (default: both; "
+                                                  "--backbone: bf16)")
     p.add_argument("--batches", default="1,2", help="two micro-batch sizes, the fixed part and the slope (default: 1,2)")
-    p.add_argument("--paper-steps", type=int, default=50, help="DDIM steps of draft (all with gradient) (default: 50)")
+    p.add_argument("--paper-steps", type=int, default=None, help="sampler steps of draft (all with gradient) (default: "
+                                                                 "50; --backbone: SDXL 50, SD3 and FLUX 28)")
     p.add_argument("--truncate", type=int, default=10, help="draft-k's K (default: 10)")
     p.add_argument("--out", default=None, help="report to write, and its .json (default: docs/sd15_memory.md; "
-                                               "with --flops docs/sd15_cost.md)")
+                                               "with --flops docs/sd15_cost.md; with --backbone "
+                                               "docs/backbone_memory.md, whose rows of other backbones and methods "
+                                               "are kept)")
     p.add_argument("--flops", action="store_true", help="count FLOPs per training step instead of memory (rid and "
                                                         "baseline at the largest --resolution, --paper-steps DDIM steps) "
                                                         "and estimate the paper run's GPU hours")
     args = p.parse_args(argv)
+    if args.backbone is not None and args.backbone not in (*backbone_memory.BACKBONES, "all"):
+        p.error(f"--backbone {args.backbone!r}: unknown; valid: {', '.join(backbone_memory.BACKBONES)}, all")
+    if args.backbone is not None and args.flops:
+        p.error("--flops counts SD-1.5's FLOPs; it takes no --backbone")
+    if args.backbone is not None and args.dtypes not in (None, "bf16"):
+        p.error(f"--dtypes {args.dtypes!r}: the --backbone tables are bf16 (train.py's --dtype bf16) only")
+    args.resolution = args.resolution or ("" if args.backbone else "256,512")
+    args.dtypes = args.dtypes or "fp32,bf16"
     if args.flops:
+        args.paper_steps = args.paper_steps or 50
         return flops_main(args, argv)
-    args.out = args.out or "docs/sd15_memory.md"
     sizes, batches = ints(p, "--resolution", args.resolution), ints(p, "--batches", args.batches)
-    if not sizes or any(s < 64 or s % 64 or s > 2048 for s in sizes):
+    if (not sizes and not args.backbone) or any(s < 64 or s % 64 or s > 2048 for s in sizes):
         p.error(f"--resolution {args.resolution!r}: every size must be a multiple of 64 from 64 to 2048")
     if len(batches) != 2 or not 1 <= batches[0] < batches[1] <= 64:
         p.error(f"--batches {args.batches!r}: expected two sizes 1 ≤ a < b ≤ 64, e.g. 1,2")
@@ -180,8 +219,17 @@ def main(argv=None) -> int:
     dtypes = [d for d in args.dtypes.split(",") if d]
     if not dtypes or any(d not in ("fp32", "bf16") for d in dtypes):
         p.error(f"--dtypes {args.dtypes!r}: expected fp32 and/or bf16")
-    if not 2 <= args.paper_steps <= 1000 or not 1 <= args.truncate < args.paper_steps:
-        p.error(f"--paper-steps {args.paper_steps} / --truncate {args.truncate}: need 1 ≤ K < steps ≤ 1000")
+    steps_given = [args.paper_steps] if args.paper_steps is not None else \
+        [s.steps for s in backbone_memory.BACKBONES.values()] if args.backbone else [50]
+    bad_steps = [n for n in steps_given if not 2 <= n <= 1000 or not 1 <= args.truncate < n]
+    if bad_steps:
+        p.error(f"--paper-steps {bad_steps[0]} / --truncate {args.truncate}: need 1 ≤ K < steps ≤ 1000")
+    if args.backbone:
+        names = list(backbone_memory.BACKBONES) if args.backbone == "all" else [args.backbone]
+        return backbone_memory.run(names, sizes, methods, batches, args.paper_steps, args.truncate,
+                                   args.out or "docs/backbone_memory.md", argv)
+    args.paper_steps = args.paper_steps or 50
+    args.out = args.out or "docs/sd15_memory.md"
 
     import tempfile
 
@@ -199,17 +247,11 @@ def main(argv=None) -> int:
                 models.set_resolution(res)
                 for m in methods:
                     for gc in ([False, True] if m in GC_METHODS else [False]):
-                        steps = steps_for(m, args.paper_steps, args.truncate)
-                        r = [step_memory(models, fns["hps"], modules, m, b, gc, steps,
-                                         truncate=args.truncate if m == "draft-k" else 1) for b in batches]
-                        per = (r[1]["peak"] - r[0]["peak"]) / (batches[1] - batches[0])
-                        fixed = r[0]["peak"] - batches[0] * per
-                        rows.append({"method": m, "dtype": dt, "resolution": res, "checkpointing": gc, "steps": steps,
-                                     "static_gib": r[0]["static"] / GIB, "peak_gib": [x["peak"] / GIB for x in r],
-                                     "per_sample_gib": per / GIB, "fixed_gib": fixed / GIB,
-                                     "fits": {str(gb): fits(fixed, per, gb) for gb in FITS}})
-                        log(f"{dt} {res}² {m}{' (gc)' if gc else ''}: peak {rows[-1]['peak_gib'][0]:.2f} GiB at "
-                            f"micro-batch {batches[0]}, +{per / GIB:.2f} GiB per sample")
+                        row = measure(models, fns["hps"], modules, m, gc, batches,
+                                      steps_for(m, args.paper_steps, args.truncate), args.truncate)
+                        rows.append({"dtype": dt, "resolution": res, **row})
+                        log(f"{dt} {res}² {m}{' (gc)' if gc else ''}: peak {row['peak_gib'][0]:.2f} GiB at "
+                            f"micro-batch {batches[0]}, +{row['per_sample_gib']:.2f} GiB per sample")
     out = ROOT / args.out if not Path(args.out).is_absolute() else Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"batches": batches, "rows": rows}, indent=1) + "\n")

@@ -1,6 +1,8 @@
-"""memplan (train.py's --micro-batch auto) and experiments.memory (docs/sd15_memory.md, sd15_cost.md): the
-live-tensor counter against hand-counted allocations, the fake-tensor step against the same step on real
-tensors (SD, and SDXL through memplan.fake_copy), the planner, and the doc's arithmetic."""
+"""memplan (train.py's --micro-batch auto) and experiments.memory (docs/sd15_memory.md, sd15_cost.md,
+docs/backbone_memory.md): the live-tensor counter against hand-counted allocations, the fake-tensor step against
+the same step on real tensors (SD, and SDXL, SD3 and FLUX through memplan.fake_copy), the planner against real
+steps on SD3 and FLUX, the full-size configs against the released models' parameter counts, and the docs'
+arithmetic."""
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -8,7 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import memplan
 import rid
 from experiments import memory
-from tiny import tiny_sdxl, toy_reward
+from tiny import tiny_flux, tiny_sd3, tiny_sdxl, toy_reward
 
 
 def test_counter_counts_each_storage_once_while_it_lives():
@@ -98,7 +100,11 @@ def test_fits_is_the_largest_batch_under_the_budget():
 @pytest.mark.parametrize("argv,words", [(["--resolution", "100"], "--resolution '100'"),
                                         (["--batches", "2,1"], "--batches '2,1'"),
                                         (["--methods", "nope"], "unknown ['nope']"),
-                                        (["--dtypes", "fp16"], "--dtypes 'fp16'")])
+                                        (["--dtypes", "fp16"], "--dtypes 'fp16'"),
+                                        (["--backbone", "sd4"], "--backbone 'sd4': unknown; valid: sdxl, "
+                                                                "sd3-medium, sd35-large, flux-dev, all"),
+                                        (["--backbone", "flux-dev", "--dtypes", "fp32"], "--dtypes 'fp32'"),
+                                        (["--backbone", "sdxl", "--flops"], "--flops")])
 def test_bad_flags_exit_2_with_one_line(argv, words, capsys):
     with pytest.raises(SystemExit) as e:
         memory.main(argv)
@@ -137,3 +143,110 @@ def test_planning_leaves_the_real_run_working(models):
     assert plan["top"] > 0 and plan["per_sample"] > 0
     images = torch.rand(2, 3, 16, 16)
     assert torch.isfinite(compress(images, ["a", "b"])).all()
+
+
+FLOW_RES = {"sd3": 32, "flux": 32}  # tiny images (the tiny VAEs halve each side): a few dozen latent tokens
+
+
+@pytest.fixture(scope="module")
+def flow_models(tmp_path_factory):
+    """{name: loader} of the tiny SD3 and FLUX-dev (tests/tiny.py) at FLOW_RES, saved once per module."""
+    paths = {"sd3": tiny_sd3(tmp_path_factory.mktemp("sd3")), "flux": tiny_flux(tmp_path_factory.mktemp("flux"))}
+
+    def load(name):
+        models = rid.load_models(paths[name])
+        models.set_resolution(FLOW_RES[name])
+        return models
+    return load
+
+
+@pytest.mark.parametrize("name,method,gc", [("sd3", "rid", False), ("sd3", "r0", True), ("sd3", "draft-lv", False),
+                                            ("flux", "rid", False), ("flux", "r0", True), ("flux", "draft-k", False)])
+def test_fake_copy_of_a_flow_backbone_needs_the_memory_of_the_real_step(flow_models, name, method, gc):
+    """SD3 (three text encoders, CFG) and FLUX-dev (packed latents, guidance embedding) through memplan.fake_copy:
+    the step on fake tensors holds the real step's live bytes, byte for byte. r0 draws η > 0: its flow step reads
+    σ, σ' in Python, which fake constants read as 1 (it divided by 1 − σ' = 0 before the sampler stayed real)."""
+    models = flow_models(name)
+    steps = memplan.steps_for(method, 6, 2)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = memplan.step_memory(memplan.fake_copy(models), toy_reward, [], method, 2, gc, steps, truncate=2)
+    real = memplan.step_memory(models, toy_reward, [], method, 2, gc, steps, truncate=2)
+    assert real["static"] == fake["static"] > 0 and fake["peak"] == real["peak"] > real["static"], (real, fake)
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_planner_on_a_flow_backbone_picks_the_largest_micro_batch_whose_real_step_fits(flow_models, name):
+    """--micro-batch auto on SD3 and FLUX: for budgets whose usable part (85 %) lies halfway between the real
+    steps' needs at micro-batches b and b + 1 (beyond the loaded weights, as train.py's free memory counts), the
+    planner picks b; its choice grows with the budget; a budget below one sample's step picks 0."""
+    models = flow_models(name)
+    base = memplan.PeakMemory(*memplan.weights(models)).now
+    need = {b: memplan.step_memory(models, toy_reward, [], "rid", b, False, 2)["peak"] - base for b in (1, 2, 3, 4)}
+    tops = []
+    for b in (1, 2, 3):
+        budget = int((need[b] + need[b + 1]) / 2 / (1 - memplan.MARGIN))
+        plan = memplan.plan_micro_batch(models, toy_reward, "rid", budget, steps=2)
+        assert plan["usable"] == int(budget * (1 - memplan.MARGIN))
+        assert all(plan["need"][k] == need[k] for k in plan["need"] if k in need)  # its fake steps: the real ones
+        tops.append(plan["top"])
+    assert tops == [1, 2, 3], (tops, need)
+    assert memplan.plan_micro_batch(models, toy_reward, "rid", need[1] // 2, steps=2)["top"] == 0
+
+
+def test_search_finds_the_largest_fitting_micro_batch_in_few_steps():
+    """memplan._search against every micro-batch tried: a need on the line takes the line's guess and the one
+    after it; one that bends up above 2 (the tiny FLUX's) or flattens still ends on the largest that fits."""
+    def run(need, usable, limit=1024):
+        probed = []
+
+        def at(b):
+            probed.append(b)
+            return need(b)
+        per = need(2) - need(1)
+        guess = memplan.fits(need(1) - per, per, usable / 1e9)
+        return memplan._search(at, guess, usable, limit), probed
+
+    line = lambda b: 100 + 10 * b  # noqa: E731
+    assert run(line, 175) == (7, [1, 2, 7, 8])
+    assert run(line, 105) == (0, [1])
+    assert run(line, 10**9, limit=16) == (16, [1, 2, 16])
+    for need in (lambda b: 100 + 10 * b + 40 * max(0, b - 2) ** 2, lambda b: 100 + int(60 * b ** 0.5)):
+        for usable in range(100, 2000, 37):
+            top, probed = run(need, usable)
+            assert top == max([0] + [b for b in range(1, 1025) if need(b) <= usable]) and len(probed) <= 30  # ~2·log₂ 1024
+
+
+def test_full_size_configs_are_the_released_models():
+    """experiments.backbone_memory's configs, built as fake tensors: each component's parameter count is the
+    released model's (a wrong key, e.g. SD3's caption width or FLUX's single-block count, changes it), and the
+    layout is train.py's bf16 one (VAE fp32)."""
+    from experiments import backbone_memory as bm
+
+    toks = bm.tokenizers()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        got = {name: bm.components(bm.build(name, toks)) for name in ("sdxl", "sd3-medium", "flux-dev")}
+    counts = {"sdxl unet": got["sdxl"]["unet"], "sd3-medium transformer": got["sd3-medium"]["transformer"],
+              "flux-dev transformer": got["flux-dev"]["transformer"], "sdxl vae": got["sdxl"]["vae"],
+              "clip-l": got["sdxl"]["text_encoder"], "clip-g": got["sdxl"]["text_encoder_2"],
+              "t5-xxl encoder": got["flux-dev"]["text_encoder_2"]}
+    assert {k: n for k, (n, _) in counts.items()} == bm.PARAMS
+    assert counts["sdxl unet"][1] == 2 * bm.PARAMS["sdxl unet"]  # bf16 (no buffers)
+    assert got["flux-dev"]["vae"][1] == 4 * got["flux-dev"]["vae"][0]  # fp32: force_upcast
+
+
+def test_over_80_lists_what_fits_no_card_and_the_gpus_sharding_would_take():
+    """The doc's FSDP2 estimate: the better of checkpointing on/off; listed only above 80 GB; the fewest GPUs N
+    with peak − base·(1 − 1/N) ≤ 80 GB."""
+    from experiments import backbone_memory as bm
+
+    def row(method, gc, peak_gb):
+        return {"backbone": "flux-dev", "resolution": 1024, "method": method, "checkpointing": gc,
+                "peak_gib": [peak_gb * 1e9 / memory.GIB, 0]}
+
+    rows = [row("rid", False, 95), row("rid", True, 90), row("baseline", False, 70), row("draft", True, 200)]
+    info = {"flux-dev": {"base_bytes": 40e9}}
+    got = {r[2]: r for r in bm.over_80(rows, info)}
+    assert set(got) == {"rid", "draft"}
+    _, _, _, peak, gc, by, _, gpus = got["rid"]
+    assert gc and peak == pytest.approx(90e9) and by == pytest.approx(10e9) and gpus == 2  # 90 − 20 ≤ 80
+    assert got["draft"][-1] is None  # 200 − 40·7/8 = 165 > 80 on 8 GPUs too
