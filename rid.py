@@ -526,7 +526,8 @@ def truncated_loss(models, reward_fn, prompts, noise, cfg: StepConfig, generator
 
 def refl_loss(models, reward_fn, prompts, noise, cfg: StepConfig, generator=None):
     """ReFL: sample to a random step j ∈ [1, m] from the end (no grad), then one UNet call with
-    gradient predicting x̂₀ directly from z_t; loss = −R(decode(x̂₀)). m scales with steps/50."""
+    gradient predicting x̂₀ directly from z_t; loss = −R(decode(x̂₀)). m scales with steps/50.
+    --gradient-checkpointing recomputes that call in the backward pass, as every other method's."""
     m = min(cfg.steps, max(1, round(cfg.refl_m * cfg.steps / 50)))
     j = int(torch.randint(1, m + 1, (), generator=generator))
     ddim = models.sampler(cfg.steps, cfg.sampler, generator)
@@ -535,7 +536,7 @@ def refl_loss(models, reward_fn, prompts, noise, cfg: StepConfig, generator=None
     with torch.no_grad():
         z_t = denoise(models, text, noise.to(models.device, models.dtype), ddim, range(i), cfg.guidance)
     t = ddim.timestep(i)
-    eps = models.predict(z_t, t, text, cfg.guidance)
+    eps = samplers.predict(models, z_t, t, text, cfg.guidance, cfg.gradient_checkpointing)
     reward = score(models, reward_fn, ddim.x0(eps, t, z_t), prompts)
     loss = -reward.mean()
     return loss, {"loss": loss.item(), "reward": reward.mean().item(), "t": float(t)}

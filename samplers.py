@@ -95,6 +95,14 @@ def randn(shape, like: torch.Tensor, generator):
     return torch.randn(shape, generator=generator, device=dev).to(like)
 
 
+def predict(models, z, t, text, guidance, checkpoint=False):
+    """The backbone's prediction at (z, t); checkpoint (with grad): keep only the inputs and recompute the
+    call's activations in the backward pass (memory flat in the number of steps with gradient)."""
+    if checkpoint and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(models.predict, z, t, text, guidance, use_reentrant=False)
+    return models.predict(z, t, text, guidance)
+
+
 def denoise(models, text, z, sampler, indices, guidance, checkpoint=False, etas=None, generator=None):
     """Run the sampler's steps at sampler.timesteps[indices] with the backbone's denoiser (`models`:
     backbones/) on its conditioning `text`; the caller picks grad / no_grad. etas: one η per index (None:
@@ -103,10 +111,7 @@ def denoise(models, text, z, sampler, indices, guidance, checkpoint=False, etas=
     generator = sampler.generator if generator is None else generator
     for n, i in enumerate(indices):
         t = sampler.timestep(i)
-        if checkpoint and torch.is_grad_enabled():  # memory flat in K: keep only z between steps
-            eps = torch.utils.checkpoint.checkpoint(models.predict, z, t, text, guidance, use_reentrant=False)
-        else:
-            eps = models.predict(z, t, text, guidance)
+        eps = predict(models, z, t, text, guidance, checkpoint)
         eta = 0.0 if etas is None else etas[n]
         z = sampler.step(eps, t, z, eta, randn(z.shape, z, generator) if sampler.needs_noise(t, eta) else None)
     return z

@@ -312,22 +312,33 @@ def train_unet(lat_mean: torch.Tensor, scaling: float, captions: list[str], toke
         t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),))
         zt = sched.add_noise(z0, noise, t)
         loss = F.mse_loss(unet(zt, t, cond).sample, noise)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        descend(opt, params, ema, loss, step)
         if step % 250 == 0 or step == cfg.unet_steps - 1:
             _log(f"unet step {step}/{cfg.unet_steps} loss {loss.item():.4f}")
-    with torch.no_grad():
-        for p, e in zip(params, ema):
-            p.copy_(e)
+    load_ema(params, ema)
     return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)
 
 
 #### the build ####
+
+def descend(opt, params: list, ema: list, loss, step: int):
+    """One step of the worlds' training: gradient clipped to norm 1, AdamW, then the EMA of the weights with
+    decay min(0.999, (1 + step) / (10 + step)) (fast at the start, 0.999 after ~9,000 steps)."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    decay = min(0.999, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+
+
+def load_ema(params: list, ema: list):
+    """The trained weights replaced by their EMA, in place."""
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+
 
 def _save_file(tensors: dict, path: Path, metadata: dict | None = None):
     from safetensors.torch import save_file

@@ -40,7 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from . import domain, models
-from .build import _log, _lr, _save_file, _to_unit, caption_features, caption_scores, fid, retrieval_top1
+from .build import (_log, _lr, _save_file, _to_unit, caption_features, caption_scores, descend, fid, load_ema,
+                    retrieval_top1)
 
 T5_TOKENS = 256   # StableDiffusion3Pipeline's default max_sequence_length: the zero T5 tokens without a T5
 
@@ -165,18 +166,10 @@ def train_flow(transformer, z0_all: torch.Tensor, hidden: torch.Tensor, pooled: 
         v = transformer(hidden_states=zt, timestep=sigma * 1000, encoder_hidden_states=hidden[c],
                         pooled_projections=pooled[c]).sample
         loss = F.mse_loss(v, eps - z0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        descend(opt, params, ema, loss, step)
         if step % 250 == 0 or step == cfg.flow_steps - 1:
             _log(f"flow step {step}/{cfg.flow_steps} loss {loss.item():.4f}")
-    with torch.no_grad():
-        for p, e in zip(params, ema):
-            p.copy_(e)
+    load_ema(params, ema)
     transformer.set_attn_processor(processors)
     return transformer.eval().requires_grad_(False)
 

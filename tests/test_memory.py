@@ -71,6 +71,16 @@ def test_fake_step_needs_the_memory_of_the_real_step(sd_path, method, gc):
     assert real["peak"] > real["static"]
 
 
+@pytest.mark.parametrize("method", ["baseline", "refl"])
+def test_checkpointing_lowers_the_peak_of_one_step_with_gradient(sd_path, method):
+    """With --gradient-checkpointing the denoiser's activations are not held while the decoder and the reward
+    run: they are recomputed after the reward's backward, so the peak is lower (refl used to skip it: at
+    1024² SD3.5-L and FLUX refl were the only steps over 80 GB, docs/backbone_memory.md)."""
+    models = rid.load_models(sd_path)
+    peak = {gc: memplan.step_memory(models, toy_reward, [], method, 2, gc, 4)["peak"] for gc in (False, True)}
+    assert peak[True] < peak[False], peak
+
+
 def test_fake_copy_of_sdxl_needs_the_memory_of_the_real_step(tmp_path):
     """memplan.fake_copy rebuilds any backbone from its configs (SDXL: both text encoders, the added
     embedding): the step on it holds the live bytes of the same step on the real tiny SDXL, byte for byte."""

@@ -375,15 +375,17 @@ def test_train_step_all_reduces_over_two_processes(models, sd_path, tmp_path):
     assert (group.flat.detach() - before).abs().max() > 1e-4  # ≫ the tolerance above
 
 
-def test_grad_checkpoint_gives_same_gradient(models):
+@pytest.mark.parametrize("method", ["draft-k", "refl"])
+def test_grad_checkpoint_gives_same_gradient(models, method):
     group = rid.inject(models.unet, rank=2)
     group.add_task("a")
     randomize(group)
     grads = []
     for ckpt in (False, True):
         group.flat.grad = None
-        cfg = rid.StepConfig(method="draft-k", steps=3, truncate=3, gradient_checkpointing=ckpt)
-        rid.method_loss(models, group, toy_reward, PROMPTS, noise(models), cfg)[0].backward()
+        cfg = rid.StepConfig(method=method, steps=3, truncate=3, refl_m=50, gradient_checkpointing=ckpt)
+        gen = torch.Generator().manual_seed(1)  # refl: the same random step j both times
+        rid.method_loss(models, group, toy_reward, PROMPTS, noise(models), cfg, gen)[0].backward()
         grads.append(group.flat.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-9)
     assert grads[0].abs().sum() > 0
