@@ -24,6 +24,7 @@ import time
 import torch
 
 import rid_kernels
+import checkpoint
 import mini
 import rid
 
@@ -264,28 +265,24 @@ def rewards_joint_like(fns: dict):
 
 
 def main(argv=None) -> int:
-    class Parser(argparse.ArgumentParser):
-        def error(self, message):  # one line, exit 2, no usage dump
-            print(f"bench.py: error: {message}", file=sys.stderr)
-            sys.exit(2)
-
-    p = Parser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = checkpoint.Parser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(mini.MODEL), help="diffusers dir or hub id (default: the mini world's model)")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps per training step (default: 10)")
     p.add_argument("--batch", type=int, default=2, help="prompts per training step (default: 2)")
     p.add_argument("--reps", type=int, default=5, help="timed repetitions; medians are printed (default: 5)")
     p.add_argument("--sd15", type=int, default=0, metavar="RES",
                    help="also part 3 on SD-1.5's UNet (random weights, fp32, 3.4 GB) at RES² (default: 0, skip)")
-    a = p.parse_args(argv)
-    for flag in ("steps", "batch", "reps"):
-        if getattr(a, flag) < 1:
-            p.error(f"--{flag} {getattr(a, flag)}: must be ≥ 1")
-    if a.sd15 and (a.sd15 % 64 or not 64 <= a.sd15 <= 1024):
-        p.error(f"--sd15 {a.sd15}: allowed: 0 (skip) or a multiple of 64 from 64 to 1024")
     try:
+        a = p.parse_args(argv)
+        for flag in ("steps", "batch", "reps"):
+            if getattr(a, flag) < 1:
+                p.error(f"--{flag} {getattr(a, flag)}: must be ≥ 1")
+        if a.sd15 and (a.sd15 % 64 or not 64 <= a.sd15 <= 1024):
+            p.error(f"--sd15 {a.sd15}: allowed: 0 (skip) or a multiple of 64 from 64 to 1024")
         base = rid.load_models(a.model)
-    except ValueError as e:
-        p.error(str(e))
+    except ValueError as e:  # checkpoint.UsageError (a bad flag) or a model that does not load: one line, exit 2
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(f"== per training step: rid vs baseline ({a.model}, {a.steps} DDIM steps, batch {a.batch}, "
           f"{base.device}) ==")
     step_cost(base, a.steps, a.batch, a.reps)

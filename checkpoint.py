@@ -45,8 +45,9 @@ class UsageError(ValueError):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse for train.py and eval.py: errors are one line (UsageError, exit 2), and a flag given an
-    empty or blank value is refused rather than read as "unset" and replaced by a default."""
+    """argparse for train.py, eval.py, python -m checkpoint and bench.py: errors are one line (UsageError,
+    exit 2), and a flag given an empty or blank value is refused rather than read as "unset" and replaced
+    by a default."""
 
     def error(self, message):
         raise UsageError(message)

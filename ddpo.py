@@ -54,18 +54,18 @@ class DDPOConfig(rid.StepConfig):
     ddpo_adv_clip: float = rid.setting(5.0, "ddpo: advantages clipped to [−A, A] (ddpo-pytorch's adv_clip_max: 5)",
                                        *_number_in(0))
     ddpo_inner_epochs: int = rid.setting(1, "ddpo: passes over a round's samples, each in a new order "
-                                         "(ddpo-pytorch's num_inner_epochs: 1)", *rid._int_at_least(1))
+                                         "(ddpo-pytorch's num_inner_epochs: 1)", *rid.int_at_least(1))
     ddpo_minibatches: int = rid.setting(4, "ddpo: optimizer steps per inner epoch, each on an equal share of the "
                                         "round's samples (--batch is the round); ddpo-pytorch's 4 = 256 samples "
-                                        "/ 64 per update", *rid._int_at_least(1))
+                                        "/ 64 per update", *rid.int_at_least(1))
     ddpo_timestep_fraction: float = rid.setting(1.0, "ddpo: fraction of a chain's stochastic steps trained on, a "
                                                 "random subset per micro-batch (ddpo-pytorch's timestep_fraction: 1)",
                                                 *_number_in(0, 1))
     ddpo_buffer: int = rid.setting(16, "ddpo: rewards kept per prompt for its running mean and std "
-                                   "(ddpo-pytorch's per_prompt_stat_tracking buffer_size: 16)", *rid._int_at_least(1))
+                                   "(ddpo-pytorch's per_prompt_stat_tracking buffer_size: 16)", *rid.int_at_least(1))
     ddpo_min_count: int = rid.setting(16, "ddpo: rewards a prompt's buffer needs before they normalise its "
                                       "advantages; until then the round's mean and std do (above --ddpo-buffer: "
-                                      "always the round's; ddpo-pytorch's min_count: 16)", *rid._int_at_least(1))
+                                      "always the round's; ddpo-pytorch's min_count: 16)", *rid.int_at_least(1))
 
 
 ############################################################################################

@@ -124,7 +124,7 @@ def _explicit_file(path: str, key: str) -> str:
     return path
 
 
-def _aesthetic_file(spec: RewardSpec) -> str:
+def aesthetic_file(spec: RewardSpec) -> str:
     if spec.aesthetic_head is not None:
         return _explicit_file(spec.aesthetic_head, "aesthetic_head")
     try:
@@ -142,7 +142,7 @@ def hps_root() -> Path:
     return Path(os.environ.get("HPS_ROOT") or os.path.expanduser("~/.cache/hpsv2"))
 
 
-def _hps_file(spec: RewardSpec) -> str:
+def hps_file(spec: RewardSpec) -> str:
     if spec.hps_weights is not None:
         return _explicit_file(spec.hps_weights, "hps_weights")
     cached = hps_root() / HPS_FILE
@@ -159,14 +159,14 @@ def _hps_file(spec: RewardSpec) -> str:
 
 #### MODELS (loaded once per (files, device), frozen) ####
 
-def _freeze(module: nn.Module) -> nn.Module:
+def freeze(module: nn.Module) -> nn.Module:
     module.eval()
     module.requires_grad_(False)
     return module
 
 
 @lru_cache(maxsize=None)
-def _clip(arch: str, weights: str | None, device: str):
+def load_clip(arch: str, weights: str | None, device: str):
     """(open_clip model, tokenizer). `arch` is a registered open_clip name or a model-config JSON path."""
     import open_clip
     from open_clip.model import set_model_preprocess_cfg
@@ -209,10 +209,10 @@ def _clip(arch: str, weights: str | None, device: str):
         except RuntimeError as e:  # unknown tag, failed download, or a checkpoint that does not fit
             raise ValueError(f"could not load CLIP {arch!r} with weights {weights!r}: {e} ({_HOW_TO})") from None
         tokenizer = open_clip.get_tokenizer(arch)
-    return _freeze(model.to(device)), tokenizer
+    return freeze(model.to(device)), tokenizer
 
 
-def _mlp_from_state(state: dict[str, torch.Tensor], source: str) -> nn.Sequential:
+def mlp_from_state(state: dict[str, torch.Tensor], source: str) -> nn.Sequential:
     """The LAION MLP: Linear layers at the indices present in layers.{i}.weight, Dropout between.
 
     Dims come from the weight shapes (768-1024-128-64-16-1 for ViT-L/14; smaller in the mini world).
@@ -239,13 +239,8 @@ def _mlp_from_state(state: dict[str, torch.Tensor], source: str) -> nn.Sequentia
     return mlp
 
 
-# Public names for other modules (experiments/memory.py builds reward models without weight files
-# through them); the underscored ones stay for the tests that read the cache.
-freeze, load_clip, mlp_from_state = _freeze, _clip, _mlp_from_state
-
-
 @lru_cache(maxsize=None)
-def _aesthetic_head(path: str, device: str) -> nn.Sequential:
+def load_aesthetic_head(path: str, device: str) -> nn.Sequential:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -253,7 +248,7 @@ def _aesthetic_head(path: str, device: str) -> nn.Sequential:
     else:
         state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("state_dict", state)
-    return _freeze(_mlp_from_state(dict(state), path).to(device))
+    return freeze(mlp_from_state(dict(state), path).to(device))
 
 
 #### DIFFERENTIABLE CLIP PREPROCESSING ####
@@ -325,8 +320,8 @@ def _device(device) -> str:
 
 
 def _aesthetic(spec: RewardSpec, device: str) -> Callable:
-    model, _ = _clip(spec.clip_arch, spec.clip_weights, device)
-    head = _aesthetic_head(_aesthetic_file(spec), device)
+    model, _ = load_clip(spec.clip_arch, spec.clip_weights, device)
+    head = load_aesthetic_head(aesthetic_file(spec), device)
     dim = getattr(model.visual, "output_dim", None)
     if dim is not None and head[0].in_features != dim:
         raise ValueError(f"aesthetic head takes {head[0].in_features} features but CLIP {spec.clip_arch!r} "
@@ -340,7 +335,7 @@ def _aesthetic(spec: RewardSpec, device: str) -> Callable:
 
 
 def _hps(spec: RewardSpec, device: str) -> Callable:
-    model, tokenizer = _clip(spec.hps_arch, _hps_file(spec), device)
+    model, tokenizer = load_clip(spec.hps_arch, hps_file(spec), device)
 
     def hps(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         img = _encode_images(model, images, "longest", normalize=True)  # (N, 1024)
@@ -365,7 +360,7 @@ def _compress(spec: RewardSpec, device: str) -> Callable:
 
 
 def _clip_reward(spec: RewardSpec, device: str) -> Callable:
-    _clip(spec.clip_arch, spec.clip_weights, device)  # loads now: missing weights fail here
+    load_clip(spec.clip_arch, spec.clip_weights, device)  # loads now: missing weights fail here
 
     def clip(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         return clip_score(images, prompts, spec, device)  # (N,), 100 * cosine
@@ -429,7 +424,7 @@ def clip_score(images: torch.Tensor, prompts: list[str], spec: RewardSpec | None
     """100 * cos(image, prompt) with the clip_arch model, (N,). (torchmetrics' CLIPScore also clamps at 0;
     we report the raw value, identical for any sensible text-image pair.)"""
     spec = spec or RewardSpec()
-    model, tokenizer = _clip(spec.clip_arch, spec.clip_weights, _device(device))
+    model, tokenizer = load_clip(spec.clip_arch, spec.clip_weights, _device(device))
     img = _encode_images(model, images, "shortest", normalize=True)
     txt = _encode_prompts(model, tokenizer, prompts, len(images))
     return 100.0 * (img * txt).sum(-1)
@@ -439,5 +434,5 @@ def clip_features(images: torch.Tensor, spec: RewardSpec | None = None, device="
     """CLIP image embeddings before normalisation, (N, D): the feature space of FID in the mini world
     (and of FD_CLIP, Kynkaanniemi et al. 2023)."""
     spec = spec or RewardSpec()
-    model, _ = _clip(spec.clip_arch, spec.clip_weights, _device(device))
+    model, _ = load_clip(spec.clip_arch, spec.clip_weights, _device(device))
     return _encode_images(model, images, "shortest", normalize=False)

@@ -44,7 +44,7 @@ def setting(default, help: str, allowed: str = "", check=None, choices: tuple = 
                                             "choices": tuple(choices), **meta})
 
 
-def _int_at_least(lo: int):
+def int_at_least(lo: int):
     return f"an integer ≥ {lo}", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= lo
 
 
@@ -105,11 +105,11 @@ class StepConfig:
                          f"step; the teacher averages the last ~1/(1−α) steps ({DEFAULT_EMA}: ~100 steps ≈ one "
                          "epoch of 750 prompts at batch 8, see rid.DEFAULT_EMA)",
                          "a number in [0, 1)", lambda v: isinstance(v, (int, float)) and 0 <= v < 1)
-    truncate: int = setting(1, "draft-k: K, the number of final DDIM steps with gradient", *_int_at_least(1),
+    truncate: int = setting(1, "draft-k: K, the number of final DDIM steps with gradient", *int_at_least(1),
                             metavar="K")
-    lv_n: int = setting(2, "draft-lv: n, re-noised copies of x̂₀ (DRaFT: 2)", *_int_at_least(1))
+    lv_n: int = setting(2, "draft-lv: n, re-noised copies of x̂₀ (DRaFT: 2)", *int_at_least(1))
     refl_m: int = setting(20, "refl: the reward step is drawn from the last m steps (m at 50 steps, scaled "
-                          "with --steps)", *_int_at_least(1))
+                          "with --steps)", *int_at_least(1))
     distill_space: str = setting("pixel", "rid: compare student and teacher as decoded images (the paper) "
                                  "or as final latents", choices=DISTILL_SPACES)
     gradient_checkpointing: bool = setting(False, "recompute UNet activations in the backward pass (memory "
@@ -425,22 +425,8 @@ Models = backbones.sd.SD  # SD-1.5's backbone; rid.Models(unet, vae, text_encode
 load_models = backbones.load  # (model, device, dtype, text_encoder_3) -> the backbone its model_index.json names
 TEXT_ENCODER_3, TEXT_ENCODER_3_HELP = backbones.TEXT_ENCODER_3, backbones.TEXT_ENCODER_3_HELP  # --text-encoder-3
 
-
-def encode_prompts(models, prompts: list):
-    """Prompts → the backbone's conditioning of each, no CFG batch (SD: CLIP hidden states (B, L, D))."""
-    return models.encode(prompts)
-
-
-def _text_batch(models, prompts, guidance):  # [uncond; cond], one CFG-batched call (tests/test_methods.py)
-    return models.conditioning(prompts, guidance)
-
-
-def _eps(models, z, t, text, guidance):  # the CFG prediction p_u + w(p_c − p_u) (tests/test_methods.py)
-    return models.predict(z, t, text, guidance)
-
-
 DDIM = samplers.DDIM  # DDIM(steps) is SD-1.5's; a model's own: models.sampler(steps, kind)
-denoise = _denoise = samplers.denoise  # the sampling loop (_denoise: the name tests call)
+denoise = samplers.denoise  # the sampling loop
 sample, _randn = samplers.sample, samplers.randn
 
 

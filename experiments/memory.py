@@ -42,7 +42,7 @@ GC_METHODS = ("draft-k", "draft", "r0")  # more than one step with gradient: che
 
 
 def _fake_clip(arch: str, weights, device):
-    """rewards._clip without a checkpoint: open_clip's own model class from its registered config."""
+    """rewards.load_clip without a checkpoint: open_clip's own model class from its registered config."""
     import open_clip
     from open_clip.factory import get_model_config
     from open_clip.model import set_model_preprocess_cfg
@@ -53,7 +53,7 @@ def _fake_clip(arch: str, weights, device):
     cfg = get_model_config(arch)
     model = (open_clip.CustomTextCLIP if "hf_model_name" in cfg.get("text_cfg", {}) else open_clip.CLIP)(**cfg)
     set_model_preprocess_cfg(model, merge_preprocess_dict(PreprocessCfg(size=model.visual.image_size), {}))
-    return rewards._freeze(model), open_clip.get_tokenizer(arch)
+    return rewards.freeze(model), open_clip.get_tokenizer(arch)
 
 
 def _fake_head(path, device):
@@ -61,7 +61,7 @@ def _fake_head(path, device):
     from experiments.sd15 import LAION_DIMS
     from mini.models import AestheticMLP
 
-    return rewards._freeze(rewards._mlp_from_state(AestheticMLP(768, LAION_DIMS).state_dict(), "random"))
+    return rewards.freeze(rewards.mlp_from_state(AestheticMLP(768, LAION_DIMS).state_dict(), "random"))
 
 
 def sd15_world(dtype: torch.dtype, tokenizer, tasks=("aesthetic", "hps")):
@@ -109,10 +109,10 @@ def reward_world(tasks=("aesthetic", "hps")) -> tuple:
         made.append(_fake_head(*a))
         return made[-1]
 
-    rewards._clip.cache_clear()
-    with mock.patch.object(rewards, "_clip", clip), mock.patch.object(rewards, "_aesthetic_head", head), \
-            mock.patch.object(rewards, "_aesthetic_file", lambda spec: "random"), \
-            mock.patch.object(rewards, "_hps_file", lambda spec: "random"):
+    rewards.load_clip.cache_clear()
+    with mock.patch.object(rewards, "load_clip", clip), mock.patch.object(rewards, "load_aesthetic_head", head), \
+            mock.patch.object(rewards, "aesthetic_file", lambda spec: "random"), \
+            mock.patch.object(rewards, "hps_file", lambda spec: "random"):
         fns = {t: rewards.get(t) for t in tasks}
     return fns, made
 

@@ -1,8 +1,8 @@
 """Each training method's defining property, against an oracle computed a different way from rid.py.
 
-The oracle (`Hand`) rebuilds what a method should compute from the parts, without rid's DDIM,
-_eps, _denoise, _text_batch or decode: the tokenizer, text encoder, UNet and VAE are called
-directly; classifier-free guidance is written out as ε_u + w(ε_c − ε_u) with the "" prompt as
+The oracle (`Hand`) rebuilds what a method should compute from the parts, without rid's DDIM or
+the backbone's conditioning, predict, denoise or decode: the tokenizer, text encoder, UNet and VAE
+are called directly; classifier-free guidance is written out as ε_u + w(ε_c − ε_u) with the "" prompt as
 the unconditional one (the guidance test makes separate UNet calls for ε_u and ε_c; the method
 tests one batched call, see Hand.eps); DDIM is written out below on diffusers' DDIMScheduler
 constants (ᾱ, timesteps, final ᾱ); the EMA teacher is run by copying the EMA buffer into the
@@ -181,7 +181,7 @@ def test_guidance_is_uncond_plus_w_times_difference(models, w):
     with torch.no_grad():
         for t in (hand.timesteps[0], hand.timesteps[-1]):
             expected = hand.eps(z, t)
-            eps = rid._eps(models, z, t, rid._text_batch(models, PROMPTS, w), w)
+            eps = models.predict(z, t, models.conditioning(PROMPTS, w), w)
             # |ε| ≈ 1; one call on 2B rows vs two on B round differently, and w amplifies it
             torch.testing.assert_close(eps, expected, rtol=1e-5, atol=3e-6 * w)
             if w != 1.0:  # the weight matters: it differs from the conditional ε alone

@@ -161,9 +161,9 @@ def test_clip_score_and_features(spec):
 
 def test_models_load_once(spec):
     rewards.get("hps", spec)
-    hits = rewards._clip.cache_info().hits
+    hits = rewards.load_clip.cache_info().hits
     rewards.get("hps", spec)
-    assert rewards._clip.cache_info().hits == hits + 1
+    assert rewards.load_clip.cache_info().hits == hits + 1
 
 
 #### GRADIENTS ####
@@ -187,9 +187,9 @@ def test_gradient_reaches_image_not_weights(spec, name):
     assert score.shape == (2,) and torch.isfinite(score).all()
     score.sum().backward()
     assert img.grad is not None and torch.isfinite(img.grad).all() and img.grad.abs().sum() > 0
-    frozen = [*rewards._clip(spec.clip_arch, spec.clip_weights, "cpu")[0].parameters(),
-              *rewards._clip(spec.hps_arch, spec.hps_weights, "cpu")[0].parameters(),
-              *rewards._aesthetic_head(spec.aesthetic_head, "cpu").parameters()]
+    frozen = [*rewards.load_clip(spec.clip_arch, spec.clip_weights, "cpu")[0].parameters(),
+              *rewards.load_clip(spec.hps_arch, spec.hps_weights, "cpu")[0].parameters(),
+              *rewards.load_aesthetic_head(spec.aesthetic_head, "cpu").parameters()]
     assert all(not p.requires_grad and p.grad is None for p in frozen)
 
 
@@ -317,7 +317,7 @@ def test_openai_weights_get_quick_gelu(monkeypatch, weights, quick_gelu):
         return open_clip.CLIP(**CLIP_CFG)
 
     monkeypatch.setattr(open_clip, "create_model", fake_create_model)
-    rewards._clip.__wrapped__("ViT-L-14", weights, "cpu")
+    rewards.load_clip.__wrapped__("ViT-L-14", weights, "cpu")
     assert seen == {"arch": "ViT-L-14", "pretrained": weights, "force_quick_gelu": quick_gelu}
     assert open_clip.get_pretrained_cfg("ViT-L-14", weights).get("quick_gelu", False) is quick_gelu
 

@@ -72,7 +72,7 @@ PROMPTS = ["a red circle", "a blue square", "two green dots", "a yellow line"]
 
 
 def test_surrogate_learns_a_known_function_of_the_latent(models):
-    shape, emb = models.latent_shape, rid.encode_prompts(models, PROMPTS)
+    shape, emb = models.latent_shape, models.encode(PROMPTS)
     sur = S.Surrogate(models.unet, S.SurrogateConfig(hidden=32, lr=3e-3, pair_batch=32, buffer=192), emb, seed=1)
     z, pid, r = latent_data(192, 0, shape)
     sur.add(z, pid, r)
@@ -103,7 +103,7 @@ def test_surrogate_learns_a_known_function_of_the_latent(models):
 
 
 def test_backbone_is_the_base_model_without_adapters(models):
-    emb = rid.encode_prompts(models, ["x", "y"])
+    emb = models.encode(["x", "y"])
     z = torch.randn(2, *models.latent_shape, generator=torch.Generator().manual_seed(0))
     plain = S.LatentSurrogate(models.unet, 16, torch.Generator().manual_seed(0))
     group = rid.inject(models.unet)
@@ -122,7 +122,7 @@ def test_buffer_is_fifo_and_bounded(models):
         sur.add(torch.full((3, 1), float(k)), torch.zeros(3), torch.tensor([k, k, k], dtype=torch.float64))
     assert [float(v) for v in sur.buf["r"]] == [1, 1, 2, 2, 2]
     # pairs: only within a prompt, only with different true scores (prompt 1's two samples tie)
-    sur = S.Surrogate(models.unet, S.SurrogateConfig(hidden=8), rid.encode_prompts(models, PROMPTS))
+    sur = S.Surrogate(models.unet, S.SurrogateConfig(hidden=8), models.encode(PROMPTS))
     sur.add(torch.zeros(5, *models.latent_shape), torch.tensor([0, 1, 0, 1, 2]), torch.tensor([1.0, 3.0, 2.0, 3.0, 4.0]))
     idx, pairs = sur._pairs(16)
     assert idx.tolist() == [0, 2] and pairs.tolist() == [[0, 1]]
@@ -140,7 +140,7 @@ def test_online_adaptation_is_the_hand_run_of_bradley_terry_steps_on_the_fifo_bu
     (2 samples of each of 4 prompts, so 4 pairs; 64 draws per step take all of them), enumerated by hand."""
     import copy
 
-    emb = rid.encode_prompts(models, PROMPTS)
+    emb = models.encode(PROMPTS)
     k, m, lr, mom = 2, 3, 2e-2, 0.8
     cfg = S.SurrogateConfig(hidden=8, lr=lr, buffer=8, pair_batch=64, adapt_every=k, adapt_steps=m,
                             stats_momentum=mom)
@@ -202,7 +202,7 @@ def test_config_checks_every_knob():
 
 
 def test_state_dict_continues_bit_exactly(models):
-    shape, emb = models.latent_shape, rid.encode_prompts(models, PROMPTS)
+    shape, emb = models.latent_shape, models.encode(PROMPTS)
     cfg = S.SurrogateConfig(hidden=16, pair_batch=8, buffer=40, adapt_every=2, adapt_steps=3)
     z, pid, r = latent_data(64, 3, shape)
 
