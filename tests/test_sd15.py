@@ -5,7 +5,8 @@ tiny SD3 built by the same code load through diffusers' pipelines and rid's back
 train.py and export a LoRA file diffusers loads. Opt-in (RID_SD15_DRY_RUN=1; about 10 GB of disk, 16 GB of
 memory, 15 min on 2 cores): the full SD-1.5 build and every CLI on it at 64², export equal through
 diffusers; RID_SDXL_DRY_RUN=1 the same for SDXL in bf16 (12 GB of disk, 13 GB of memory, ~40 CPU-minutes);
-RID_SD3_DRY_RUN=1 for SD3-Medium without T5 in bf16 (10 GB of disk with the reward models, docs/sd3_dry_run.md)."""
+RID_SD3_DRY_RUN=1 for SD3-Medium without T5 in bf16 (11 GB of disk with the reward models, 12 GB of memory,
+~20 CPU-minutes; docs/sd3_dry_run.md)."""
 import json
 import os
 import sys
@@ -262,7 +263,7 @@ def test_run_rejects_a_size_off_sd3s_multiple(tiny_sd3, tmp_path, capsys):
 
 
 @pytest.mark.skipif(os.environ.get("RID_SD3_DRY_RUN") != "1",
-                    reason="opt-in: RID_SD3_DRY_RUN=1 (12 GB disk, 14 GB RAM)")
+                    reason="opt-in: RID_SD3_DRY_RUN=1 (11 GB disk, 12 GB RAM)")
 def test_dry_run_at_sd3_medium_size(tmp_path):
     d = Path(os.environ.get("RID_SD3_DIR", tmp_path / "sd3"))  # RID_SD3_DIR: build there (or reuse a build)
     if not (d / "build.json").is_file():
