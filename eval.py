@@ -136,9 +136,10 @@ def load_run(path) -> Run:
 
 
 def usual_steps(run: Run) -> int:
-    """The base model's own DDIM steps: the mini world's (world.json), else SD-1.5's 50 (rid.StepConfig)."""
+    """The base model's own steps: a mini flow world's (its flow.json), the mini world's (world.json), else
+    SD-1.5's 50 (rid.StepConfig)."""
     if is_mini(run):
-        world = Path(mini.WORLD) / "world.json"
+        world = flow_world(run.info["model"]) or Path(mini.WORLD) / "world.json"
         with checkpoint.reading(world):
             return int(json.loads(world.read_text()).get("steps", rid.StepConfig.steps))
     return rid.StepConfig.steps
@@ -201,8 +202,15 @@ class Settings:
     coco_n: int = COCO_N            # captions (and reference images) of the COCO FID
 
 
+def flow_world(model: str) -> Path | None:
+    """The flow.json of a mini flow world's model directory (train.py's flow_world), else None."""
+    f = Path(model) / "flow.json"
+    return f if f.is_file() else None
+
+
 def is_mini(run: Run) -> bool:
-    return mini.is_model(run.info["model"])
+    """The mini world's model, or a mini flow world (the world's rewards, prompts and FID reference)."""
+    return mini.is_model(run.info["model"]) or flow_world(run.info["model"]) is not None
 
 
 # The sampler's ranges, as rid.StepConfig declares them for training (one declaration per setting).

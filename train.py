@@ -168,13 +168,24 @@ def paper(cfg: Config) -> Config:
     return cfg
 
 
-def mini_world(cfg: Config) -> Config:
-    """Preset: the committed CPU-scale world (mini/): its model, reward spec, prompt split and sampler."""
+def flow_world(model) -> Path | None:
+    """The flow.json of a mini flow world (`python -m mini build-flow` writes it into its model directory),
+    else None."""
+    f = Path(str(model)) / "flow.json"
+    return f if model is not None and f.is_file() else None
+
+
+def mini_world(cfg: Config, flow: Path | None = None) -> Config:
+    """Preset: the committed CPU-scale world (mini/): its model, reward spec, prompt split and sampler. With a
+    flow world's flow.json: its model and default Euler steps / guidance instead, everything else the same
+    (it is built on the world's VAE, text encoder and prompts); the same schedule, so the worlds compare."""
     if not (Path(mini.WORLD) / "world.json").is_file():
         raise UsageError(f"the mini world is not built ({Path(mini.WORLD) / 'world.json'} is missing): run "
                          f"`python -m mini build`, or pass --model, e.g. --model {SD15}")
     world = json.loads((Path(mini.WORLD) / "world.json").read_text())
     cfg.model, cfg.reward_spec = str(mini.MODEL), str(mini.REWARD_SPEC)
+    if flow is not None:
+        world, cfg.model = json.loads(flow.read_text()), str(flow.parent.resolve())
     cfg.prompts = str(Path(mini.WORLD) / "prompts" / "train.txt")
     cfg.test_prompts = str(Path(mini.WORLD) / "prompts" / "test.txt")
     cfg.steps = int(world.get("steps", cfg.steps))
@@ -209,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                       f"package.module:function, see README; default: {','.join(d.tasks)})")
     a("--joint", help="train ONE task rewarded by a weighted sum instead of a sequence, e.g. "
                       "aesthetic:0.01,hps:2,compress:1 (the paper's joint tuning); excludes --tasks (default: none)")
-    a("--model", help="diffusers directory or hub id (default: the mini world, mini/world/model; "
+    a("--model", help="diffusers directory or hub id (default: the mini world, mini/world/model; a mini flow "
+                      "world, mini/flow, takes the mini world's preset with its own steps and guidance; "
                       f"the paper's SD-1.5 is {SD15})")
     a("--reward-spec", help="JSON saying where reward weights live (rewards.RewardSpec keys; default: the "
                             "mini world's spec for the mini model, the public checkpoints otherwise)")
@@ -355,9 +367,10 @@ def resolve(args) -> tuple[Config, bool]:
                              f"{', '.join(surrogate.BUILT_IN)} or package.module:function")
     cfg = paper(Config(tasks=tasks, joint=joint, method=method))
 
-    is_mini = args.model is None or mini.is_model(args.model)
+    flow = flow_world(args.model)
+    is_mini = args.model is None or mini.is_model(args.model) or flow is not None
     if is_mini:
-        cfg = mini_world(cfg)
+        cfg = mini_world(cfg, flow)
     else:
         cfg.model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
     if args.prompts == "paper":

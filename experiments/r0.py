@@ -2,6 +2,9 @@
 
     python -m experiments.r0 --jobs 2               r0 and r0+ × seeds 0,1,2, the ablations on seed 0
                                                     → docs/r0_results.md (+ _grid.png)
+    python -m experiments.r0 --model mini/flow --jobs 2
+                                                    the same on the mini flow world (SD3 transformer, Euler),
+                                                    no ablations → out/r0-flow, docs/r0_flow_results.md
 
 For every seed it runs `train.py --method r0 --joint <mix> --seed S` (K = 4, the r0 preset) and the same
 with --r0-plus; for each ablation seed one run per ablation (no weight regularization: --lam-w 0; fixed
@@ -21,7 +24,8 @@ import time
 from pathlib import Path
 
 import eval as evaluation  # the repo's eval.py: METRICS, the sample grid
-from experiments.common import ROOT, Parser, finished, ints, logger, mean_std, train_cmd, train_then_eval, write_doc
+from experiments.common import (ROOT, Parser, add_model_flag, finished, flow_section, ints, logger, mean_std,
+                                resolve_model, schedule_lines, train_cmd, train_then_eval, write_doc)
 
 PROG = "python -m experiments.r0"
 # R0's mix is HPS + ImageReward + CLIP; the mini world has no ImageReward, its aesthetic stands in. With
@@ -57,16 +61,23 @@ def fmt(m: str, v) -> str:
 def main(argv=None) -> int:
     p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2", help="training seeds of r0 and r0+ (default: 0,1,2)")
-    p.add_argument("--ablation-seeds", default="0", help="seeds of the ablation runs (default: 0; '' for none)")
+    p.add_argument("--ablation-seeds", help="seeds of the ablation runs, '' for none (default: 0; none with --model)")
     p.add_argument("--joint", default=JOINT, help=f"the reward mix, train.py --joint (default: {JOINT})")
-    p.add_argument("--out", default="out/r0-experiment", help="directory of the runs and the eval (default: out/r0-experiment)")
-    p.add_argument("--doc", default="docs/r0_results.md", help="report to write (default: docs/r0_results.md)")
+    add_model_flag(p)
+    p.add_argument("--out", help="directory of the runs and the eval (default: out/r0-experiment; with --model "
+                                 "mini/flow: out/r0-flow)")
+    p.add_argument("--doc", help="report to write (default: docs/r0_results.md; with --model mini/flow: "
+                                 "docs/r0_flow_results.md)")
     p.add_argument("--jobs", type=int, default=1, help="training runs at once, each on 1 CPU thread (default: 1)")
     p.add_argument("--train-args", default="", help="extra train.py flags for every run, quoted (default: none)")
     p.add_argument("--eval-args", default="", help="extra eval.py flags, quoted (default: none)")
     p.add_argument("--report-only", action="store_true",
                    help="train and evaluate nothing: rewrite --doc from --out's eval/report.json")
     args = p.parse_args(argv)
+    model_flags, flow = resolve_model(p, args, lambda tag: f"out/r0-{tag}" if tag else "out/r0-experiment",
+                                      lambda tag: f"docs/r0_{tag}_results.md" if tag else "docs/r0_results.md")
+    if args.ablation_seeds is None:  # the ablations are the mini world's study; a flow world gets Table 1
+        args.ablation_seeds = "" if flow else "0"
     seeds, ablation_seeds = ints(p, "--seeds", args.seeds), ints(p, "--ablation-seeds", args.ablation_seeds)
     if not seeds:
         p.error("--seeds: give at least one seed")
@@ -85,16 +96,33 @@ def main(argv=None) -> int:
         if finished(d, 1):
             log(f"{d.name}: finished earlier, kept")
             continue
-        todo.append(train_cmd(d, None, "r0", seed, "--joint", args.joint, *extra, *args.train_args.split()))
+        todo.append(train_cmd(d, None, "r0", seed, *model_flags, "--joint", args.joint, *extra,
+                              *args.train_args.split()))
     ev, timing = train_then_eval([todo], dirs, out, args, p, t0, PROG, log)
 
     #### REPORT ####
     report = json.loads((ev / "report.json").read_text())
     doc = ROOT / args.doc
     grid = doc.with_name(doc.stem + "_grid.png")
-    write_report(report, label_of, seeds, ablation_seeds, args, timing, doc, grid)
+    write_report(report, label_of, seeds, ablation_seeds, args, timing, doc, grid, flow, dirs)
     log(f"wrote {doc.relative_to(ROOT) if doc.is_relative_to(ROOT) else doc} in {(time.time() - t0) / 60:.1f} min")
     return 0
+
+
+def versus_base(by_variant: dict, seeds: list, base_k: dict, cols: list, K) -> str:
+    """One sentence from the means over seeds: where R0 and R0+ beat the base model at K steps, and where not."""
+    out = []
+    for name, label in (("r0", "R0"), ("r0plus", "R0+")):
+        vals = by_variant.get(name, {})
+        if not all(s in vals for s in seeds):
+            continue
+        mean = {m: statistics.fmean(vals[s][m] for s in seeds) for m in cols}
+        won = [evaluation.METRICS[m][0] for m in cols if better(m, mean[m], base_k[m])]
+        lost = [evaluation.METRICS[m][0] for m in cols if not better(m, mean[m], base_k[m])]
+        out.append(f"{label}'s mean over seeds beats the base model at {K} steps on "
+                   f"{', '.join(won) if won else 'no metric'}" + (f"; **it does not on {', '.join(lost)}**" if lost else
+                                                                   " (every metric)") + ".")
+    return " ".join(out) or f"No R0 run finished for every seed; nothing to compare with the base at {K} steps."
 
 
 def collect(report: dict, label_of: dict) -> tuple[dict, dict, dict, dict]:
@@ -111,7 +139,8 @@ def collect(report: dict, label_of: dict) -> tuple[dict, dict, dict, dict]:
     return bases, by_variant, labels, rows
 
 
-def write_report(report, label_of, seeds, ablation_seeds, args, timing, doc: Path, grid: Path) -> None:
+def write_report(report, label_of, seeds, ablation_seeds, args, timing, doc: Path, grid: Path,
+                 flow: dict | None = None, dirs: list = ()) -> None:
     bases, by_variant, labels, rows = collect(report, label_of)
     k_name = next((n for n, r in bases.items() if r["method"] == "base"), None)  # the base at the runs' K
     usual = next((n for n, r in bases.items() if r["method"] != "base"), None)  # "base (N steps)"
@@ -136,6 +165,7 @@ def write_report(report, label_of, seeds, ablation_seeds, args, timing, doc: Pat
             vals = by_variant[name]
             lines.append(f"| {labels[name]} | {K} | " + " | ".join(mean_std([vals[s].get(m) for s in seeds if s in vals])
                                                                 for m in cols) + " |")
+    lines += ["", versus_base(by_variant, seeds, base_k, cols, K)]
 
     #### Per seed, against the targets ####
     lines += ["", f"## Every seed against the base model at {K} steps", "",
@@ -194,7 +224,9 @@ def write_report(report, label_of, seeds, ablation_seeds, args, timing, doc: Pat
                   for s in [first] if f"{n}/{s}" in rows]
     evaluation.write_grid(grid_rows, grid)
     on_metric = report.get("clip_metric_trained_on") or []
-    facts = [f"`{PROG} --seeds {args.seeds} --ablation-seeds {args.ablation_seeds} --jobs {args.jobs}` "
+    model = f" --model {args.model}" if flow else ""
+    ablation = args.ablation_seeds or "''"
+    facts = [f"`{PROG}{model} --seeds {args.seeds} --ablation-seeds {ablation} --jobs {args.jobs}` "
              f"({timing['date']}; reward mix `--joint {args.joint}`). Wall time {timing['train_min']:.1f} min training "
              f"({timing['trained_runs']} runs, {timing['jobs']} at a time), {timing['total_min']:.1f} min with "
              f"evaluation, on {timing['cpu']}; peak RSS of any one process {timing['peak_rss_gb']:.2f} GB.",
@@ -206,7 +238,16 @@ def write_report(report, label_of, seeds, ablation_seeds, args, timing, doc: Pat
         facts += ["", f"**The CLIP column of every trained row is scored by the model its clip reward maximised** "
                   f"(the mini world's domain CLIP is both the clip reward and the CLIP metric, and the aesthetic head "
                   f"and the FID features sit on the same CLIP): {len(on_metric)} stage(s), eval's report.md lists them."]
-    text = "\n".join(["# R0 in the mini world: a 4-step generator by regularized reward maximization", "", *facts, "",
+    world = "the mini world"
+    if flow:  # what the flow world's runs trained with, and what differs from the UNet world's DDIM
+        world = "the mini flow world"
+        facts += ["", f"Model: {args.model}, an SD3 transformer on a rectified flow (flow.json). Every run trains "
+                  f"with train.py's mini-world R0 schedule, the UNet world's unchanged (the same prompts, rewards "
+                  f"and batch, so the two worlds compare; not retuned for the flow model):", "",
+                  *schedule_lines(dirs, lambda d: label_of[str(d.resolve())][1])]
+        lines += ["", *flow_section(flow, str(Path(args.model).resolve()), [N, K] if N else [K],
+                                    last_step_only=False)]
+    text = "\n".join([f"# R0 in {world}: a 4-step generator by regularized reward maximization", "", *facts, "",
                       *lines, ""])
     write_doc(doc, text)
 

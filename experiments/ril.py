@@ -2,6 +2,8 @@
 
     python -m experiments.ril                      rid and baseline, seeds 0,1,2 → docs/mini_results.md
     python -m experiments.ril --lams 0.1,1,10      the same with one rid run per λ (a sweep of RID's weight)
+    python -m experiments.ril --model mini/flow    the same on the mini flow world (SD3 transformer, Euler)
+                                                   → out/mini-flow-experiment, docs/mini_flow_results.md
 
 For every (method, seed) it runs `train.py --tasks aesthetic,hps,compress --method M --seed S`
 (resumed when a run directory already holds finished stages), then ONE `eval.py` over all runs
@@ -24,7 +26,8 @@ from pathlib import Path
 
 import eval as evaluation  # the repo's eval.py: METRICS, the sample grid, the last-stage rows
 import plots
-from experiments.common import ROOT, Parser, finished, ints, logger, mean_std, train_cmd, train_then_eval, write_doc
+from experiments.common import (ROOT, Parser, add_model_flag, finished, flow_section, ints, logger, mean_std,
+                                resolve_model, schedule_lines, train_cmd, train_then_eval, write_doc)
 
 TASKS = "aesthetic,hps,compress"
 
@@ -62,7 +65,8 @@ def aggregate(report: dict, run_of: dict) -> dict:
     return groups
 
 
-def write_markdown(groups: dict, metrics: dict, seeds: list, facts: list, path: Path, train: dict | None = None) -> None:
+def write_markdown(groups: dict, metrics: dict, seeds: list, facts: list, path: Path, train: dict | None = None,
+                   title: str = "# The mini world's RIL experiment", tail: list = ()) -> None:
     cols = [m for m in metrics if any(m in g["metrics"] for g in groups.values())]
     head = ["Method", "Stage"] + [f"{metrics[m][0]} {'↑' if metrics[m][1] else '↓'}" for m in cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -84,7 +88,9 @@ def write_markdown(groups: dict, metrics: dict, seeds: list, facts: list, path: 
                   "| Method | Task | start | end |", "|---|---|---|---|"]
         for (method, task), (first, last) in sorted(train.items(), key=lambda kv: (not kv[0][0].startswith("rid"), kv[0])):
             lines.append(f"| {method} | {task} | {mean_std(first, 4)} | {mean_std(last, 4)} |")
-    write_doc(path, "\n".join(["# The mini world's RIL experiment", "", *facts, "", *lines, ""]))
+    if tail:
+        lines += ["", *tail]
+    write_doc(path, "\n".join([title, "", *facts, "", *lines, ""]))
 
 
 def main(argv=None) -> int:
@@ -94,8 +100,11 @@ def main(argv=None) -> int:
     p.add_argument("--lams", default="0.1",
                    help="comma list of RID's λ; one rid run per λ and seed (default: 0.1, the paper's)")
     p.add_argument("--tasks", default=TASKS, help=f"task sequence (default: {TASKS})")
-    p.add_argument("--out", default="out/mini-experiment", help="directory of the runs and the eval (default: out/mini-experiment)")
-    p.add_argument("--doc", default="docs/mini_results.md", help="report to write (default: docs/mini_results.md)")
+    add_model_flag(p)
+    p.add_argument("--out", help="directory of the runs and the eval (default: out/mini-experiment; with --model "
+                                 "mini/flow: out/mini-flow-experiment)")
+    p.add_argument("--doc", help="report to write (default: docs/mini_results.md; with --model mini/flow: "
+                                 "docs/mini_flow_results.md)")
     p.add_argument("--jobs", type=int, default=1,
                    help="training runs at once, each on 1 CPU thread (default: 1, all threads); "
                         "the mini model is too small to use many threads well, so --jobs 2 on 2 cores is faster")
@@ -105,6 +114,9 @@ def main(argv=None) -> int:
                    help="train and evaluate nothing: rewrite --doc from --out's eval/report.json and the timings "
                         "the run that did the work stored in --out/experiment.json")
     args = p.parse_args(argv)
+    model_flags, flow = resolve_model(p, args,
+                                      lambda tag: f"out/mini-{tag}-experiment" if tag else "out/mini-experiment",
+                                      lambda tag: f"docs/mini_{tag}_results.md" if tag else "docs/mini_results.md")
     methods = [m for m in args.methods.split(",") if m]
     seeds = ints(p, "--seeds", args.seeds)
     try:
@@ -130,7 +142,8 @@ def main(argv=None) -> int:
             if finished(d, n_tasks):
                 log(f"{d.name}: finished earlier, kept")
                 continue
-            todo.append(train_cmd(d, args.tasks, method, seed, *(["--lam", f"{lam:g}"] if lam is not None else []),
+            todo.append(train_cmd(d, args.tasks, method, seed, *model_flags,
+                                  *(["--lam", f"{lam:g}"] if lam is not None else []),
                                   *args.train_args.split()))
     ev, timing = train_then_eval([todo], dirs, out, args, p, t0, PROG, log)
 
@@ -148,7 +161,9 @@ def main(argv=None) -> int:
     plots.stage_figure(rows, evaluation.METRICS, stages_png)
     plots.forgetting_figure(evaluation.last_stage_rows(rows), evaluation.METRICS, forgetting_png)
     lam_flag = f" --lams {args.lams}" if args.lams != "0.1" else ""
-    facts = [f"`python -m experiments.ril --methods {args.methods}{lam_flag} --seeds {args.seeds} --jobs {args.jobs}` "
+    model = f" --model {args.model}" if flow else ""
+    facts = [f"`python -m experiments.ril{model} --methods {args.methods}{lam_flag} --seeds {args.seeds} "
+             f"--jobs {args.jobs}` "
              f"({timing['date']}; tasks {args.tasks}). Wall time {timing['train_min']:.1f} min training "
              f"({timing['trained_runs']} runs, {timing['jobs']} at a time), {timing['total_min']:.1f} min with "
              f"evaluation, on {timing['cpu']}; peak RSS of any one process {timing['peak_rss_gb']:.2f} GB.",
@@ -157,8 +172,17 @@ def main(argv=None) -> int:
              f"seeds): [every metric across stages]({stages_png.name}), [forgetting after the last stage]"
              f"({forgetting_png.name}).", "", f"![metrics across stages]({stages_png.name})", "",
              f"![forgetting after the last stage]({forgetting_png.name})"]
+    title, tail = "# The mini world's RIL experiment", []
+    if flow:  # what the flow world's runs trained with, and what differs from the UNet world's DDIM
+        title = "# The mini flow world's RIL experiment"
+        facts += ["", f"Model: {args.model}, an SD3 transformer on a rectified flow (flow.json). Schedule: train.py's "
+                  "mini-world preset, the UNet world's unchanged (each method's batch, epochs, lr and lr schedule "
+                  "per task, below, read from the runs' run.json): the same prompts, rewards and batch, so the two "
+                  "worlds compare; it was not retuned for the flow model, whose own best schedule is open).", "",
+                  *schedule_lines(dirs, lambda d: run_of[str(d.resolve())])]
+        tail = flow_section(flow, str(Path(args.model).resolve()), [flow["steps"]])
     write_markdown(aggregate(report, run_of), evaluation.METRICS, seeds, facts, doc,
-                   training_rewards(dirs, run_of, args.tasks.split(",")))
+                   training_rewards(dirs, run_of, args.tasks.split(",")), title, tail)
     show = lambda f: f.relative_to(ROOT) if f.is_relative_to(ROOT) else f  # noqa: E731
     log(f"wrote {show(doc)} and {show(grid)} in {(time.time() - t0) / 60:.1f} min")
     return 0

@@ -61,3 +61,22 @@ def _loaded(sd_path):
 def models(_loaded):
     """A fresh copy of the tiny SD per test (tests inject adapters in place)."""
     return copy.deepcopy(_loaded)
+
+
+@pytest.fixture(scope="session")
+def small_flow(tmp_path_factory):
+    """The reduced mini flow world (`python -m mini build-flow --small`), built once per session (per
+    pytest-xdist worker); skipped while the mini world it is built from is missing."""
+    import mini
+    from mini.__main__ import main
+
+    if not (mini.WORLD / "world.json").exists():
+        pytest.skip("mini/world not built yet")
+    out = tmp_path_factory.mktemp("mini_flow") / "flow"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # as one_thread: the build is bit-exact for a given thread count
+    try:
+        assert main(["build-flow", "--small", "--out", str(out)]) == 0
+    finally:
+        torch.set_num_threads(before)
+    return out

@@ -26,11 +26,6 @@ def _build(out):
 
 
 @pytest.fixture(scope="module")
-def small_flow(tmp_path_factory):
-    return _build(tmp_path_factory.mktemp("mini_flow") / "flow")
-
-
-@pytest.fixture(scope="module")
 def pipe(small_flow):
     from mini.flow_build import load_pipeline
     return load_pipeline(small_flow)
