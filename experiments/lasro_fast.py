@@ -455,6 +455,7 @@ def write_report(dec: dict, summary: dict, args, seeds: list, rewards: list, met
                 gl, gd = statistics.fmean(las["gain"]), statistics.fmean(dr["gain"])
                 lines.append(f"- Upper bound, {reward}: LaSRO reaches {gl / gd:.0%} of the direct gradient's gain "
                              f"({gd:+.4g}) at the same calls.")
+        lines += quality_lines(summary, rewards)
         lines += ["", "Rules: *beats*: the larger mean gain over seeds; *more sample-efficient*: fewer true-reward calls "
                   "until the mean smoothed training curve has gained half of the larger of the two methods' training "
                   "gains (end of curve − its first full window); *stable*: every seed improves on the generator and no "
@@ -463,6 +464,29 @@ def write_report(dec: dict, summary: dict, args, seeds: list, rewards: list, met
                       *lines, ""])
     write_doc(doc, text)
     return text
+
+
+def quality_lines(summary: dict, rewards: list) -> list:
+    """What each run's reward gain cost in CLIP score and FID (generator → after training, means over seeds),
+    and a DDPO whose gain is inside its seed spread said to have not moved: "beats DDPO" then compares with
+    a policy that has not started to learn at this budget."""
+    lines = []
+    for reward in rewards:
+        costs = []
+        for method in METHODS:
+            s = summary.get((reward, method))
+            if s and all(m in s["start"] and m in s["final"] for m in ("clip", "fid")):
+                c0, c1 = statistics.fmean(s["start"]["clip"]), statistics.fmean(s["final"]["clip"])
+                f0, f1 = statistics.fmean(s["start"]["fid"]), statistics.fmean(s["final"]["fid"])
+                costs.append(f"{METHODS[method][0]} CLIP {c0:.3g} → {c1:.3g}, FID {f0:.3g} → {f1:.3g}")
+        if costs:
+            lines.append(f"- Quality, {reward} (generator → after training): " + "; ".join(costs) + ".")
+        d = summary.get((reward, "ddpo"))
+        if d and len(d["gain"]) > 1 and abs(statistics.fmean(d["gain"])) <= statistics.stdev(d["gain"]):
+            lines.append(f"- DDPO, {reward}: its gain ({statistics.fmean(d['gain']):+.3g} ± "
+                         f"{statistics.stdev(d['gain']):.2g}) is inside its seed spread: at this budget it has not "
+                         f"measurably moved, so the claims above compare against a policy that has not started to learn.")
+    return lines
 
 
 def grid_rows(report: dict, plans: list, seed: int) -> list:

@@ -147,6 +147,10 @@ def test_report_builder_on_synthetic_records(tmp_path):
     assert "| jpeg-kb | LaSRO | +0.2 | +0.1 |" in text and "| jpeg-kb | DDPO | +0.05 | -0.05 |" in text
     assert "- *beats policy-gradient RL at ≤ 2 steps*, jpeg-kb: **holds**." in text
     assert "- *stable*, jpeg-kb: **holds**." in text and "![curves](r_curves.png)" in text
+    # what the gain cost (CLIP, FID: generator → final, means) and a DDPO inside its seed spread (0 ± 0.071)
+    assert "- Quality, jpeg-kb (generator → after training): LaSRO CLIP 60 → 60, FID 10 → 10; DDPO CLIP 60 → 60, " \
+           "FID 10 → 10." in text
+    assert "- DDPO, jpeg-kb: its gain (+0 ± 0.071) is inside its seed spread" in text
 
     # the other way: DDPO ends at 0.7 kB in both seeds and its curve rises faster than LaSRO's
     summary = lf.summarize(synthetic((0.7, 0.7), (-1.0, -0.6, -0.5, -0.5, -0.5, -0.5)), budget=12)
@@ -154,6 +158,7 @@ def test_report_builder_on_synthetic_records(tmp_path):
     assert claims == {"beats policy-gradient RL at ≤ 2 steps": False, "more sample-efficient": False, "stable": True}
     text = lf.write_report(dec, summary, args, [0, 1], ["jpeg-kb"], ["lasro", "ddpo"], timing, doc, None)
     assert "- *beats policy-gradient RL at ≤ 2 steps*, jpeg-kb: **does not hold**." in text
+    assert "- DDPO, jpeg-kb:" not in text  # gain 0.3 in both seeds: it moved
     assert "## 4. Training curves" not in text
 
 
