@@ -171,11 +171,11 @@ def surrogate_cost(base: rid.Models, steps: int, batch: int, reps: int, log=prin
     adaptation fit every `adapt_every` steps, amortised by timing whole cycles) vs the same step on the
     differentiable compress reward. The mini preset's surrogate settings when the model is the mini world's."""
     import rewards
+    import config
     import surrogate
-    import train
 
-    prompts = [f"a photo of a {a}" for a in train.ANIMALS][:max(batch, 8)]
-    sur_cfg = surrogate.SurrogateConfig(**{**asdict(surrogate.SurrogateConfig()), **train.MINI_SURROGATE})
+    prompts = [f"a photo of a {a}" for a in config.ANIMALS][:max(batch, 8)]
+    sur_cfg = surrogate.SurrogateConfig(**{**asdict(surrogate.SurrogateConfig()), **config.MINI_SURROGATE})
     runs, logs = {}, {}
     for task in ("compress", "jpeg-kb"):
         m = copy.deepcopy(base)

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 import checkpoint
+import config
 import plots
 import rid
 import train
@@ -147,7 +148,7 @@ def resolve(reward: str, name: str, seed: int, out: Path, extra: list):
     argv = ["--tasks", reward, *CONFIGS[name][1], "--seed", str(seed), "--out", str(out),
             "--lr", f"{reward}={LR[reward]:g}", "--lr-schedule", "constant", *extra]
     try:
-        return train.resolve(train.build_parser().parse_args(argv))[0]
+        return config.resolve(config.build_parser().parse_args(argv))[0]
     except train.UsageError as e:
         raise SystemExit(f"{PROG}: train.py flags {' '.join(argv)}: {e}") from None
 
@@ -168,8 +169,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW([self.group.flat], lr=cfg.lr[reward], betas=tuple(cfg.betas),
                                            weight_decay=cfg.weight_decay)
         self.reward_fn = train.reward_fn(reward, cfg)
-        self.step_cfg = train.step_config(cfg)
-        self.micro, _ = train.micro_plan(cfg, reward, 1)
+        self.step_cfg = config.step_config(cfg)
+        self.micro, _ = config.micro_plan(cfg, reward, 1)
         self.counter = UNetCalls(self.models.unet)
         self.step = 0
 

@@ -93,7 +93,7 @@ def aesthetic(images, prompts):
 #### THE BUDGET ####
 
 def reward_calls(cfg, task: str, n_train: int) -> tuple[int, int]:
-    """(true-reward calls before the first optimizer step, calls per step) of a train.Config's run of `task`:
+    """(true-reward calls before the first optimizer step, calls per step) of a config.Config's run of `task`:
     DDPO scores a round's --batch samples; LaSRO first pre-trains on explored prompts × noises, then scores
     each step's --batch samples (surrogate.SurrogateTask.after_step); the direct gradient scores each sample."""
     if cfg.method not in ONE_CALL_PER_SAMPLE:
@@ -116,9 +116,10 @@ def steps_for(budget: int, fixed: int, per_step: int) -> int:
 
 def resolved(flags: list):
     """train.py's resolved Config and training-prompt count for these flags (nothing is loaded)."""
+    import config
     import train
 
-    cfg, _ = train.resolve(train.build_parser().parse_args([str(f) for f in flags]))
+    cfg, _ = config.resolve(config.build_parser().parse_args([str(f) for f in flags]))
     prompts = train.read_prompts(cfg.prompts)
     n_train = len(prompts[:cfg.n_train] if cfg.test_prompts else train.split_prompts(prompts, cfg.n_train, cfg.n_test,
                                                                                        cfg.seed)[0])
@@ -130,6 +131,7 @@ def resolved(flags: list):
 def branch(argv: list) -> int:
     """`branch GEN_RUN <train.py flags>`: see the module docstring. Exit codes as train.py's."""
     import checkpoint
+    import config
     import train
     from checkpoint import UsageError
 
@@ -137,7 +139,7 @@ def branch(argv: list) -> int:
         if not argv or argv[0].startswith("-"):
             raise UsageError("usage: branch GEN_RUN <train.py flags> (GEN_RUN: a finished r0 run of one joint task)")
         gen_dir = Path(argv[0]).resolve()
-        cfg, is_mini = train.resolve(train.build_parser().parse_args(argv[1:]))
+        cfg, is_mini = config.resolve(config.build_parser().parse_args(argv[1:]))
         if len(cfg.tasks) != 1 or cfg.joint:
             raise UsageError(f"--tasks {','.join(cfg.tasks)}: give the one task trained after the generator")
         gen = train.saved_run(gen_dir)
@@ -149,7 +151,7 @@ def branch(argv: list) -> int:
         if diff:
             raise UsageError(f"{gen_dir}: its stage is not this run's stage 1 ({'; '.join(diff)})")
         cfg.tasks, cfg.joint, cfg.branch_from = ["joint", *cfg.tasks], g["joint"], str(gen_dir)
-        for key in train.PER_TASK:  # the generator's schedule of its stage, as recorded
+        for key in config.PER_TASK:  # the generator's schedule of its stage, as recorded
             getattr(cfg, key)["joint"] = g[key]["joint"]
         out = Path(cfg.out)
         if not (out / "run.json").exists():

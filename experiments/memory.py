@@ -268,7 +268,7 @@ UTILISATION = 0.4
 
 def paper_samples() -> dict:
     """Images generated with gradient over the paper's run, per task: epochs × 750 training prompts."""
-    from train import PAPER_EPOCHS
+    from config import PAPER_EPOCHS
 
     return {t: PAPER_EPOCHS[t] * 750 for t in ("aesthetic", "hps", "compress")}
 

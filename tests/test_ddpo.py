@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 import checkpoint
+import config
 import ddpo
 import rid
 import samplers
@@ -277,12 +278,12 @@ def test_black_box_run_end_to_end_eval_reads_it_and_resume_is_bit_exact(sd_path,
 
 
 def test_paper_preset_flags_and_help(capsys):
-    cfg = train.resolve(train.build_parser().parse_args(["--model", train.SD15, "--method", "ddpo"]))[0]
+    cfg = config.resolve(config.build_parser().parse_args(["--model", config.SD15, "--method", "ddpo"]))[0]
     assert (cfg.batch["aesthetic"], cfg.lr["aesthetic"], cfg.steps) == (256, 3e-4, 50)
     assert (cfg.ddpo_eta, cfg.ddpo_clip_range, cfg.ddpo_adv_clip, cfg.ddpo_inner_epochs, cfg.ddpo_minibatches,
             cfg.ddpo_timestep_fraction, cfg.ddpo_buffer, cfg.ddpo_min_count) == (1.0, 1e-4, 5.0, 1, 4, 1.0, 16, 16)
-    assert train.micro_plan(cfg, "aesthetic", 1) == (8, 32)
-    step = train.step_config(cfg)
+    assert config.micro_plan(cfg, "aesthetic", 1) == (8, 32)
+    step = config.step_config(cfg)
     assert isinstance(step, ddpo.DDPOConfig) and step.method == "ddpo" and step.ddpo_minibatches == 4
     with pytest.raises(SystemExit):
         train.main(["--help"])
@@ -305,15 +306,15 @@ def test_micro_batch_auto_plans_the_ddpo_step_on_black_boxes_too(monkeypatch):
         return {"top": 2, "fixed": 0, "per_sample": 1, "usable": budget}
 
     monkeypatch.setattr(memplan, "plan_micro_batch", plan)
-    argv = ["--model", train.SD15, "--method", "ddpo", "--tasks", "jpeg-kb", "--batch", "4", "--device", "cpu"]
-    cfg = train.resolve(train.build_parser().parse_args(argv))[0]
+    argv = ["--model", config.SD15, "--method", "ddpo", "--tasks", "jpeg-kb", "--batch", "4", "--device", "cpu"]
+    cfg = config.resolve(config.build_parser().parse_args(argv))[0]
     assert train.plan_micro_batch(cfg, None, {"jpeg-kb": surrogate.black_box("jpeg-kb")}, 1, free=10) == 2
     assert asked == [("baseline", (3,))]
 
 
 def test_runs_from_before_ddpo_resume(tmp_path):
     """A run.json written before the ddpo settings existed trained with their defaults (only ddpo reads them)."""
-    cfg = train.Config()
+    cfg = config.Config()
     old = {k: v for k, v in train.config_dict(cfg).items() if not k.startswith("ddpo_")}
     (tmp_path / "run.json").write_text(json.dumps({"config": old, "stages": [], "train_prompts": "a.txt",
                                                    "test_prompts": "b.txt"}))

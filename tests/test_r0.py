@@ -323,9 +323,9 @@ def test_r0_plus_needs_the_r0_method(sd_path, tmp_path, capsys):
 
 
 def test_r0_preset_is_k4_and_flags_override(sd_path):
-    import train
+    import config
 
-    resolve = lambda *a: train.resolve(train.build_parser().parse_args(["--model", sd_path, *a]))[0]  # noqa: E731
+    resolve = lambda *a: config.resolve(config.build_parser().parse_args(["--model", sd_path, *a]))[0]  # noqa: E731
     cfg = resolve("--method", "r0", "--joint", "hps:1,aesthetic:0.5,clip:2")
     assert (cfg.steps, cfg.eta_range, cfg.raw_grads, cfg.r0_plus) == (4, (0.0, 1.0), False, False)
     assert cfg.joint == {"hps": 1.0, "aesthetic": 0.5, "clip": 2.0}

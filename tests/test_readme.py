@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import checkpoint
+import config
 import eval as ev
 import tiny
 import train
@@ -59,9 +60,9 @@ def test_paper_commands_resolve_to_the_papers_settings():
         argv = shlex.split(cmd)
         if "train.py" not in argv or SD15 not in argv:
             continue
-        cfg, is_mini = train.resolve(train.build_parser().parse_args(argv[argv.index("train.py") + 1:]))
+        cfg, is_mini = config.resolve(config.build_parser().parse_args(argv[argv.index("train.py") + 1:]))
         assert not is_mini and cfg.model == SD15 and cfg.tasks == ["aesthetic", "hps", "compress"]
-        assert cfg.prompts == str(train.PAPER_TRAIN) and cfg.test_prompts == str(train.PAPER_TEST)
+        assert cfg.prompts == str(config.PAPER_TRAIN) and cfg.test_prompts == str(config.PAPER_TEST)
         assert cfg.epochs == {"aesthetic": 10, "hps": 120, "compress": 15}
         assert (cfg.steps, cfg.guidance, cfg.rank) == (50, 7.5, 4)
         assert cfg.batch == dict.fromkeys(cfg.tasks, 128 if cfg.method == "baseline" else 8)

@@ -22,6 +22,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import checkpoint
+import config
 import eval as ev
 import rewards
 import rid
@@ -440,7 +441,7 @@ def test_fuzz_every_flag_of_both_clis(world, tmp_path, monkeypatch, capsys):
     # train.py: one task, one step of one DDIM step on one prompt
     base = ["--model", world["sd"], "--prompts", world["two"], "--tasks", "aesthetic", "--steps", "1",
             "--batch", "1", "--epochs", "1", "--max-steps", "1", "--device", "cpu"]
-    for i, (flag, takes) in enumerate(_flags(train.build_parser())):
+    for i, (flag, takes) in enumerate(_flags(config.build_parser())):
         for j, value in enumerate(HOSTILE if takes else [None]):
             out = root / f"t{i}-{j}"
             argv = base + ["--out", str(out)]

@@ -24,6 +24,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import checkpoint
+import config
 import tiny
 import train
 
@@ -114,11 +115,11 @@ def full_run(world):
 #### SCHEDULES AND CONFIG ####
 
 def resolve(*argv):
-    return train.resolve(train.build_parser().parse_args(list(argv)))[0]
+    return config.resolve(config.build_parser().parse_args(list(argv)))[0]
 
 
 def test_schedules_are_the_papers():
-    sd = ["--model", train.SD15, "--tasks", "aesthetic,hps,compress"]
+    sd = ["--model", config.SD15, "--tasks", "aesthetic,hps,compress"]
     cfg = resolve(*sd)
     assert cfg.epochs == PAPER_EPOCHS
     assert cfg.batch == dict.fromkeys(PAPER_EPOCHS, PAPER_RID_BATCH)
@@ -130,13 +131,13 @@ def test_schedules_are_the_papers():
         assert cfg.batch == dict.fromkeys(PAPER_EPOCHS, PAPER_BASELINE_BATCH)
         assert cfg.lr == dict.fromkeys(PAPER_EPOCHS, PAPER_BASELINE_LR)
     # batch 128 by accumulation: micro-batches per step = batch / world / micro-batch
-    assert train.micro_plan(cfg, "hps", 1) == (8, 16)
-    assert train.micro_plan(cfg, "hps", 4) == (8, 4)
-    assert train.micro_plan(resolve(*sd, "--method", "baseline", "--grad-accum", "4"), "hps", 1) == (32, 4)
+    assert config.micro_plan(cfg, "hps", 1) == (8, 16)
+    assert config.micro_plan(cfg, "hps", 4) == (8, 4)
+    assert config.micro_plan(resolve(*sd, "--method", "baseline", "--grad-accum", "4"), "hps", 1) == (32, 4)
 
 
 def test_per_task_overrides_and_joint():
-    sd = ["--model", train.SD15]
+    sd = ["--model", config.SD15]
     cfg = resolve(*sd, "--epochs", "hps=3", "--lr", "aesthetic=1e-4,compress=2e-4", "--batch", "16")
     assert cfg.epochs == {**PAPER_EPOCHS, "hps": 3}
     assert cfg.lr == {"aesthetic": 1e-4, "hps": PAPER_RID_LR, "compress": 2e-4}
@@ -156,7 +157,7 @@ def test_cosine_lr_is_torchs_cosine_annealing():
             assert train.lr_at(peak, step, total, "constant") == peak
             opt.step(), sched.step()
         assert train.lr_at(peak, total - 1, total, "cosine") > 0  # the last step still moves
-    assert resolve("--model", train.SD15).lr_schedule == dict.fromkeys(PAPER_EPOCHS, "constant")  # the paper's
+    assert resolve("--model", config.SD15).lr_schedule == dict.fromkeys(PAPER_EPOCHS, "constant")  # the paper's
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +206,7 @@ def test_mini_world_is_the_default_with_its_real_rewards(mini_world, tmp_path, m
     argv = ["--tasks", "aesthetic,hps,compress", "--steps", "2", "--batch", "2", "--max-steps", "1", "--out", str(out)]
     assert train.main(argv) == 0
     first = capsys.readouterr().out.splitlines()[0]
-    assert "no --model given" in first and "mini world" in first and train.SD15 in first
+    assert "no --model given" in first and "mini world" in first and config.SD15 in first
     run = json.loads((out / "run.json").read_text())
     assert Path(run["model"]) == mini_world / "model" and len(run["stages"]) == 3
     lines = lambda p: [l.strip() for l in Path(p).read_text().splitlines() if l.strip()]  # noqa: E731
@@ -219,7 +220,7 @@ def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit) as e:
         train.main(["--help"])
     assert e.value.code == 0
-    parser = train.build_parser()
+    parser = config.build_parser()
     for action in parser._actions:
         if action.help == "==SUPPRESS==" or action.dest in ("help", "resume"):
             continue
@@ -270,7 +271,7 @@ def test_the_papers_prompts_are_the_default_for_sd_and_by_name(tmp_path, capsys)
     raw_train = (folder / "hps_v2_all.txt").read_text(encoding="utf-8").split("\n")
     raw_test = (folder / "hps_v2_all_eval.txt").read_text(encoding="utf-8").splitlines()
     assert (folder / "NOTICE.md").is_file() and "MIT License" in (folder / "LICENSE-AlignProp").read_text()
-    for cfg in (resolve("--model", train.SD15), resolve("--model", "mini/world/model", "--prompts", "paper")):
+    for cfg in (resolve("--model", config.SD15), resolve("--model", "mini/world/model", "--prompts", "paper")):
         run, tr, te = train.open_run(dataclasses.replace(cfg, out=str(tmp_path / "none")), resume=False)
         assert len(tr) == 750 and len(te) == 50 and not set(tr) & set(te)
         assert tr == [p.strip() for p in raw_train if p.strip()] and te == [p.strip() for p in raw_test]
@@ -327,13 +328,13 @@ def test_micro_batch_auto_picks_the_largest_that_fits_a_given_device(world, tmp_
 
 
 def test_gpu_defaults_are_bf16_and_micro_batch_auto():
-    args = train.build_parser().parse_args(["--model", train.SD15])
-    cfg = train.gpu_defaults(train.Config(device="cuda"), args)
+    args = config.build_parser().parse_args(["--model", config.SD15])
+    cfg = config.gpu_defaults(config.Config(device="cuda"), args)
     assert (cfg.dtype, cfg.micro_batch) == ("bf16", "auto")
-    cfg = train.gpu_defaults(train.Config(device="cpu"), args)
+    cfg = config.gpu_defaults(config.Config(device="cpu"), args)
     assert (cfg.dtype, cfg.micro_batch) == ("fp32", 8)
-    args = train.build_parser().parse_args(["--dtype", "fp32", "--micro-batch", "2"])
-    cfg = train.gpu_defaults(train.Config(device="cuda", micro_batch=2), args)
+    args = config.build_parser().parse_args(["--dtype", "fp32", "--micro-batch", "2"])
+    cfg = config.gpu_defaults(config.Config(device="cuda", micro_batch=2), args)
     assert (cfg.dtype, cfg.micro_batch) == ("fp32", 2)
     assert resolve("--micro-batch", "auto").micro_batch == "auto"
 
@@ -736,7 +737,7 @@ def test_gradient_checkpointing_does_not_change_the_numbers(world, tmp_path, mon
         assert run_main(monkeypatch, argv) == 0
         got.append(adapters(out / "stage1-aesthetic"))
     assert got[0].keys() == got[1].keys() and all(torch.equal(got[0][k], got[1][k]) for k in got[0])
-    assert "gradient_checkpointing" in train.RUNTIME
+    assert "gradient_checkpointing" in config.RUNTIME
 
 
 def test_atomic_directory_swap(tmp_path):
