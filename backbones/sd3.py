@@ -6,7 +6,11 @@ Conditioning, as StableDiffusion3Pipeline.encode_prompt makes it:
                                  width; T5's last states (B, 256, 4096)] along the sequence; without
                                  text_encoder_3 (a pipeline saved without T5, or --text-encoder-3 none) the
                                  T5 part is zeros (B, 256, joint_attention_dim) in CLIP-L's dtype, exactly
-                                 _get_t5_prompt_embeds' when the pipeline's text_encoder_3 is None
+                                 _get_t5_prompt_embeds' when the pipeline's text_encoder_3 is None. Those 256
+                                 are carried as ONE zero token that the joint attention counts 256 times
+                                 (RepeatedLastToken, set on the transformer at load): hidden (B, 77 + 1, D_T5),
+                                 the same function at a fraction of the cost; SD3(literal_zero_t5=True): the 256
+                                 literal zeros, the pipeline's conditioning byte for byte
     pooled  (B, 768 + 1280)      both CLIP encoders' pooled, projected embeddings
 The unconditional branch is the "" prompt's (SD3 has no zeroed negative). The transformer predicts the
 flow's velocity v = ε − x₀ at timestep σ·1000; the sampler is samplers.Flow (shift 3.0 for SD3-Medium and
@@ -18,9 +22,11 @@ projections of the text stream (diffusers' train_dreambooth_lora_sd3.py targets)
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import samplers
@@ -46,6 +52,48 @@ LORA_SHAPES = {
 MAX_SEQUENCE_LENGTH = 256  # the pipeline's default max_sequence_length for T5
 
 
+#### without T5: its max_sequence_length zero tokens as one ####
+
+class RepeatedLastToken:
+    """SD3's joint attention (diffusers' JointAttnProcessor2_0: the same projections called the same way, so rid's
+    adapter group on to_q/k/v, to_out.0, add_q/k/v_proj and to_add_out composes; qk-norm where the model has it)
+    for a context whose LAST token stands for `m` identical copies of itself.
+
+    Without a T5, the context's T5 part is m = 256 zero vectors. They stay identical through every block: the
+    context has no positional embedding, and everything but attention acts per token. As keys and values m
+    copies of one token give softmax weight m·e^s = e^(s + log m), so one copy whose logit is raised by log m
+    gives the same attention, and their outputs are the one copy's (the naive form: the 256 tokens and
+    JointAttnProcessor2_0, which tests/test_flow.py compares against). The bias is in the query's dtype, as
+    SDPA's fused kernels take it: exact in fp32; in bf16 log 256 = 5.545 rounds to 5.531 (the token counts 252.5
+    times), in fp16 to 5.547 (256.4 times)."""
+
+    def __init__(self, m: int):
+        self.log_m = math.log(m)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        b, n = hidden_states.shape[:2]                               # image tokens (B, N, D)
+        heads = lambda x: x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)   # (B, H, L, d)
+        norm = lambda f, x: x if f is None else f(x)
+        q = torch.cat([norm(attn.norm_q, heads(attn.to_q(hidden_states))),
+                       norm(attn.norm_added_q, heads(attn.add_q_proj(encoder_hidden_states)))], 2)
+        k = torch.cat([norm(attn.norm_k, heads(attn.to_k(hidden_states))),
+                       norm(attn.norm_added_k, heads(attn.add_k_proj(encoder_hidden_states)))], 2)
+        v = torch.cat([heads(attn.to_v(hidden_states)), heads(attn.add_v_proj(encoder_hidden_states))], 2)
+        bias = torch.zeros(1, k.shape[2], dtype=q.dtype, device=q.device)   # (1, N + L): every query alike
+        bias[0, -1] = self.log_m                                     # the last key counts m times
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, N + L, d)
+        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[3])
+        x, ctx = out[:, :n], out[:, n:]
+        if not attn.context_pre_only:
+            ctx = attn.to_add_out(ctx)
+        return attn.to_out[1](attn.to_out[0](x)), ctx
+
+
+def joint_attentions(transformer: nn.Module) -> list:
+    """The attention modules that read the context (each joint block's attn; not SD3.5's image-only attn2)."""
+    return [m for m in transformer.modules() if hasattr(m, "add_k_proj") and m.add_k_proj is not None]
+
+
 @dataclass
 class SD3(Backbone):
     """SD3's components, frozen and in eval mode; text_encoder_3/tokenizer_3 None: a pipeline without T5."""
@@ -61,8 +109,30 @@ class SD3(Backbone):
     resolution: int | None = None
     scheduler_config: dict = field(default_factory=lambda: {"_class_name": samplers.FLOW_CLASS, "shift": 3.0})
     max_sequence_length: int = MAX_SEQUENCE_LENGTH
+    # Without T5 only. False (the default): the conditioning's T5 part is ONE zero token and the transformer's
+    # joint attention counts it max_sequence_length times (RepeatedLastToken, set on it here): the model the
+    # pipeline runs, up to rounding; a train.py step on the reduced mini flow world (CPU, one thread, 20 Euler
+    # steps) takes 3.5x less CPU time than on the 256 tokens (docs/backbones.md).
+    # True: the pipeline's max_sequence_length literal zeros (its conditioning byte for byte) and diffusers' own
+    # attention. dataclasses.replace(models, literal_zero_t5=...) switches both; the transformer is shared, so the
+    # object replaced is then stale.
+    literal_zero_t5: bool = False
 
     lora_prefix = "transformer"  # SD3LoraLoaderMixin reads transformer.<layer>
+
+    def __post_init__(self):
+        from diffusers.models.attention_processor import JointAttnProcessor2_0
+        self._uncond = None  # its T5 part's length follows literal_zero_t5
+        for attn in joint_attentions(self.transformer):
+            if self.repeats_zero_t5:
+                attn.set_processor(RepeatedLastToken(self.max_sequence_length))
+            elif isinstance(attn.processor, RepeatedLastToken):  # only what this class set
+                attn.set_processor(JointAttnProcessor2_0())
+
+    @property
+    def repeats_zero_t5(self) -> bool:
+        """Whether the zero T5 part is one token counted max_sequence_length times (no T5, not literal_zero_t5)."""
+        return self.text_encoder_3 is None and not self.literal_zero_t5
 
     @property
     def unet(self) -> nn.Module:
@@ -94,7 +164,8 @@ class SD3(Backbone):
     # -- conditioning --------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, prompts: list) -> Cond:
-        """Prompts → Cond(hidden (B, 77 + 256, D_T5), pooled (B, P₁ + P₂)) as encode_prompt makes them."""
+        """Prompts → Cond(hidden (B, 77 + 256, D_T5), pooled (B, P₁ + P₂)) as encode_prompt makes them; without
+        T5 hidden (B, 77 + 1, D_T5) unless literal_zero_t5 (the one zero token stands for 256)."""
         prompts = list(prompts)
         clip, pooled = [], []
         for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
@@ -105,14 +176,15 @@ class SD3(Backbone):
             clip.append(out.hidden_states[-2])  # penultimate layer, as SD3 was trained
         dim = self.transformer.config.joint_attention_dim
         if self.text_encoder_3 is None:  # StableDiffusion3Pipeline(text_encoder_3=None): zeros, CLIP-L's dtype
-            t5 = torch.zeros(len(prompts), self.max_sequence_length, dim, device=self.device, dtype=clip[0].dtype)
+            n = 1 if self.repeats_zero_t5 else self.max_sequence_length  # 1: RepeatedLastToken counts it 256 times
+            t5 = torch.zeros(len(prompts), n, dim, device=self.device, dtype=clip[0].dtype)
         else:
             ids = self.tokenizer_3(prompts, padding="max_length", max_length=self.max_sequence_length,
                                    truncation=True, add_special_tokens=True, return_tensors="pt").input_ids
             t5 = self.text_encoder_3(ids.to(self.text_encoder_3.device))[0]
         clip = torch.cat(clip, -1)  # (B, 77, D₁ + D₂)
         clip = nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))  # zero-padded to T5's width
-        hidden = torch.cat([clip.to(t5.device, t5.dtype), t5], dim=-2)  # (B, 77 + 256, D_T5)
+        hidden = torch.cat([clip.to(t5.device, t5.dtype), t5], dim=-2)  # (B, 77 + 256 or 1, D_T5)
         return Cond(hidden.to(self.device, self.dtype), pooled=torch.cat(pooled, -1).to(self.device, self.dtype))
 
     def uncond(self) -> Cond:

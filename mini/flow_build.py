@@ -29,7 +29,6 @@ weights, batch 128. Seeded; bit-exact for the same torch build and thread count.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -38,6 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from backbones.sd3 import RepeatedLastToken  # the 256 zero T5 tokens as one (training below, and rid's SD3 backbone)
 
 from . import domain, models
 from .build import (_log, _lr, _save_file, _to_unit, caption_features, caption_scores, descend, fid, load_ema,
@@ -64,37 +65,6 @@ class FlowConfig:
 def small_flow_config(seed: int = 0) -> FlowConfig:
     """Same architecture, a few steps: the reduced build the tests run (seconds)."""
     return FlowConfig(seed=seed, n_train_images=256, flow_steps=3, eval_per_caption=1, steps=4)
-
-
-#### the T5 part of the context: 256 identical tokens as one ####
-
-class RepeatedLastToken:
-    """SD3's joint attention (diffusers' JointAttnProcessor2_0; no qk-norm, as SD3-Medium and flow_transformer)
-    for a context whose LAST token stands for `m` identical copies of itself.
-
-    Without a T5, the context's T5 part is m = 256 zero vectors. They stay identical through every block: the
-    context has no positional embedding, and everything but attention acts per token. As keys and values m
-    copies of one token give softmax weight m·e^s = e^(s + log m), so one copy whose logit is raised by log m
-    gives the same attention, and their outputs are the one copy's. Training runs on 24 + 1 text tokens instead
-    of 24 + 256: the same model and loss (up to rounding; tests/test_mini_flow.py), 3.6× fewer FLOPs per step."""
-
-    def __init__(self, m: int):
-        self.log_m = math.log(m)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
-        b, n = hidden_states.shape[:2]                               # image tokens (B, N, D)
-        heads = lambda x: x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)   # (B, H, L, d)
-        q = torch.cat([heads(attn.to_q(hidden_states)), heads(attn.add_q_proj(encoder_hidden_states))], 2)
-        k = torch.cat([heads(attn.to_k(hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))], 2)
-        v = torch.cat([heads(attn.to_v(hidden_states)), heads(attn.add_v_proj(encoder_hidden_states))], 2)
-        bias = torch.zeros(1, k.shape[2], dtype=q.dtype, device=q.device)   # (1, N + L): every query alike
-        bias[0, -1] = self.log_m                                     # the last key counts m times
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, H, N + L, d)
-        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[3])
-        x, ctx = out[:, :n], out[:, n:]
-        if not attn.context_pre_only:
-            ctx = attn.to_add_out(ctx)
-        return attn.to_out[1](attn.to_out[0](x)), ctx
 
 
 #### the world's parts, as SD3's pipeline takes them ####

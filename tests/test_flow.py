@@ -14,6 +14,10 @@
                    may read them) == StableDiffusion3Pipeline(text_encoder_3=None): conditioning, sampled latents;
                    refused for FLUX and unknown values; a train.py step stores it in run.json, --resume holds to
                    it (an older run.json reads as auto), eval.py follows it
+    one zero T5    without T5 rid carries the 256 zero tokens as one (RepeatedLastToken on the joint attention
+                   only; literal_zero_t5 switches back): prediction == diffusers' transformer with its own
+                   attention on the pipeline's 16 + 256 tokens (CFG), latents == the pipeline's; rid, baseline,
+                   r0 loss and adapter gradient == the 256 literal zeros; every method steps
     every method   rid (pixel, latent), baseline, draft-k, draft, draft-lv, refl: loss and gradient == `Hand`, an
                    unrolled loop on the pipeline's encode_prompt, diffusers' FlowMatchEuler σ's and the
                    transformer called directly (CFG, Euler, re-noising (1 − σ)x̂₀ + σε, x̂₀ = z − σv written out);
@@ -228,8 +232,12 @@ def test_sd3_conditioning_equals_the_pipelines_encode_prompt(tmp_path, t5):
     with torch.no_grad():
         pe, ne, pp, npp = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=True)
     cond = models.conditioning(PROMPTS, W)  # [uncond; cond]
-    assert cond.hidden.shape == (4, 16 + 256, 80) and cond.extra["pooled"].shape == (4, 64)
-    torch.testing.assert_close(cond.hidden, torch.cat([ne, pe]), rtol=0, atol=0)
+    n = 256 if t5 else 1  # without T5: one zero token for the pipeline's 256 (RepeatedLastToken)
+    assert cond.hidden.shape == (4, 16 + n, 80) and cond.extra["pooled"].shape == (4, 64)
+    torch.testing.assert_close(cond.hidden, torch.cat([ne, pe])[:, :16 + n], rtol=0, atol=0)
+    if not t5:  # literal_zero_t5: the pipeline's 256 zeros, byte for byte
+        literal = dataclasses.replace(models, literal_zero_t5=True).conditioning(PROMPTS, W)
+        torch.testing.assert_close(literal.hidden, torch.cat([ne, pe]), rtol=0, atol=0)
     # the pipeline encodes B copies of the "" prompt, rid one: the projection GEMM rounds by batch size
     torch.testing.assert_close(cond.extra["pooled"], torch.cat([npp, pp]), rtol=1e-6, atol=1e-6)
     assert cond.hidden[:, :16, 64:].abs().max() == 0  # CLIP-L ⊕ CLIP-G (64) zero-padded to T5's 80
@@ -298,19 +306,118 @@ def test_sd3_text_encoder_3_none_equals_the_pipeline_with_text_encoder_3_none(t5
         pe, ne, pp, npp = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=guidance > 1)
     cond = models.conditioning(PROMPTS, guidance)  # [uncond; cond] under CFG
     want = torch.cat([ne, pe]) if guidance > 1 else pe
-    assert cond.hidden.shape == (len(want), 16 + 256, 80)  # 77 → 16 CLIP tokens here, 256 zeros of joint_attention_dim
-    assert cond.hidden[:, 16:].abs().max() == 0
-    torch.testing.assert_close(cond.hidden, want, rtol=0, atol=0)
+    assert want.shape == (len(want), 16 + 256, 80)  # 77 → 16 CLIP tokens here, 256 zeros of joint_attention_dim
+    assert cond.hidden.shape == (len(want), 16 + 1, 80)  # ... which rid carries as one (RepeatedLastToken)
+    assert cond.hidden[:, 16:].abs().max() == 0 and want[:, 16:].abs().max() == 0
+    torch.testing.assert_close(cond.hidden, want[:, :17], rtol=0, atol=0)
     torch.testing.assert_close(cond.extra["pooled"], torch.cat([npp, pp]) if guidance > 1 else pp, rtol=1e-6, atol=1e-6)
     z = latents(models, 3)
     ref = pipe(PROMPTS, latents=z.clone(), num_inference_steps=3, guidance_scale=guidance, output_type="latent").images
     with torch.no_grad():
         out = samplers.denoise(models, cond, z, models.sampler(3), range(3), guidance)
     print(f"\n--text-encoder-3 none vs StableDiffusion3Pipeline(text_encoder_3=None), guidance {guidance}: conditioning "
-          f"max |diff| {(cond.hidden - want).abs().max():.1e} (pooled "
+          f"max |diff| {(cond.hidden - want[:, :17]).abs().max():.1e} (pooled "
           f"{(cond.extra['pooled'] - (torch.cat([npp, pp]) if guidance > 1 else pp)).abs().max():.1e}); latents after "
           f"3 steps max |diff| {(out - ref).abs().max():.1e} (|latent| ≤ {ref.abs().max():.1f})")
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+#### WITHOUT T5: ITS 256 ZERO TOKENS AS ONE (RepeatedLastToken) ####
+
+@pytest.fixture(scope="module")
+def no_t5_path(tmp_path_factory):
+    return tiny_sd3(tmp_path_factory.mktemp("tiny_sd3_no_t5"), t5=False)
+
+
+def test_sd3_without_t5_sets_the_repeated_token_on_the_joint_attention_only(no_t5_path, sd3):
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    models = load_sd3(no_t5_path)
+    joint = backbones.sd3.joint_attentions(models.transformer)
+    assert len(joint) == len(models.transformer.transformer_blocks) == 2
+    assert all(isinstance(a.processor, backbones.sd3.RepeatedLastToken) for a in joint)
+    assert all(isinstance(p, JointAttnProcessor2_0) for p in sd3.transformer.attn_processors.values())  # with T5
+    literal = dataclasses.replace(models, literal_zero_t5=True)  # the same transformer, diffusers' own attention again
+    assert literal.transformer is models.transformer
+    assert all(isinstance(p, JointAttnProcessor2_0) for p in literal.transformer.attn_processors.values())
+    assert literal.encode(PROMPTS).hidden.shape == (2, 16 + 256, 80)
+    fast = dataclasses.replace(literal, literal_zero_t5=False)
+    assert all(isinstance(a.processor, backbones.sd3.RepeatedLastToken) for a in joint)
+    assert fast.encode(PROMPTS).hidden.shape == (2, 16 + 1, 80)
+
+
+@pytest.mark.parametrize("guidance", [1.0, W])
+def test_sd3_without_t5_one_zero_token_predicts_as_the_pipelines_256(no_t5_path, guidance):
+    """rid's prediction (one zero T5 token at logit + log 256) == diffusers' transformer with its own
+    JointAttnProcessor2_0 on the pipeline's encode_prompt (16 CLIP + 256 zero tokens), CFG written out; and
+    the sampled latents == the pipeline's."""
+    models, pipe = load_sd3(no_t5_path), sd3_pipeline(no_t5_path)
+    g = gen(7)
+    for p in models.transformer.parameters():  # a trained-looking net: the zero-initialised gates open
+        torch.nn.init.normal_(p, std=0.1 if p.ndim >= 2 else 0.3, generator=g)
+    pipe.transformer.load_state_dict(models.transformer.state_dict())
+    z, cond = latents(models, 5), models.conditioning(PROMPTS, guidance)
+    with torch.no_grad():
+        pe, ne, pp, npp = pipe.encode_prompt(PROMPTS, None, None, do_classifier_free_guidance=guidance > 1)
+        text, pooled = (torch.cat([ne, pe]), torch.cat([npp, pp])) if guidance > 1 else (pe, pp)
+        worst = 0.0
+        for i in range(3):
+            t = models.sampler(3).timestep(i)
+            ours = models.predict(z, t, cond, guidance)
+            zz = torch.cat([z, z]) if guidance > 1 else z
+            out = pipe.transformer(hidden_states=zz, timestep=torch.full((len(zz),), t), encoder_hidden_states=text,
+                                   pooled_projections=pooled).sample
+            want = out.chunk(2)[0] + guidance * (out.chunk(2)[1] - out.chunk(2)[0]) if guidance > 1 else out
+            worst = max(worst, (ours - want).abs().max().item())
+            torch.testing.assert_close(ours, want, rtol=1e-5, atol=1e-5)
+        # the log-multiplicity is what makes it exact: the one token counted once moves the prediction
+        for a in backbones.sd3.joint_attentions(models.transformer):
+            a.set_processor(backbones.sd3.RepeatedLastToken(1))
+        once = models.predict(z, t, cond, guidance)
+        for a in backbones.sd3.joint_attentions(models.transformer):
+            a.set_processor(backbones.sd3.RepeatedLastToken(256))
+        assert (once - want).abs().max() > 100 * max(worst, 1e-7)
+        ref = pipe(PROMPTS, latents=z.clone(), num_inference_steps=3, guidance_scale=guidance, output_type="latent").images
+        lat = samplers.denoise(models, cond, z.clone(), models.sampler(3), range(3), guidance)
+    print(f"\none zero T5 token vs the pipeline's 256, guidance {guidance}: prediction max |diff| {worst:.1e} "
+          f"(|v| ≤ {want.abs().max():.1f}; counted once: {(once - want).abs().max():.1e}); latents after 3 steps "
+          f"{(lat - ref).abs().max():.1e} (|latent| ≤ {ref.abs().max():.1f})")
+    torch.testing.assert_close(lat, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["rid", "baseline", "r0"])
+def test_sd3_without_t5_gradient_into_the_adapter_group_equals_the_256_tokens(no_t5_path, method):
+    """The same adapter group, the same loss: one zero token (RepeatedLastToken calling the LoRA-wrapped
+    to_q/k/v, add_*_proj, to_out.0, to_add_out) and the 256 literal zeros (diffusers' JointAttnProcessor2_0)."""
+    fast = load_sd3(no_t5_path)
+    group = sd3_adapters(fast, teacher_std=0.5)
+    assert isinstance(backbones.sd3.joint_attentions(fast.transformer)[0].to_q, rid.LoRALinear)
+    z = latents(fast, 6)
+    cfg = rid.StepConfig(method=method, steps=3, guidance=W, lam=0.7)
+    runs = []
+    for literal in (False, True):  # replace() sets the shared transformer's processors: fast first, then literal
+        models = dataclasses.replace(fast, literal_zero_t5=literal)
+        loss, _ = rid.method_loss(models, group, toy_reward, PROMPTS, z, cfg, gen(4))
+        runs.append((loss.detach(), _grad(loss, group)))
+    (loss, grad), (want, want_grad) = runs
+    assert want_grad.abs().max() > 0
+    print(f"\n{method} without T5, one token vs 256: loss {loss.item():.6f} vs {want.item():.6f}; adapter gradient "
+          f"max |diff| {(grad - want_grad).abs().max():.1e} (max |grad| {want_grad.abs().max():.1e})")
+    assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-4, atol=1e-4 * want_grad.abs().max().item())
+
+
+@pytest.mark.parametrize("method", rid.METHODS)
+def test_every_method_steps_on_sd3_without_t5(no_t5_path, method):
+    models = load_sd3(no_t5_path)
+    group = rid.inject(models.denoiser)
+    group.add_task("t", generator=gen(0))
+    before = group.flat.detach().clone()
+    opt = torch.optim.AdamW(group.parameters(), lr=1e-2)
+    cfg = rid.StepConfig(method=method, steps=3, guidance=W, truncate=2)
+    logs = rid.train_step(models, group, toy_reward, [(PROMPTS, latents(models))], opt, cfg, generator=gen(0))
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values()), logs
+    assert not torch.equal(group.flat.detach(), before)
 
 
 def test_sd3_text_encoder_3_none_on_a_directory_without_t5_is_what_it_loads_today(tmp_path):
