@@ -24,7 +24,7 @@ import time
 import torch
 
 import rid_kernels
-import checkpoint
+import cli
 import mini
 import rid
 
@@ -265,7 +265,7 @@ def rewards_joint_like(fns: dict):
 
 
 def main(argv=None) -> int:
-    p = checkpoint.Parser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=str(mini.MODEL), help="diffusers dir or hub id (default: the mini world's model)")
     p.add_argument("--steps", type=int, default=10, help="DDIM steps per training step (default: 10)")
     p.add_argument("--batch", type=int, default=2, help="prompts per training step (default: 2)")
@@ -280,9 +280,9 @@ def main(argv=None) -> int:
         if a.sd15 and (a.sd15 % 64 or not 64 <= a.sd15 <= 1024):
             p.error(f"--sd15 {a.sd15}: allowed: 0 (skip) or a multiple of 64 from 64 to 1024")
         base = rid.load_models(a.model)
-    except ValueError as e:  # checkpoint.UsageError (a bad flag) or a model that does not load: one line, exit 2
+    except ValueError as e:  # cli.UsageError (a bad flag) or a model that does not load: one line, exit 2
         print(f"bench.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
     print(f"== per training step: rid vs baseline ({a.model}, {a.steps} DDIM steps, batch {a.batch}, "
           f"{base.device}) ==")
     step_cost(base, a.steps, a.batch, a.reps)

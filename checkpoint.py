@@ -21,7 +21,6 @@ checked on every load.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -35,31 +34,9 @@ from pathlib import Path
 import torch
 
 import rid
+from cli import Parser, UsageError
 
 FORMAT_VERSION = 1
-
-
-class UsageError(ValueError):
-    """Bad input at a boundary (a flag, a file the user pointed at): the CLIs print it as one line
-    and exit 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse for train.py, eval.py, python -m checkpoint and bench.py: errors are one line (UsageError,
-    exit 2), and a flag given an empty or blank value is refused rather than read as "unset" and replaced
-    by a default."""
-
-    def error(self, message):
-        raise UsageError(message)
-
-    def parse_args(self, args=None, namespace=None):
-        ns = super().parse_args(args, namespace)
-        for action in self._actions:
-            value = getattr(ns, action.dest, None)
-            for v in value if isinstance(value, list) else [value]:
-                if isinstance(v, str) and not v.strip():
-                    raise UsageError(f"{action.option_strings[0]} {v!r}: empty; give a value or leave the flag out")
-        return ns
 
 
 def check_device(flag: str, name: str) -> str:

@@ -19,7 +19,7 @@ import mini
 import rewards
 import rid
 import surrogate
-from checkpoint import UsageError
+from cli import Parser, UsageError
 
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -185,7 +185,7 @@ def build_parser(doc: str = "") -> argparse.ArgumentParser:
     d = Config()
     head, _, rest = doc.partition("\n\n")
     examples = rest.split("\n\n")[0]
-    p = checkpoint.Parser(prog="train.py", description=head, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = Parser(prog="train.py", description=head, formatter_class=argparse.RawDescriptionHelpFormatter,
                 epilog=f"examples:\n{examples}\n\nexit codes: 0 done, 2 bad input, 3 non-finite loss (the last "
                 "good checkpoint stays). Run directory layout: see the top of train.py.")
     a = p.add_argument

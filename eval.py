@@ -53,12 +53,13 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import checkpoint
+import cli
 import mini
 import plots
 import rewards
 import rid
 import surrogate
-from checkpoint import UsageError
+from cli import UsageError
 
 # name: (column label, higher is better, decimals)
 METRICS = {
@@ -880,7 +881,7 @@ def write_grid(rows: list, path: Path, label_w: int = 160):
 
 def build_parser() -> argparse.ArgumentParser:
     d = Settings()
-    p = checkpoint.Parser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--ckpt", nargs="+", default=[], help="run directories written by train.py (several: side by side)")
     a("--soup", nargs="+", help="runs (or stage dirs) to average into one model soup, evaluated like a stage")

@@ -23,6 +23,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from cli import Parser, UsageError, command
+
 # Okabe–Ito without black (kept for the base model) and with yellow last (faint on white).
 PALETTE = ["#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#F0E442"]
 LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1)), (0, (1, 3))]
@@ -359,17 +361,16 @@ class TensorBoardLogger:
         self.writer.close()
 
 
+@command("plots.py")
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.strip().splitlines()[-1].strip())
-        return 0 if argv else 2
-    for d in argv:
+    p = Parser(prog="plots.py", description="Training curves of train.py runs (reward, distill, grad norm and lr against "
+                                            "the optimizer step): training.png beside each run's run.json.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories written by train.py")
+    for d in p.parse_args(argv).runs:
         try:
             training_figure(d, Path(d) / "training.png")
         except (ValueError, OSError) as e:
-            print(f"plots.py: {e}", file=sys.stderr)
-            return 2
+            raise UsageError(str(e)) from None
         print(Path(d) / "training.png")
     return 0
 

@@ -43,7 +43,8 @@ import plots
 import rewards
 import rid
 import surrogate
-from checkpoint import UsageError, reading, write_json
+from checkpoint import reading, write_json
+from cli import UsageError
 from config import PER_TASK, RUNTIME, SD15, Config, build_parser, micro_plan, resolve, step_config
 
 

@@ -1,9 +1,8 @@
-"""What every experiment script shares: one-line CLI errors, running train.py / eval.py (several
+"""What every experiment script shares: running train.py / eval.py (several
 runs at once, one CPU thread each), finished-run detection, mean ± std formatting, the hand-written
 notes a regenerated doc keeps."""
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -13,14 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+from cli import Parser, UsageError
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTES = "\n## Notes"  # a doc's hand-written part starts here; regenerating keeps it
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2, no usage dump
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
 
 
 def logger(prog: str):
@@ -136,7 +131,7 @@ def take_lock(out: Path, p: Parser, log):
 
     try:
         return checkpoint.RunLock(out, log=log)
-    except checkpoint.UsageError as e:
+    except UsageError as e:
         p.error(str(e))
 
 

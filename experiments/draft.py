@@ -49,7 +49,8 @@ import config
 import plots
 import rid
 import train
-from experiments.common import ROOT, Parser, ints, logger, mean_std, run_parallel, take_lock, write_doc
+from cli import Parser, UsageError, command
+from experiments.common import ROOT, ints, logger, mean_std, run_parallel, take_lock, write_doc
 
 PROG = "python -m experiments.draft"
 REWARDS = ("aesthetic", "hps")
@@ -149,7 +150,7 @@ def resolve(reward: str, name: str, seed: int, out: Path, extra: list):
             "--lr", f"{reward}={LR[reward]:g}", "--lr-schedule", "constant", *extra]
     try:
         return config.resolve(config.build_parser().parse_args(argv))[0]
-    except train.UsageError as e:
+    except UsageError as e:
         raise SystemExit(f"{PROG}: train.py flags {' '.join(argv)}: {e}") from None
 
 
@@ -522,6 +523,7 @@ def write_report(out: Path, doc: Path, rewards: list, seeds: list, budget: int, 
 
 #### ORCHESTRATION ####
 
+@command(PROG)
 def main(argv=None) -> int:
     p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rewards", default=",".join(REWARDS), help="comma list of rewards (default: aesthetic,hps)")

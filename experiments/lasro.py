@@ -23,7 +23,8 @@ from pathlib import Path
 
 import eval as evaluation
 from experiments import ril
-from experiments.common import ROOT, Parser, finished, ints, logger, mean_std, train_cmd, train_then_eval, write_doc
+from cli import Parser, command
+from experiments.common import ROOT, finished, ints, logger, mean_std, train_cmd, train_then_eval, write_doc
 
 PROG = "python -m experiments.lasro"
 BLACK = "jpeg-kb"
@@ -52,6 +53,7 @@ def per_seed_table(report: dict, run_of: dict, label: str, task: str) -> list:
     return sorted(out)
 
 
+@command(PROG)
 def main(argv=None) -> int:
     p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="rid,baseline", help="comma list of train.py methods (default: rid,baseline)")

@@ -40,7 +40,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import ROOT, Parser, finished, ints, logger, mean_std, run, run_parallel, take_lock, \
+from cli import Parser, UsageError, command
+from experiments.common import ROOT, finished, ints, logger, mean_std, run, run_parallel, take_lock, \
     timing as timing_of, write_doc
 
 PROG = "python -m experiments.lasro_fast"
@@ -133,7 +134,6 @@ def branch(argv: list) -> int:
     import checkpoint
     import config
     import train
-    from checkpoint import UsageError
 
     try:
         if not argv or argv[0].startswith("-"):
@@ -178,8 +178,6 @@ def branch(argv: list) -> int:
 def plan_runs(out: Path, seeds: list, rewards: list, methods: list, budget: int, train_args: list) -> list:
     """Every comparison run: dicts with reward, method, seed, dir, task, flags (train.py's, without --out),
     fixed, per_step, steps, calls. Raises ValueError for a budget too small or settings train.py refuses."""
-    from checkpoint import UsageError
-
     plans = []
     for reward in rewards:
         task, _, _, direct = REWARDS[reward]
@@ -546,6 +544,7 @@ def names(p: Parser, flag: str, text: str, known: dict) -> list:
     return got
 
 
+@command(PROG)
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["branch"]:

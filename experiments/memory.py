@@ -32,7 +32,8 @@ from unittest import mock
 
 import torch
 
-from experiments.common import ROOT, Parser, ints, logger, write_doc
+from cli import Parser, command
+from experiments.common import ROOT, ints, logger, write_doc
 from memplan import MARGIN, PeakMemory, fake_copy, fits, free_bytes, plan_micro_batch, step_memory, steps_for  # noqa: F401
 
 PROG = "python -m experiments.memory"
@@ -171,6 +172,7 @@ def measure(models, reward_fn, modules, method: str, checkpointing: bool, batche
             "fits": {str(gb): fits(fixed, per, gb) for gb in FITS}}
 
 
+@command(PROG)
 def main(argv=None) -> int:
     import rid
 

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 import eval as evaluation  # the repo's eval.py: METRICS, the sample grid
-from experiments.common import (ROOT, Parser, add_model_flag, finished, flow_section, ints, logger, mean_std,
+from cli import Parser, command
+from experiments.common import (ROOT, add_model_flag, finished, flow_section, ints, logger, mean_std,
                                 resolve_model, schedule_lines, train_cmd, train_then_eval, write_doc)
 
 PROG = "python -m experiments.r0"
@@ -58,6 +59,7 @@ def fmt(m: str, v) -> str:
     return "–" if v is None else f"{v:.{evaluation.METRICS[m][2]}f}"
 
 
+@command(PROG)
 def main(argv=None) -> int:
     p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2", help="training seeds of r0 and r0+ (default: 0,1,2)")

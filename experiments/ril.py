@@ -26,7 +26,8 @@ from pathlib import Path
 
 import eval as evaluation  # the repo's eval.py: METRICS, the sample grid, the last-stage rows
 import plots
-from experiments.common import (ROOT, Parser, add_model_flag, finished, flow_section, ints, logger, mean_std,
+from cli import Parser, command
+from experiments.common import (ROOT, add_model_flag, finished, flow_section, ints, logger, mean_std,
                                 resolve_model, schedule_lines, train_cmd, train_then_eval, write_doc)
 
 TASKS = "aesthetic,hps,compress"
@@ -93,6 +94,7 @@ def write_markdown(groups: dict, metrics: dict, seeds: list, facts: list, path: 
     write_doc(path, "\n".join([title, "", *facts, "", *lines, ""]))
 
 
+@command(PROG)
 def main(argv=None) -> int:
     p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--methods", default="rid,baseline", help="comma list of train.py methods (default: rid,baseline)")

@@ -42,7 +42,8 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.common import ROOT, Parser, logger
+from cli import Parser, command
+from experiments.common import ROOT, logger
 
 PROG = "python -m experiments.sd15"
 
@@ -358,6 +359,7 @@ EXPORT_CHECK = ("import json, sys; from pathlib import Path; from experiments.sd
                 "m, r, f, res = json.loads(sys.argv[1]); print(json.dumps(export_check(Path(m), Path(r), Path(f), res)))")
 
 
+@command(PROG)
 def main(argv=None) -> int:
     p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=("build", "run"), help="build the directory, or run the CLIs on it")

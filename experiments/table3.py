@@ -35,7 +35,8 @@ from pathlib import Path
 
 import eval as evaluation
 import plots
-from experiments.common import (ROOT, Parser, finished, logger, mean_std, run, run_parallel, take_lock, train_cmd,
+from cli import Parser, command
+from experiments.common import (ROOT, finished, logger, mean_std, run, run_parallel, take_lock, train_cmd,
                                 write_doc)
 from experiments.common import timing as common_timing
 
@@ -315,6 +316,7 @@ def joint_weights(n_prompts: int = 8, seed: int = 0) -> dict:
 
 #### MAIN ####
 
+@command(PROG)
 def main(argv=None) -> int:
     p = Parser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0", help="comma list of training seeds per order (default: 0, as the paper)")

@@ -3,22 +3,18 @@ python -m mini build-flow [--world DIR] [--out DIR] [--small] [--seed N] [--thre
 (the RIL experiment on this world: python -m experiments.ril)"""
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
+
+from cli import Parser, UsageError, command
 
 from . import FLOW, WORLD
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):                     # one line, exit code 2
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
+@command("python -m mini")
 def main(argv=None) -> int:
-    p = _Parser(prog="python -m mini", description="The mini world: a CPU-scale text-to-image world for rid.")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = Parser(prog="python -m mini", description="The mini world: a CPU-scale text-to-image world for rid.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
     b = sub.add_parser("build", help="train and write every mini-world artifact (seeded)",
                        description="Render the domain, train the VAE, the domain CLIP, the aesthetic MLP, the hps "
                                    "model (the CLIP fine-tuned on preference pairs) and the UNet + text encoder, "
@@ -46,9 +42,8 @@ def main(argv=None) -> int:
                        help="torch CPU threads (default: torch's choice; 1 is fastest on a contended machine)")
     args = p.parse_args(argv)
 
-    q = b if args.command == "build" else f
     if args.threads is not None and args.threads < 1:
-        q.error(f"--threads {args.threads}: must be >= 1")
+        raise UsageError(f"--threads {args.threads}: must be >= 1")
     try:
         if args.command == "build":
             from .build import BuildConfig, build, small_config
@@ -58,7 +53,7 @@ def main(argv=None) -> int:
             cfg = small_flow_config(args.seed) if args.small else FlowConfig(seed=args.seed)
             build_flow(args.out, args.world, cfg, threads=args.threads)
     except ValueError as e:
-        q.error(str(e))
+        raise UsageError(str(e)) from None
     return 0
 
 

@@ -28,17 +28,9 @@ import torch.nn.functional as F
 
 import backbones
 import rid_kernels
+from cli import Parser, UsageError, command
 from rid_kernels import lora_group as lg
 from rid_kernels.ema import ema_reference_
-
-
-class UsageError(Exception):
-    """A bad command line: main prints it as one line and exits 2."""
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise UsageError(f"{self.prog}: {message}")
 
 
 def timeit(fn, device, warmup=3, reps=20):
@@ -262,8 +254,8 @@ def _cfg_name(c):
 
 
 def lora_jobs(arch, M, K, N, R, aligned, label, dt, adt, precision, configs, kept):
-    """Forward and backward-dx launches of _lora_group_kernel at one layer shape and total rank R, one
-    per config (tried: in kept), with the arguments lora_group._fused passes."""
+    """Forward and backward-dx launches of lora_group_kernel at one layer shape and total rank R, one
+    per config (tried: in kept), with the arguments lora_group.launch passes."""
     al, fuse = aligned, R <= lg.RANK_TILE
     for cfg in configs:
         for pas in ("fwd", "bwd"):  # forward; backward's dx: (dy, Wᵀ, B_catᵀ, A_catᵀ) views
@@ -280,7 +272,7 @@ def lora_jobs(arch, M, K, N, R, aligned, label, dt, adt, precision, configs, kep
                       BLOCK_R=lg.RANK_TILE, **cfg.kwargs)
             yield dict(kernel=f"lora_group {pas}", arch=arch, layout="aligned" if al else "odd", dtype=label,
                        mode="fused" if fuse else "streamed", config=_cfg_name(cfg), tried=cfg in kept,
-                       module="rid_kernels.lora_group", fn="_lora_group_kernel",
+                       module="rid_kernels.lora_group", fn="lora_group_kernel",
                        args=args, constexprs=cx, options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
 
 
@@ -426,7 +418,7 @@ def _span(ranks):
 def summary(rows, ranks):
     """Per total rank R and per backbone: compilations that serve it, problems, most registers, worst
     shared memory per arch (the LoRA group's rows)."""
-    lora = [r for r in rows if r["fn"] == "_lora_group_kernel" and r["tried"]]
+    lora = [r for r in rows if r["fn"] == "lora_group_kernel" and r["tried"]]
     keys = [(f"R = {R}", lambda r, R=R: R in r["ranks"]) for R in ranks]
     keys += [(bb, lambda r, bb=bb: any(w.startswith(bb + " ") for w in r["shapes"])) for bb in BACKBONE_LORA_SHAPES]
     keys += [("odd widths", lambda r: r["layout"] == "odd")]
@@ -535,14 +527,12 @@ def cmd_gpu_check(argv):
     if not names or any(b not in GPU_LORA_SHAPES for b in names):
         p.error(f"--backbones {args.backbones}: allowed: a comma list of {', '.join(GPU_LORA_SHAPES)}")
     if not torch.cuda.is_available():
-        print("gpu-check: no CUDA GPU is visible (torch.cuda.is_available() is False); "
-              "without one, run `python -m rid_kernels.bench compile`", file=sys.stderr)
-        return 2
+        raise UsageError("gpu-check: no CUDA GPU is visible (torch.cuda.is_available() is False); "
+                         "without one, run `python -m rid_kernels.bench compile`")
     if rid_kernels.INTERPRET or rid_kernels.kernel_mode() == "torch":
-        print(f"gpu-check: TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} RID_KERNELS={rid_kernels.kernel_mode()} "
-              "would bypass the compiled kernels; allowed: TRITON_INTERPRET unset or 0, RID_KERNELS auto or triton",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"gpu-check: TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')} "
+                         f"RID_KERNELS={rid_kernels.kernel_mode()} would bypass the compiled kernels; allowed: "
+                         "TRITON_INTERPRET unset or 0, RID_KERNELS auto or triton")
     import triton
     from triton.testing import do_bench
 
@@ -552,7 +542,7 @@ def cmd_gpu_check(argv):
           f"torch {torch.__version__}, triton {triton.__version__}, "
           f"fp32 matmul precision {torch.get_float32_matmul_precision()}")
     return gpu_check(dev, args.batch, lambda fn: do_bench(fn, warmup=25, rep=100, return_mode="median"),
-                     arch=10 * cap[0] + cap[1], max_smem=lg._max_smem(dev.index or 0),
+                     arch=10 * cap[0] + cap[1], max_smem=lg.max_shared_memory(dev.index or 0),
                      shapes={b: GPU_LORA_SHAPES[b] for b in names})
 
 
@@ -562,8 +552,8 @@ def gpu_check(dev, batch, bench_ms, arch, max_smem, shapes=GPU_LORA_SHAPES, rank
     failures and 1), then print the timing tables; bench_ms(fn) -> ms. shapes: {backbone: [(where, tokens,
     in, out)]}; ranks: total ranks R, T = R / GPU_LORA_RANK adapters. tests/test_compile.py runs it on a
     CPU under the Triton interpreter at toy shapes, so no line of it meets its first run on a GPU."""
-    tuner = lg._lora_group_kernel
-    precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"  # as lora_group._fused
+    tuner = lg.lora_group_kernel
+    precision = "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"  # as lora_group.launch
     tol = {**GPU_TOL, **({} if precision == "ieee" else {torch.float32: 5e-3})}
     failures, picks = [], {}
 
@@ -675,14 +665,11 @@ def gpu_check(dev, batch, bench_ms, arch, max_smem, shapes=GPU_LORA_SHAPES, rank
 COMMANDS = {"time": cmd_time, "compile": cmd_compile, "gpu-check": cmd_gpu_check}
 
 
+@command("python -m rid_kernels.bench")
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     cmd = argv.pop(0) if argv and argv[0] in COMMANDS else "time"
-    try:
-        return COMMANDS[cmd](argv)
-    except UsageError as e:
-        print(e, file=sys.stderr)
-        return 2
+    return COMMANDS[cmd](argv)
 
 
 if __name__ == "__main__":

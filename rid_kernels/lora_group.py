@@ -107,7 +107,7 @@ if HAS_TRITON:
         fits = [c for c in CONFIGS if _tile(c) in tiles and smem_bytes(c, all_stages, sizes) <= max_smem]
         return fits or [c for c in CONFIGS if _tile(c) == tiles[-1]]
 
-    def _prune(configs, named_args, **launch):
+    def _prune(configs, named_args, **meta):
         """The autotuner's early_config_prune: only this GPU's spill-free tiles that fit its shared memory."""
         x = named_args["x_ptr"]
         major, minor = torch.cuda.get_device_capability(x.device)
@@ -116,11 +116,12 @@ if HAS_TRITON:
         # 16, x, W, A_cat and B_cat at 16-byte aligned addresses
         aligned = (named_args["K"] % 16 == 0 and named_args["N"] % 16 == 0
                    and all(named_args[p].data_ptr() % 16 == 0 for p in ("x_ptr", "w_ptr", "a_ptr", "b_ptr")))
-        keep = configs_for(10 * major + minor, _max_smem(x.device.index), dtypes, launch["PRECISION"], aligned)
+        keep = configs_for(10 * major + minor, max_shared_memory(x.device.index), dtypes, meta["PRECISION"], aligned)
         return [c for c in configs if c in keep]
 
     @functools.lru_cache(maxsize=None)
-    def _max_smem(device_index: int) -> int:
+    def max_shared_memory(device_index: int) -> int:
+        """Shared memory per block (bytes, opt-in maximum) of CUDA device `device_index`."""
         return triton.compiler.max_shared_mem(device_index)
 
     # Under the interpreter autotuning would re-run every config in numpy: one small config.
@@ -129,7 +130,7 @@ if HAS_TRITON:
     @triton.autotune(configs=_INTERPRET_CONFIGS if INTERPRET else CONFIGS, key=["M", "N", "K", "R"],
                      prune_configs_by={"early_config_prune": _prune})
     @triton.jit
-    def _lora_group_kernel(
+    def lora_group_kernel(
         x_ptr,  # (M, K) input rows; its dtype is the dot-operand dtype
         w_ptr,  # (N, K) base weight, any float dtype, any strides
         bias_ptr,  # (N,) bias, or a dummy when HAS_BIAS is False
@@ -234,7 +235,7 @@ if HAS_TRITON:
         )
 
 
-def _fused(x, w, bias, a, b, s_rep, store_h: bool):
+def launch(x, w, bias, a, b, s_rep, store_h: bool):
     """y = x wᵀ + bias + ((x aᵀ) ⊙ s_rep) bᵀ and h = x aᵀ, for any strides of w, a, b.
 
     x (M, K); w (N, K); bias (N,) or None; a (R, K) or None; b (N, R) or None; s_rep (R,) fp32.
@@ -263,7 +264,7 @@ def _fused(x, w, bias, a, b, s_rep, store_h: bool):
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
 
-    _lora_group_kernel[grid](
+    lora_group_kernel[grid](
         x, w, bias if bias is not None else dummy, a_, b_, s_, y, h_,
         M, N, K, R,
         *x.stride(), *w.stride(), *a_str, *b_str, *y.stride(), *h_str,
@@ -323,7 +324,7 @@ class _LoRAGroupLinear(torch.autograd.Function):
         need_A = [grad_enabled and q for q in need[6 : 6 + n]]
         need_B = [grad_enabled and q for q in need[6 + n :]]
         # naive: y = F.linear(x, weight, bias) + sum(s * F.linear(F.linear(x, A), B) for A, B, s in ...)
-        y, h = _fused(x, weight, bias, A_cat, B_cat, s_rep, store_h=any(need_B))
+        y, h = launch(x, weight, bias, A_cat, B_cat, s_rep, store_h=any(need_B))
         ctx.save_for_backward(x, weight, A_cat, B_cat, s_rep, h)
         ctx.scales, ctx.ranks, ctx.n = scales, ranks, n
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -341,7 +342,7 @@ class _LoRAGroupLinear(torch.autograd.Function):
         dx = dW = db = c = None
         if need_x:
             # naive: dx = dy @ W + sum(s * (dy @ B) @ A for A, B, s in ...)
-            dx, c = _fused(dy, weight.t(), None, B_cat.t() if n else None, A_cat.t() if n else None,
+            dx, c = launch(dy, weight.t(), None, B_cat.t() if n else None, A_cat.t() if n else None,
                            s_rep, store_h=any(ctx.need_A))
             dx = dx.to(x.dtype)
         elif any(ctx.need_A):

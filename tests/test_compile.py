@@ -53,11 +53,11 @@ def test_every_config_compiles_without_spills_and_fits_shared_memory(rows):
 
 def test_covers_every_kernel_arch_dtype_and_every_config_the_autotuner_may_try(rows):
     rows, _ = rows
-    # every Triton kernel in rid_kernels/ (by the naming convention `_..._kernel`), on every arch
+    # every Triton kernel in rid_kernels/ (by the naming convention `..._kernel`), on every arch
     kernel_fns = {name for mod in ("rid_kernels.lora_group", "rid_kernels.jpeg", "rid_kernels.ema")
                   for name, obj in vars(importlib.import_module(mod)).items()
                   if name.endswith("_kernel") and hasattr(obj, "run")}
-    assert kernel_fns == {"_lora_group_kernel", "_jpeg_blocks_fwd_kernel", "_jpeg_blocks_bwd_kernel", "_ema_kernel"}
+    assert kernel_fns == {"lora_group_kernel", "_jpeg_blocks_fwd_kernel", "_jpeg_blocks_bwd_kernel", "_ema_kernel"}
     for arch in bench.ARCHS:
         assert {r["fn"] for r in rows if r["arch"] == arch} == kernel_fns
         assert {r["dtype"] for r in rows if r["arch"] == arch and r["fn"] == "_ema_kernel"} == {"fp16", "bf16", "fp32"}
@@ -73,9 +73,9 @@ def test_covers_every_kernel_arch_dtype_and_every_config_the_autotuner_may_try(r
                         got = [r["config"] for r in rows if r["arch"] == arch and r["layout"] == layout
                                and r["dtype"] == label and r["kernel"] == f"lora_group {pas}" and R in r["ranks"]]
                         assert sorted(got) == sorted(bench._cfg_name(c) for c in may_try), (arch, layout, label, pas, R)
-    modes = {r["mode"]: r["ranks"] for r in rows if r["fn"] == "_lora_group_kernel"}
+    modes = {r["mode"]: r["ranks"] for r in rows if r["fn"] == "lora_group_kernel"}
     assert modes == {"fused": [12], "streamed": [64]}
-    lora = [r for r in rows if r["fn"] == "_lora_group_kernel"]
+    lora = [r for r in rows if r["fn"] == "lora_group_kernel"]
     assert all(r["constexprs"]["FUSE_SHRINK"] == (r["mode"] == "fused") for r in lora)
 
 
@@ -86,8 +86,8 @@ def test_full_matrix_covers_every_rank_and_backbone_layer_and_contains_the_defau
     def key(j):
         return (j["arch"], j["kernel"], j["dtype"], j["config"], repr(bench.specialisation(j)))
 
-    full = [j for j in bench.compile_jobs(everything=True) if j["fn"] == "_lora_group_kernel"]
-    default = [j for j in bench.compile_jobs() if j["fn"] == "_lora_group_kernel"]
+    full = [j for j in bench.compile_jobs(everything=True) if j["fn"] == "lora_group_kernel"]
+    default = [j for j in bench.compile_jobs() if j["fn"] == "lora_group_kernel"]
     assert {key(j) for j in default} <= {key(j) for j in full}
     assert len({key(j) for j in full}) == len(full)  # one compilation per specialisation
     layers = {f"{bb} {w}" for bb, rows in bench.BACKBONE_LORA_SHAPES.items() for w, *_ in rows}
@@ -156,7 +156,7 @@ def test_shared_memory_formula_bounds_every_compiled_kernel(rows):
     A100, e.g. sm_86's 99 KB), so it must never underestimate what Triton allocates."""
     rows, _ = rows
     for r in rows:
-        if not r["fn"] == "_lora_group_kernel":
+        if not r["fn"] == "lora_group_kernel":
             continue
         cx = r["constexprs"]
         cfg = triton.Config({k: cx[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")}, **r["options"])
@@ -167,12 +167,12 @@ def test_shared_memory_formula_bounds_every_compiled_kernel(rows):
 
 
 def test_pruning_hook_is_the_autotuners_and_reads_the_device_and_the_launch(monkeypatch):
-    assert lg._lora_group_kernel.early_config_prune is lg._prune
+    assert lg.lora_group_kernel.early_config_prune is lg._prune
     bf16 = torch.empty(64, dtype=torch.bfloat16)
     fp32 = torch.empty(64)
     for cap, smem in [((8, 6), 99 * 1024), ((9, 0), 227 * 1024)]:  # an RTX 3090's shared memory, an H100's
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, cap=cap: cap)
-        monkeypatch.setattr(lg, "_max_smem", lambda index, smem=smem: smem)
+        monkeypatch.setattr(lg, "max_shared_memory", lambda index, smem=smem: smem)
         for K, a, aligned in [(320, fp32, True), (321, fp32, False), (320, fp32[1:], False)]:
             named = {"x_ptr": bf16, "w_ptr": bf16, "a_ptr": a, "b_ptr": fp32, "K": K, "N": 320}
             kept = lg._prune(lg.CONFIGS, named, PRECISION="ieee", BLOCK_R=lg.RANK_TILE)

@@ -134,8 +134,8 @@ def test_rank_tiling_forward_and_grads_match_oracles(R, dtype, monkeypatch):
     import rid_kernels.lora_group as lg
 
     modes = []
-    real = lg._lora_group_kernel.run
-    monkeypatch.setattr(lg._lora_group_kernel, "run", lambda *a, **k: modes.append(k["FUSE_SHRINK"]) or real(*a, **k))
+    real = lg.lora_group_kernel.run
+    monkeypatch.setattr(lg.lora_group_kernel, "run", lambda *a, **k: modes.append(k["FUSE_SHRINK"]) or real(*a, **k))
     x, w, b, As, Bs, s, dy = make(3, dtype, ranks=GROUPS[R], trainable="all", seed=R)
     w.requires_grad_()
     check_against_oracles((x, w, b, As, Bs, s, dy), TOL[dtype])
@@ -204,8 +204,8 @@ def test_no_grad_forward(monkeypatch):
     import rid_kernels.lora_group as lg
 
     stored = []
-    fused = lg._fused
-    monkeypatch.setattr(lg, "_fused", lambda *a, store_h: stored.append(store_h) or fused(*a, store_h=store_h))
+    fused = lg.launch
+    monkeypatch.setattr(lg, "launch", lambda *a, store_h: stored.append(store_h) or fused(*a, store_h=store_h))
     x, w, b, As, Bs, s, _ = make(3, torch.float32, seed=5)
     with torch.no_grad():
         y = lora_group_linear(x, w, b, As, Bs, s)

@@ -16,6 +16,7 @@ from PIL import Image
 
 import mini
 from mini import domain
+from tiny import assert_same_build
 
 # ---------------------------------------------------------------------------- domain
 
@@ -225,36 +226,19 @@ def test_small_build_artifacts_load_with_the_sd_loaders(small_world):
 def test_build_is_reproducible_bit_for_bit(small_world, tmp_path):
     """The README's claim that `python -m mini build` rebuilds the committed world exactly: a second build with
     the same seed (and thread count) writes the same tensors, prompts and measured quality."""
-    from safetensors.torch import load_file
-
     from mini.__main__ import main
     assert main(["build", "--small", "--out", str(tmp_path / "again")]) == 0
-    files = sorted(p.relative_to(small_world) for p in small_world.rglob("*") if p.is_file())
-    assert files == sorted(p.relative_to(tmp_path / "again") for p in (tmp_path / "again").rglob("*") if p.is_file())
-    for f in files:
-        a, b = small_world / f, tmp_path / "again" / f
-        if f.suffix == ".safetensors":
-            ta, tb = load_file(str(a)), load_file(str(b))
-            assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), f
-        elif f.name == "world.json":
-            wa, wb = json.loads(a.read_text()), json.loads(b.read_text())
-            for w in (wa, wb):
-                w["build"].pop("seconds"), w["build"].pop("wall_seconds"), w["build"].pop("cpu_seconds")
-            assert wa == wb
-        else:
-            assert a.read_bytes() == b.read_bytes(), f
+    assert_same_build(small_world, tmp_path / "again", "world.json")
 
 
 def test_build_refuses_a_directory_that_is_not_a_world(tmp_path, capsys):
     from mini.__main__ import main
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(SystemExit) as e:
-        main(["build", "--small", "--out", str(tmp_path)])
+    assert main(["build", "--small", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and "\n" not in err and "--out" in err and (tmp_path / "notes.txt").exists()
-    with pytest.raises(SystemExit) as e:
-        main(["build", "--threads", "0"])
-    assert e.value.code == 2 and "--threads" in capsys.readouterr().err
+    assert "\n" not in err and "--out" in err and (tmp_path / "notes.txt").exists()
+    assert main(["build", "--threads", "0"]) == 2
+    assert "--threads" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- the committed world

@@ -179,6 +179,8 @@ def test_cli_writes_training_png_and_exits_2_on_a_bad_dir(tmp_path, capsys):
     assert plots.main([str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no run.json" in err[0]
+    assert plots.main([]) == 2  # RUN_DIR is required
+    assert capsys.readouterr().err.strip() == "plots.py: error: the following arguments are required: RUN_DIR"
 
 
 #### TENSORBOARD ####

@@ -27,6 +27,7 @@ import checkpoint
 import config
 import tiny
 import train
+from cli import UsageError
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = "test_train:recording_reward"
@@ -564,7 +565,7 @@ def test_resume_of_a_run_from_before_lr_schedules_means_constant(world, full_run
     del run["config"]["lr_schedule"]
     (old / "run.json").write_text(json.dumps(run))
     train.open_run(resolve(*tiny_args(world, old, "--resume")), resume=True)  # constant: accepted
-    with pytest.raises(train.UsageError, match="lr_schedule: was .*'constant'.*now .*'cosine'"):
+    with pytest.raises(UsageError, match="lr_schedule: was .*'constant'.*now .*'cosine'"):
         train.open_run(resolve(*tiny_args(world, old, *COSINE, "--resume")), resume=True)
 
 

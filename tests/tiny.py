@@ -12,6 +12,8 @@
     tiny_flux(path, dev) -> str   the same for FluxPipeline: a double + single block FLUX transformer (guidance
                                   embedding when dev), CLIP-L + the tiny T5, FLUX's VAE constants
     toy_reward(images, prompts)   (N,) differentiable reward: mean red-channel brightness
+    assert_same_build(a, b, meta) two builds of a seeded world (python -m mini build / build-flow) are the same,
+                                  file by file
 
 Shapes: latents (B, 4, 8, 8) → images (B, 3, 16, 16) (one VAE down block pair → 2× per side);
 text embeddings (B, 16, 32). Other test files import these two names; keep them stable.
@@ -272,3 +274,26 @@ def write_prompts(path) -> str:
     with open(path, "w") as f:
         f.write("\n".join(f"a {c} {w}" for c in ("red", "blue") for w in words) + "\n")
     return str(path)
+
+
+def assert_same_build(a, b, meta: str) -> list:
+    """Directories a and b hold the same files: equal tensors in every .safetensors, the same `meta` JSON
+    (world.json, flow.json) but for its build timings, every other file byte for byte. -> the relative paths."""
+    from safetensors.torch import load_file
+
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    for f in files:
+        x, y = a / f, b / f
+        if f.suffix == ".safetensors":
+            tx, ty = load_file(str(x)), load_file(str(y))
+            assert tx.keys() == ty.keys() and all(torch.equal(tx[k], ty[k]) for k in tx), f
+        elif f.name == meta:
+            wx, wy = json.loads(x.read_text()), json.loads(y.read_text())
+            for w in (wx, wy):
+                for timing in ("seconds", "wall_seconds", "cpu_seconds"):
+                    w["build"].pop(timing)
+            assert wx == wy, f
+        else:
+            assert x.read_bytes() == y.read_bytes(), f
+    return files
