@@ -43,7 +43,7 @@ _METHOD = {f.name: f for f in fields(rid.StepConfig)}["method"]
 
 @dataclass
 class DDPOConfig(rid.StepConfig):
-    """rid.StepConfig's settings and DDPO's; defaults are ddpo-pytorch's config/base.py. train.Config inherits
+    """rid.StepConfig's settings and DDPO's; defaults are ddpo-pytorch's config/base.py. config.Config inherits
     them and derives a --flag from each (--ddpo-clip-range, ...)."""
     method: str = rid.setting(_METHOD.default, _METHOD.metadata["help"], choices=METHODS)
     ddpo_eta: float = rid.setting(1.0, "ddpo: η of every sampling step, the policy's noise (ddpo-pytorch: 1, "
@@ -203,7 +203,7 @@ def train_round(models, group, reward_fn, micro_batches, optimizer, cfg: DDPOCon
     k = max(1, int(len(policy) * cfg.ddpo_timestep_fraction))  # trained steps per sample
     logs = {"loss": [], "approx_kl": [], "clipfrac": [], "grad_norm": []}
     for _ in range(cfg.ddpo_inner_epochs):
-        for mb in _randperm(n, generator).chunk(cfg.ddpo_minibatches):  # n is a multiple (train.micro_plan)
+        for mb in _randperm(n, generator).chunk(cfg.ddpo_minibatches):  # n is a multiple (config.micro_plan)
             optimizer.zero_grad(set_to_none=True)
             for idx in mb.split(micro):
                 text = models.conditioning([prompts[i] for i in idx.tolist()], cfg.guidance)

@@ -447,6 +447,7 @@ def test_text_encoder_3_is_refused_for_other_models_and_values(flux_path, sd3_pa
 def test_train_and_eval_without_t5_store_it_in_the_run(t5_gone, tmp_path, capsys):
     """train.py --text-encoder-3 none on the SD3 whose T5 files are gone: one rid step on compress, the setting
     in run.json, --resume holding to it, a run.json from before the setting read as auto, eval.py following the run."""
+    import config
     import eval as ev
     import train
     from test_rewards import tiny_spec
@@ -474,7 +475,7 @@ def test_train_and_eval_without_t5_store_it_in_the_run(t5_gone, tmp_path, capsys
     info = json.loads((old / "run.json").read_text())
     del info["config"]["text_encoder_3"]
     (old / "run.json").write_text(json.dumps(info))
-    cfg, _ = train.resolve(train.build_parser().parse_args(args + ["--out", str(old), "--resume"]))
+    cfg, _ = config.resolve(config.build_parser().parse_args(args + ["--out", str(old), "--resume"]))
     assert train.open_run(cfg, resume=True)[0]["config"]["text_encoder_3"] == "auto" == cfg.text_encoder_3
 
     # eval.py samples the run as it was trained (no T5; its files are gone), and --text-encoder-3 overrides it
