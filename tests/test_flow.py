@@ -409,15 +409,7 @@ def test_sd3_without_t5_gradient_into_the_adapter_group_equals_the_256_tokens(no
 
 @pytest.mark.parametrize("method", rid.METHODS)
 def test_every_method_steps_on_sd3_without_t5(no_t5_path, method):
-    models = load_sd3(no_t5_path)
-    group = rid.inject(models.denoiser)
-    group.add_task("t", generator=gen(0))
-    before = group.flat.detach().clone()
-    opt = torch.optim.AdamW(group.parameters(), lr=1e-2)
-    cfg = rid.StepConfig(method=method, steps=3, guidance=W, truncate=2)
-    logs = rid.train_step(models, group, toy_reward, [(PROMPTS, latents(models))], opt, cfg, generator=gen(0))
-    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values()), logs
-    assert not torch.equal(group.flat.detach(), before)
+    one_step_moves_the_adapters(load_sd3(no_t5_path), method)
 
 
 def test_sd3_text_encoder_3_none_on_a_directory_without_t5_is_what_it_loads_today(tmp_path):
@@ -637,9 +629,8 @@ def test_sd3_refl_predicts_x0_at_a_random_sigma_among_the_last_m(fresh_sd3, sd3_
     torch.testing.assert_close(_grad(loss, group), want_grad, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("method", rid.METHODS)
-def test_every_method_steps_on_sd3(fresh_sd3, method):
-    models = fresh_sd3
+def one_step_moves_the_adapters(models, method):
+    """One train_step of `method` on a fresh task: finite logs, the adapters moved."""
     group = rid.inject(models.denoiser)
     group.add_task("t", generator=gen(0))
     before = group.flat.detach().clone()
@@ -648,6 +639,11 @@ def test_every_method_steps_on_sd3(fresh_sd3, method):
     logs = rid.train_step(models, group, toy_reward, [(PROMPTS, latents(models))], opt, cfg, generator=gen(0))
     assert all(torch.isfinite(torch.tensor(v)) for v in logs.values()), logs
     assert not torch.equal(group.flat.detach(), before)
+
+
+@pytest.mark.parametrize("method", rid.METHODS)
+def test_every_method_steps_on_sd3(fresh_sd3, method):
+    one_step_moves_the_adapters(fresh_sd3, method)
 
 
 def test_sd3_r0_draws_a_random_eta_per_step(fresh_sd3):
