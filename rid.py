@@ -112,8 +112,9 @@ class StepConfig:
                           "with --steps)", *int_at_least(1))
     distill_space: str = setting("pixel", "rid: compare student and teacher as decoded images (the paper) "
                                  "or as final latents", choices=DISTILL_SPACES)
-    gradient_checkpointing: bool = setting(False, "recompute UNet activations in the backward pass (memory "
-                                           "flat in K for draft-k / draft / r0)", "true or false",
+    gradient_checkpointing: bool = setting(False, "recompute the denoiser's and the VAE decoder's "
+                                           "activations in the backward pass (memory flat in K for draft-k / "
+                                           "draft / r0)", "true or false",
                                            lambda v: isinstance(v, bool))
     eta_range: tuple = setting((0.0, 1.0), "r0: the η of each DDIM step is drawn uniformly from [LO, HI] "
                                "(0,0: deterministic DDIM; R0's random-η regularizer)",
@@ -430,17 +431,17 @@ denoise = samplers.denoise  # the sampling loop
 sample, _randn = samplers.sample, samplers.randn
 
 
-def decode(models, z: torch.Tensor) -> torch.Tensor:
-    """Latents (B, 4, h, w) → images (B, 3, H, W) in [0, 1] (the backbone's VAE)."""
-    return models.decode(z)
+decode = samplers.decode  # (models, z, checkpoint=False): latents (B, 4, h, w) → images (B, 3, H, W) in [0, 1]
 
 
-def score(models, reward_fn, x0: torch.Tensor, prompts: list, images: torch.Tensor | None = None):
+def score(models, reward_fn, x0: torch.Tensor, prompts: list, images: torch.Tensor | None = None,
+          checkpoint: bool = False):
     """R of final latents x0 (B, 4, h, w) → (B,): on the decoded images, or on the latents themselves
-    for a latent-space reward (`reward_fn.on_latents`: LaSRO's surrogate of a black box, no decode)."""
+    for a latent-space reward (`reward_fn.on_latents`: LaSRO's surrogate of a black box, no decode).
+    checkpoint: the decode's activations are recomputed in the backward pass (--gradient-checkpointing)."""
     if getattr(reward_fn, "on_latents", False):
         return reward_fn(x0, prompts)
-    return reward_fn(models.decode(x0) if images is None else images, prompts)
+    return reward_fn(decode(models, x0, checkpoint) if images is None else images, prompts)
 
 
 ############################################################################################
@@ -474,8 +475,9 @@ def rid_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig, generato
         x0_t = denoise(models, text, z1, ddim, last, cfg.guidance)
 
     #### DECODE AND REWARD ####
-    img_s = models.decode(x0_s) if cfg.distill_space == "pixel" else None  # (B, 3, H, W) in [0, 1]
-    reward = score(models, reward_fn, x0_s, prompts, img_s)  # (B,)
+    gc = cfg.gradient_checkpointing
+    img_s = decode(models, x0_s, gc) if cfg.distill_space == "pixel" else None  # (B, 3, H, W) in [0, 1]
+    reward = score(models, reward_fn, x0_s, prompts, img_s, gc)  # (B,)
 
     #### DISTILLATION: ‖student − teacher‖², the squared L2 norm per image, mean over the batch ####
     if cfg.distill_space == "pixel":
@@ -498,14 +500,14 @@ def truncated_loss(models, reward_fn, prompts, noise, cfg: StepConfig, generator
     with torch.no_grad():  # steps N … K+1
         z = denoise(models, text, noise.to(models.device, models.dtype), ddim, range(cfg.steps - K), cfg.guidance)
     x0 = denoise(models, text, z, ddim, range(cfg.steps - K, cfg.steps), cfg.guidance, cfg.gradient_checkpointing)
-    reward = score(models, reward_fn, x0, prompts)  # (B,)
+    reward = score(models, reward_fn, x0, prompts, checkpoint=cfg.gradient_checkpointing)  # (B,)
     rewards = [reward.mean()]
     if cfg.method == "draft-lv":
         t1 = ddim.timestep(-1)
         for _ in range(cfg.lv_n):  # z_1 = √ᾱ x̂₀ + √(1−ᾱ) ε_i (flow: (1−σ)x̂₀ + σε_i), then the last step again
             z1 = ddim.add_noise(x0.detach(), _randn(x0.shape, x0, generator), t1)
             x0_i = denoise(models, text, z1, ddim, [cfg.steps - 1], cfg.guidance, cfg.gradient_checkpointing)
-            rewards.append(score(models, reward_fn, x0_i, prompts).mean())
+            rewards.append(score(models, reward_fn, x0_i, prompts, checkpoint=cfg.gradient_checkpointing).mean())
     loss = -torch.stack(rewards).mean()
     return loss, {"loss": loss.item(), "reward": reward.mean().item()}
 
@@ -523,7 +525,7 @@ def refl_loss(models, reward_fn, prompts, noise, cfg: StepConfig, generator=None
         z_t = denoise(models, text, noise.to(models.device, models.dtype), ddim, range(i), cfg.guidance)
     t = ddim.timestep(i)
     eps = samplers.predict(models, z_t, t, text, cfg.guidance, cfg.gradient_checkpointing)
-    reward = score(models, reward_fn, ddim.x0(eps, t, z_t), prompts)
+    reward = score(models, reward_fn, ddim.x0(eps, t, z_t), prompts, checkpoint=cfg.gradient_checkpointing)
     loss = -reward.mean()
     return loss, {"loss": loss.item(), "reward": reward.mean().item(), "t": float(t)}
 
@@ -585,14 +587,14 @@ def r0_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig, generator
     z0 = denoise(models, text, z_j, ddim, range(j, K), cfg.guidance, cfg.gradient_checkpointing, etas[j:], generator)
 
     #### REWARDS: each one's image-gradient normalised per sample, weighted ####
-    loss, means = r0_reward_loss(models.decode(z0), prompts, parts, normalize)
+    loss, means = r0_reward_loss(decode(models, z0, cfg.gradient_checkpointing), prompts, parts, normalize)
     logs = {"reward": -loss.item(), **({f"reward_{k}": v for k, v in means.items()} if len(parts) > 1 else {})}
 
     #### R0+: rewards on x̂₀ at step j, no gradient before it ####
     if cfg.r0_plus:
         z_j, t = z_j.detach(), ddim.timestep(j)
-        x0_j = ddim.x0(models.predict(z_j, t, text, cfg.guidance), t, z_j)
-        inter, _ = r0_reward_loss(models.decode(x0_j), prompts, parts, normalize)
+        x0_j = ddim.x0(samplers.predict(models, z_j, t, text, cfg.guidance, cfg.gradient_checkpointing), t, z_j)
+        inter, _ = r0_reward_loss(decode(models, x0_j, cfg.gradient_checkpointing), prompts, parts, normalize)
         loss = loss + inter
         logs["reward_mid"] = -inter.item()
 

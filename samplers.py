@@ -103,6 +103,24 @@ def predict(models, z, t, text, guidance, checkpoint=False):
     return models.predict(z, t, text, guidance)
 
 
+def decode(models, z, checkpoint=False):
+    """The backbone's latents → images in [0, 1]; checkpoint (with grad): the VAE decoder keeps only the input
+    of its mid block and of each up block and recomputes their activations in the backward pass (diffusers'
+    own gradient checkpointing of AutoencoderKL, switched on for this call only). At 1024² a decode with
+    gradient otherwise holds ~23 GiB of fp32 activations per image (docs/backbone_memory.md): the largest
+    part of draft-lv's step on every backbone after the denoiser's calls are checkpointed."""
+    vae = models.vae
+    if not (checkpoint and torch.is_grad_enabled()) or vae.is_gradient_checkpointing:
+        return models.decode(z)
+    if not getattr(vae, "_supports_gradient_checkpointing", False):  # a VAE class without diffusers' switch
+        return torch.utils.checkpoint.checkpoint(models.decode, z, use_reentrant=False)
+    vae.enable_gradient_checkpointing()
+    try:
+        return models.decode(z)
+    finally:
+        vae.disable_gradient_checkpointing()
+
+
 def denoise(models, text, z, sampler, indices, guidance, checkpoint=False, etas=None, generator=None):
     """Run the sampler's steps at sampler.timesteps[indices] with the backbone's denoiser (`models`:
     backbones/) on its conditioning `text`; the caller picks grad / no_grad. etas: one η per index (None:

@@ -267,8 +267,8 @@ def report(rows: list, models_info: dict, batches: list, truncate: int, seconds:
              "free memory after the weights are loaded, less 15 %; train.py then takes the largest divisor of the "
              "batch). Steps with gradient: rid, baseline, refl and draft-lv one (draft-lv re-runs the last step on 2 "
              f"re-noised copies), draft-k the last {truncate}, r0 its 4, draft all of them (SDXL 50, SD3 and FLUX 28). "
-             "Checkpointing = `--gradient-checkpointing` (each denoiser call's activations recomputed in the backward "
-             "pass).", "", "## Models", "",
+             "Checkpointing = `--gradient-checkpointing` (the activations of each denoiser call and of each decode's "
+             "VAE blocks recomputed in the backward pass).", "", "## Models", "",
              "| backbone | component | parameters | GiB |", "|---|---|---|---|"]
     for name, info in models_info.items():
         for comp, (n, b) in info["components"].items():

@@ -81,6 +81,80 @@ def test_checkpointing_lowers_the_peak_of_one_step_with_gradient(sd_path, method
     assert peak[True] < peak[False], peak
 
 
+def test_checkpointed_decode_gives_the_same_image_and_gradient_and_holds_less(sd_path):
+    """samplers.decode(checkpoint=True) with gradient: diffusers' per-block checkpointing of the VAE decoder for
+    this call only. Oracle: the plain decode (models.decode) — the same image and the same gradient with
+    respect to the latents, bit for bit; fewer bytes held between the forward and the backward pass and a
+    lower peak; the VAE's switch off again afterwards, also when the decode raises."""
+    from samplers import decode
+
+    models = rid.load_models(sd_path)
+    z0 = torch.randn(2, *models.latent_shape, generator=torch.Generator().manual_seed(0))
+    out, held, peak = {}, {}, {}
+    for gc in (False, True):
+        z = z0.clone().requires_grad_(True)
+        with memplan.PeakMemory(z) as mem:
+            img = decode(models, z, gc)
+            held[gc] = mem.now
+            (img * torch.linspace(0, 1, img.numel()).view_as(img)).sum().backward()
+            peak[gc] = mem.peak
+        out[gc] = (img.detach(), z.grad)
+        assert not models.vae.is_gradient_checkpointing
+    assert torch.equal(out[True][0], out[False][0]) and torch.equal(out[True][1], out[False][1])
+    assert out[False][1].abs().sum() > 0
+    assert held[True] < held[False] and peak[True] < peak[False], (held, peak)
+
+    def broken(z):
+        assert models.vae.is_gradient_checkpointing  # switched on during the call
+        raise RuntimeError("boom")
+
+    models.decode = broken
+    with pytest.raises(RuntimeError, match="boom"):
+        decode(models, z0.clone().requires_grad_(True), True)
+    assert not models.vae.is_gradient_checkpointing
+    with torch.no_grad():  # without gradient nothing to keep: the plain decode, the switch never touched
+        models.decode = lambda z: (models.vae.is_gradient_checkpointing, z)
+        assert decode(models, z0, True)[0] is False
+
+
+def test_checkpointing_covers_the_decode_in_the_step(sd_path, monkeypatch):
+    """draft-lv's three decodes with gradient go through the checkpointed decode: with --gradient-checkpointing
+    its step's peak is lower than the same step whose VAE ignores the switch (the denoiser still checkpointed)."""
+    models = rid.load_models(sd_path)
+    with_decode = memplan.step_memory(models, toy_reward, [], "draft-lv", 2, True, 4)["peak"]
+    monkeypatch.setattr(type(models.vae), "enable_gradient_checkpointing", lambda self, *a, **k: None)
+    without = memplan.step_memory(models, toy_reward, [], "draft-lv", 2, True, 4)["peak"]
+    assert with_decode < without, (with_decode, without)
+
+
+@pytest.mark.parametrize("method,plus", [("rid", False), ("baseline", False), ("draft-k", False), ("draft", False),
+                                         ("draft-lv", False), ("refl", False), ("r0", False), ("r0", True)])
+def test_every_decode_with_gradient_is_checkpointed_under_the_flag(models, method, plus, monkeypatch):
+    """Every method's step: each decode that runs with gradient asks for the checkpointed decode when
+    --gradient-checkpointing is on, and none does when it is off (the spy wraps rid.decode, which every
+    loss calls; rid's teacher decodes without gradient)."""
+    calls = []
+    real = rid.decode
+
+    def spy(models, z, checkpoint=False):
+        calls.append((torch.is_grad_enabled(), checkpoint))
+        return real(models, z, checkpoint)
+
+    monkeypatch.setattr(rid, "decode", spy)
+    group = rid.group_of(models.unet) or rid.inject(models.unet, rank=2)
+    group.clear()
+    group.add_task("t")
+    opt = torch.optim.AdamW([group.flat], lr=1e-4)
+    noise = torch.randn(2, *models.latent_shape, generator=torch.Generator().manual_seed(0))
+    for gc in (True, False):
+        calls.clear()
+        cfg = rid.StepConfig(method=method, steps=3, truncate=2, gradient_checkpointing=gc, r0_plus=plus)
+        rid.train_step(models, group, toy_reward, [(["a cat", "a dog"], noise)], opt, cfg)
+        with_grad = [c for g, c in calls if g]
+        assert len(with_grad) == {"draft-lv": 3, "r0": 1 + plus}.get(method, 1), calls
+        assert all(c == gc for c in with_grad), (gc, calls)
+
+
 def test_fake_copy_of_sdxl_needs_the_memory_of_the_real_step(tmp_path):
     """memplan.fake_copy rebuilds any backbone from its configs (SDXL: both text encoders, the added
     embedding): the step on it holds the live bytes of the same step on the real tiny SDXL, byte for byte."""
@@ -169,7 +243,7 @@ def flow_models(tmp_path_factory):
     return load
 
 
-@pytest.mark.parametrize("name,method,gc", [("sd3", "rid", False), ("sd3", "r0", True), ("sd3", "draft-lv", False),
+@pytest.mark.parametrize("name,method,gc", [("sd3", "rid", False), ("sd3", "r0", True), ("sd3", "draft-lv", True),
                                             ("flux", "rid", False), ("flux", "r0", True), ("flux", "draft-k", False)])
 def test_fake_copy_of_a_flow_backbone_needs_the_memory_of_the_real_step(flow_models, name, method, gc):
     """SD3 (three text encoders, CFG) and FLUX-dev (packed latents, guidance embedding) through memplan.fake_copy:
