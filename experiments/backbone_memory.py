@@ -156,9 +156,10 @@ def components(m) -> dict:
 ORDER = ("baseline", "refl", "rid", "draft-lv", "r0", "draft-k", "draft")  # cheapest to fake first
 
 
-def run(names: list, sizes: list, methods: list, batches: list, steps, truncate: int, out: str, argv) -> int:
+def run(names: list, sizes: list, methods: list, batches: list, steps, truncate: int, out: str, argv,
+        checkpointing: tuple = (False, True)) -> int:
     """Measure every (backbone, resolution, method, checkpointing) row and write the doc and its .json after each
-    (the .json's rows of other backbones and methods are kept). Method by method, cheapest first, over every
+    (the .json's rows of other backbones, methods and checkpointing settings are kept). Method by method, cheapest first, over every
     backbone: a long run shows every backbone's cheap rows early. draft with checkpointing only (without, its fake
     step costs hours here and fits no card: the doc bounds it by draft-k's). steps None: each backbone's own."""
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -170,7 +171,8 @@ def run(names: list, sizes: list, methods: list, batches: list, steps, truncate:
     log, t0 = logger(PROG), time.time()
     out = ROOT / out if not Path(out).is_absolute() else Path(out)
     old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
-    rows = [r for r in old.get("rows", []) if r["backbone"] not in names or r["method"] not in methods]
+    rows = [r for r in old.get("rows", []) if r["backbone"] not in names or r["method"] not in methods
+            or r["checkpointing"] not in checkpointing]
     models_info = old.get("models", {})
     toks = tokenizers()
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -182,7 +184,7 @@ def run(names: list, sizes: list, methods: list, batches: list, steps, truncate:
             models_info[name] = {"label": BACKBONES[name].label, "components": components(m),
                                  "base_bytes": memplan.PeakMemory(*memplan.weights(m)).now, "loaded_bytes": loaded[name]}
         for method in sorted(methods, key=ORDER.index):
-            for gc in ((True,) if method == "draft" else (False, True)):
+            for gc in [gc for gc in ((True,) if method == "draft" else (False, True)) if gc in checkpointing]:
                 for name, m in built.items():
                     for res in sizes or BACKBONES[name].resolutions:
                         m.set_resolution(res)

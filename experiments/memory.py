@@ -190,6 +190,9 @@ def main(argv=None) -> int:
     p.add_argument("--paper-steps", type=int, default=None, help="sampler steps of draft (all with gradient) (default: "
                                                                  "50; --backbone: SDXL 50, SD3 and FLUX 28)")
     p.add_argument("--truncate", type=int, default=10, help="draft-k's K (default: 10)")
+    p.add_argument("--checkpointing", default="both", help="with --backbone: the rows to measure with "
+                                                           "--gradient-checkpointing yes, no or both (default: both; "
+                                                           "the doc keeps the other rows)")
     p.add_argument("--out", default=None, help="report to write, and its .json (default: docs/sd15_memory.md; "
                                                "with --flops docs/sd15_cost.md; with --backbone "
                                                "docs/backbone_memory.md, whose rows of other backbones and methods "
@@ -202,6 +205,11 @@ def main(argv=None) -> int:
         p.error(f"--backbone {args.backbone!r}: unknown; valid: {', '.join(backbone_memory.BACKBONES)}, all")
     if args.backbone is not None and args.flops:
         p.error("--flops counts SD-1.5's FLOPs; it takes no --backbone")
+    gcs = {"both": (False, True), "yes": (True,), "no": (False,)}.get(args.checkpointing)
+    if gcs is None:
+        p.error(f"--checkpointing {args.checkpointing!r}: expected yes, no or both")
+    if args.backbone is None and args.checkpointing != "both":
+        p.error(f"--checkpointing {args.checkpointing}: only with --backbone (SD-1.5's table is rewritten whole)")
     if args.backbone is not None and args.dtypes not in (None, "bf16"):
         p.error(f"--dtypes {args.dtypes!r}: the --backbone tables are bf16 (train.py's --dtype bf16) only")
     args.resolution = args.resolution or ("" if args.backbone else "256,512")
@@ -229,7 +237,7 @@ def main(argv=None) -> int:
     if args.backbone:
         names = list(backbone_memory.BACKBONES) if args.backbone == "all" else [args.backbone]
         return backbone_memory.run(names, sizes, methods, batches, args.paper_steps, args.truncate,
-                                   args.out or "docs/backbone_memory.md", argv)
+                                   args.out or "docs/backbone_memory.md", argv, gcs)
     args.paper_steps = args.paper_steps or 50
     args.out = args.out or "docs/sd15_memory.md"
 

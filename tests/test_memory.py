@@ -188,7 +188,9 @@ def test_fits_is_the_largest_batch_under_the_budget():
                                         (["--backbone", "sd4"], "--backbone 'sd4': unknown; valid: sdxl, "
                                                                 "sd3-medium, sd35-large, flux-dev, all"),
                                         (["--backbone", "flux-dev", "--dtypes", "fp32"], "--dtypes 'fp32'"),
-                                        (["--backbone", "sdxl", "--flops"], "--flops")])
+                                        (["--backbone", "sdxl", "--flops"], "--flops"),
+                                        (["--backbone", "sdxl", "--checkpointing", "maybe"], "--checkpointing 'maybe'"),
+                                        (["--checkpointing", "yes"], "--checkpointing yes: only with --backbone")])
 def test_bad_flags_exit_2_with_one_line(argv, words, capsys):
     assert memory.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -333,3 +335,39 @@ def test_over_80_lists_what_fits_no_card_and_the_gpus_sharding_would_take():
     _, _, _, peak, gc, by, _, gpus = got["rid"]
     assert gc and peak == pytest.approx(90e9) and by == pytest.approx(10e9) and gpus == 2  # 90 − 20 ≤ 80
     assert got["draft"][-1] is None  # 200 − 40·7/8 = 165 > 80 on 8 GPUs too
+
+
+def test_backbone_table_remeasures_only_the_chosen_checkpointing_rows(tmp_path, monkeypatch):
+    """python -m experiments.memory --backbone sdxl --methods rid --checkpointing yes: only sdxl's rid rows with
+    checkpointing are measured again; its rows without, and other backbones' rows, stay as the .json had them
+    (the table after a change that only moves checkpointed steps, without re-running the others)."""
+    from experiments import backbone_memory
+
+    class Fake:
+        def set_resolution(self, res):
+            self.res = res
+
+    def row(name, method, gc, peak):
+        return {"backbone": name, "resolution": 1024, "method": method, "checkpointing": gc, "peak_gib": [peak]}
+
+    old = [row("sdxl", "rid", False, 1.0), row("sdxl", "rid", True, 2.0), row("sd3-medium", "rid", True, 3.0)]
+    out = tmp_path / "table.md"
+    out.with_suffix(".json").write_text(__import__("json").dumps({"rows": old, "models": {}}))
+    measured, written = [], []
+    monkeypatch.setattr(backbone_memory, "tokenizers", lambda: {})
+    monkeypatch.setattr(backbone_memory, "build", lambda name, toks: Fake())
+    monkeypatch.setattr(backbone_memory, "components", lambda m: {})
+    monkeypatch.setattr(memory, "reward_world", lambda: ({"hps": None}, []))
+    monkeypatch.setattr(memplan, "weights", lambda *a: [])
+    monkeypatch.setattr(memplan, "choose", lambda *a: {"top": 0})
+
+    def measure(m, fn, modules, method, gc, batches, steps, truncate):
+        measured.append((method, gc, m.res))
+        return {"method": method, "checkpointing": gc, "peak_gib": [9.0], "fixed_gib": 1.0, "per_sample_gib": 1.0}
+
+    monkeypatch.setattr(memory, "measure", measure)
+    monkeypatch.setattr(backbone_memory, "_write", lambda out, rows, *a, **k: written.append(list(rows)))
+    assert backbone_memory.run(["sdxl"], [1024], ["rid"], [1, 2], None, 10, str(out), [], (True,)) == 0
+    assert measured == [("rid", True, 1024)]
+    final = {(r["backbone"], r["method"], r["checkpointing"]): r["peak_gib"][0] for r in written[-1]}
+    assert final == {("sdxl", "rid", False): 1.0, ("sd3-medium", "rid", True): 3.0, ("sdxl", "rid", True): 9.0}
