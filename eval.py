@@ -645,11 +645,15 @@ def evaluate(ckpts: list, soup: list | None = None, weights: list | None = None,
     "computed": the number of stages generated and scored in this call."""
     s = s or Settings()
     chains, out, runs = plan(ckpts, soup, weights, s, out)
-    n_mini = sum(map(is_mini, runs))
+    n_flow = sum(flow_world(r.info["model"]) is not None for r in runs)
+    n_mini = sum(map(is_mini, runs)) - n_flow
     if n_mini:
         log(f"{n_mini} of {len(runs)} run(s) trained in the mini world ({mini.MODEL}, CPU-scale; train.py without "
             f"--model): evaluated there. eval.py follows each run's model; for the paper's setting train with "
             f"--model stable-diffusion-v1-5/stable-diffusion-v1-5")
+    if n_flow:
+        log(f"{n_flow} of {len(runs)} run(s) trained in a mini flow world (CPU-scale, the mini world's rewards, "
+            f"prompts and FID reference): evaluated there, each on its run's model")
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()  # transformers' per-load "Loading weights" bar, as in train.py
     stages = [st for chain in chains for st in chain]

@@ -95,12 +95,41 @@ def randn(shape, like: torch.Tensor, generator):
     return torch.randn(shape, generator=generator, device=dev).to(like)
 
 
+@contextlib.contextmanager
+def blockwise(module):
+    """diffusers' own gradient checkpointing of `module` (a UNet's resnets and attention blocks, a transformer's
+    blocks, a VAE decoder's mid and up blocks: each keeps only its inputs and is recomputed in the backward
+    pass), switched on for the calls inside only; a module without diffusers' switch, or with it already on,
+    is left as it is."""
+    if not getattr(module, "_supports_gradient_checkpointing", False) or module.is_gradient_checkpointing:
+        yield
+        return
+    module.enable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        module.disable_gradient_checkpointing()
+
+
+def _predict_blockwise(models, z, t, text, guidance):
+    with blockwise(models.denoiser):
+        return models.predict(z, t, text, guidance)
+
+
 def predict(models, z, t, text, guidance, checkpoint=False):
-    """The backbone's prediction at (z, t); checkpoint (with grad): keep only the inputs and recompute the
-    call's activations in the backward pass (memory flat in the number of steps with gradient)."""
+    """The backbone's prediction at (z, t); checkpoint (with grad): keep only the call's inputs, and in the
+    backward pass recompute it block by block (the denoiser's own checkpointing inside the call's: the
+    recomputation holds one block's activations at a time, not the whole network's). Memory is flat in the
+    number of steps with gradient, and the backward pass of one call at 1024² holds the blocks' inputs
+    rather than every activation of an 8-12 B transformer (docs/backbone_memory.md)."""
     if checkpoint and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(models.predict, z, t, text, guidance, use_reentrant=False)
+        return torch.utils.checkpoint.checkpoint(_predict_blockwise, models, z, t, text, guidance, use_reentrant=False)
     return models.predict(z, t, text, guidance)
+
+
+def _decode_blockwise(models, z):
+    with blockwise(models.vae):
+        return models.decode(z)
 
 
 def decode(models, z, checkpoint=False):
@@ -109,16 +138,11 @@ def decode(models, z, checkpoint=False):
     own gradient checkpointing of AutoencoderKL, switched on for this call only). At 1024² a decode with
     gradient otherwise holds ~23 GiB of fp32 activations per image (docs/backbone_memory.md): the largest
     part of draft-lv's step on every backbone after the denoiser's calls are checkpointed."""
-    vae = models.vae
-    if not (checkpoint and torch.is_grad_enabled()) or vae.is_gradient_checkpointing:
+    if not (checkpoint and torch.is_grad_enabled()):
         return models.decode(z)
-    if not getattr(vae, "_supports_gradient_checkpointing", False):  # a VAE class without diffusers' switch
+    if not getattr(models.vae, "_supports_gradient_checkpointing", False):  # a VAE without diffusers' switch
         return torch.utils.checkpoint.checkpoint(models.decode, z, use_reentrant=False)
-    vae.enable_gradient_checkpointing()
-    try:
-        return models.decode(z)
-    finally:
-        vae.disable_gradient_checkpointing()
+    return _decode_blockwise(models, z)
 
 
 def denoise(models, text, z, sampler, indices, guidance, checkpoint=False, etas=None, generator=None):
