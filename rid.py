@@ -524,7 +524,7 @@ def refl_loss(models, reward_fn, prompts, noise, cfg: StepConfig, generator=None
     with torch.no_grad():
         z_t = denoise(models, text, noise.to(models.device, models.dtype), ddim, range(i), cfg.guidance)
     t = ddim.timestep(i)
-    eps = samplers.predict(models, z_t, t, text, cfg.guidance, cfg.gradient_checkpointing)
+    eps = samplers.predict(models, z_t, t, text, cfg.guidance, cfg.gradient_checkpointing, whole=False)
     reward = score(models, reward_fn, ddim.x0(eps, t, z_t), prompts, checkpoint=cfg.gradient_checkpointing)
     loss = -reward.mean()
     return loss, {"loss": loss.item(), "reward": reward.mean().item(), "t": float(t)}
@@ -593,7 +593,7 @@ def r0_loss(models, group, reward_fn, prompts, noise, cfg: StepConfig, generator
     #### R0+: rewards on x̂₀ at step j, no gradient before it ####
     if cfg.r0_plus:
         z_j, t = z_j.detach(), ddim.timestep(j)
-        x0_j = ddim.x0(samplers.predict(models, z_j, t, text, cfg.guidance, cfg.gradient_checkpointing), t, z_j)
+        x0_j = ddim.x0(samplers.predict(models, z_j, t, text, cfg.guidance, cfg.gradient_checkpointing, False), t, z_j)
         inter, _ = r0_reward_loss(decode(models, x0_j, cfg.gradient_checkpointing), prompts, parts, normalize)
         loss = loss + inter
         logs["reward_mid"] = -inter.item()

@@ -116,15 +116,18 @@ def _predict_blockwise(models, z, t, text, guidance):
         return models.predict(z, t, text, guidance)
 
 
-def predict(models, z, t, text, guidance, checkpoint=False):
-    """The backbone's prediction at (z, t); checkpoint (with grad): keep only the call's inputs, and in the
-    backward pass recompute it block by block (the denoiser's own checkpointing inside the call's: the
-    recomputation holds one block's activations at a time, not the whole network's). Memory is flat in the
-    number of steps with gradient, and the backward pass of one call at 1024² holds the blocks' inputs
-    rather than every activation of an 8-12 B transformer (docs/backbone_memory.md)."""
-    if checkpoint and torch.is_grad_enabled():
+def predict(models, z, t, text, guidance, checkpoint=False, whole=True):
+    """The backbone's prediction at (z, t). checkpoint (with grad): the denoiser's own blocks keep only their
+    inputs and are recomputed one at a time in the backward pass (diffusers' switch, on for this call only), so
+    the backward pass holds one block's activations, not the network's. whole: besides, the call keeps only its
+    own inputs until the backward pass (memory flat in the number of calls with gradient, at one more forward
+    per call); denoise uses it when it runs several steps with gradient. A denoiser without diffusers' switch
+    is checkpointed whole."""
+    if not (checkpoint and torch.is_grad_enabled()):
+        return models.predict(z, t, text, guidance)
+    if whole or not getattr(models.denoiser, "_supports_gradient_checkpointing", False):
         return torch.utils.checkpoint.checkpoint(_predict_blockwise, models, z, t, text, guidance, use_reentrant=False)
-    return models.predict(z, t, text, guidance)
+    return _predict_blockwise(models, z, t, text, guidance)
 
 
 def _decode_blockwise(models, z):
@@ -149,11 +152,13 @@ def denoise(models, text, z, sampler, indices, guidance, checkpoint=False, etas=
     """Run the sampler's steps at sampler.timesteps[indices] with the backbone's denoiser (`models`:
     backbones/) on its conditioning `text`; the caller picks grad / no_grad. etas: one η per index (None:
     all 0); a step that takes fresh noise (η > 0; LCM: all but the last) draws it from `generator`, in
-    step order (None: the sampler's own). checkpoint: recompute each step's activations in the backward pass."""
+    step order (None: the sampler's own). checkpoint: recompute each step's activations in the backward pass
+    (predict: block by block; with several steps each call also keeps only its inputs)."""
     generator = sampler.generator if generator is None else generator
+    whole = len(indices) > 1  # kept until the backward pass: one step's block inputs, or each of several steps' inputs
     for n, i in enumerate(indices):
         t = sampler.timestep(i)
-        eps = predict(models, z, t, text, guidance, checkpoint)
+        eps = predict(models, z, t, text, guidance, checkpoint, whole)
         eta = 0.0 if etas is None else etas[n]
         z = sampler.step(eps, t, z, eta, randn(z.shape, z, generator) if sampler.needs_noise(t, eta) else None)
     return z

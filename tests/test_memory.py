@@ -373,12 +373,13 @@ def test_backbone_table_remeasures_only_the_chosen_checkpointing_rows(tmp_path, 
     assert final == {("sdxl", "rid", False): 1.0, ("sd3-medium", "rid", True): 3.0, ("sdxl", "rid", True): 9.0}
 
 
-@pytest.mark.parametrize("name", ["sd", "sd3", "flux"])
-def test_checkpointed_prediction_recomputes_block_by_block(sd_path, flow_models, name, monkeypatch):
-    """samplers.predict(checkpoint=True) with gradient: the call keeps only its inputs, and its recomputation in
-    the backward pass checkpoints the denoiser's own blocks (diffusers' switch, on inside the call, off after).
+@pytest.mark.parametrize("name,whole", [("sd", True), ("sd", False), ("sd3", True), ("sd3", False), ("flux", True)])
+def test_checkpointed_prediction_recomputes_block_by_block(sd_path, flow_models, name, whole, monkeypatch):
+    """samplers.predict(checkpoint=True) with gradient: the denoiser's own blocks are checkpointed (diffusers'
+    switch, on inside the call, off after); whole: the call also keeps only its inputs until the backward pass.
     Oracle: the plain call — the same prediction and the same gradients (latents and adapters) bit for bit;
-    the backward pass's peak below that of the call checkpointed whole (the switch made a no-op)."""
+    the backward pass's peak below that of the call checkpointed whole without the blocks (the switch made a
+    no-op); whole=False holds more than whole=True between forward and backward, but less than the plain call."""
     from samplers import predict
 
     models = rid.load_models(sd_path) if name == "sd" else flow_models(name)
@@ -392,20 +393,22 @@ def test_checkpointed_prediction_recomputes_block_by_block(sd_path, flow_models,
     t = models.sampler(4).timestep(3)
     w = torch.randn(z0.shape, generator=g)
 
-    def run(gc):
+    def run(gc, whole):
         group.flat.grad = None
         z = z0.clone().requires_grad_(True)
         with memplan.PeakMemory(z, group.flat) as mem:
-            out = predict(models, z, t, text, 3.0, gc)
+            out = predict(models, z, t, text, 3.0, gc, whole)
+            held = mem.now
             assert not models.denoiser.is_gradient_checkpointing
             (out * w).sum().backward()
-        return out.detach(), z.grad, group.flat.grad.clone(), mem.peak
+        return out.detach(), z.grad, group.flat.grad.clone(), mem.peak, held
 
-    plain, blocks = run(False), run(True)
+    plain, blocks = run(False, whole), run(True, whole)
     for a, b in zip(plain[:3], blocks[:3]):
         assert torch.equal(a, b)
     assert plain[2].abs().sum() > 0
+    assert blocks[4] < plain[4] and (blocks[4] > run(True, True)[4]) is not whole
     monkeypatch.setattr(type(models.denoiser), "enable_gradient_checkpointing", lambda self, *a, **k: None)
-    whole = run(True)
-    assert torch.equal(whole[2], plain[2])
-    assert blocks[3] < whole[3], (blocks[3], whole[3])
+    call_only = run(True, True)
+    assert torch.equal(call_only[2], plain[2])
+    assert blocks[3] < call_only[3], (blocks[3], call_only[3])
