@@ -15,7 +15,7 @@ checkpointing) works but costs more. This script measures each at mini scale, fr
      the model and rewards, takes 3 steps and reports the peak of the tensors they allocate (and its RSS).
   3. TRAINING: every (reward, method, seed) from the base model with the same lr, batch and schedule,
      until it has spent the same budget of UNet calls (forward + backward, a gradient-checkpointing
-     recompute counted as a forward); the held-out test reward (all 50 test prompts of the mini world,
+     recompute counted as the UNet forwards' worth it re-runs, UNetCalls); the held-out test reward (all 50 test prompts of the mini world,
      fixed noise per seed) every budget/--evals calls. The training loop is train.py's stage 1 (same
      prompt order, noise, LoRA init and method draws from train.seed_of; constant lr), written out here
      only to evaluate mid-task and to count calls.
@@ -89,25 +89,38 @@ DEFAULT_BUDGET_STEPS, DEFAULT_EVALS = 90, 6
 
 class UNetCalls:
     """Counts the calls of one UNet by hooks, as they happen:
-      forward    entries outside the backward pass (a pre-hook: a gradient-checkpointing recompute stops
-                 as soon as the activations it needs are back, before the forward's end, so a post-hook
-                 would miss it),
-      recompute  entries during the backward pass (gradient checkpointing re-running a forward),
+      forward    entries outside the backward pass,
+      recompute  UNet forwards' worth of work re-run during the backward pass by gradient checkpointing,
+                 counted on the units diffusers checkpoints (each ResnetBlock2D and BasicTransformerBlock:
+                 entries during the backward pass / the number of units; a pre-hook, since a recompute stops
+                 as soon as the activations it needs are back, before a forward's end): one step with
+                 gradient is recomputed block by block (1 per call), several are each recomputed whole and
+                 then block by block (2 per call; samplers.predict),
       backward   backward passes through a call (a hook on the output of every call that records a
                  gradient fires once when the gradient goes through it),
     and `grad_timesteps`, the DDIM timestep of every call that records a gradient, in call order.
     One CFG-batched call (uncond and cond in one batch) is one call."""
 
     def __init__(self, unet):
+        from diffusers.models.attention import BasicTransformerBlock
+        from diffusers.models.resnet import ResnetBlock2D
+
         # torch's autograd engine reports -1 when no backward pass is running on this thread
         self._in_backward = lambda: torch._C._current_graph_task_id() != -1
+        units = [m for m in unet.modules() if isinstance(m, (ResnetBlock2D, BasicTransformerBlock))]
+        self._units = len(units)
         self._handles = [unet.register_forward_pre_hook(self._pre, with_kwargs=True),
-                         unet.register_forward_hook(self._post)]
+                         unet.register_forward_hook(self._post),
+                         *(u.register_forward_pre_hook(self._unit) for u in units)]
         self.reset()
 
     def reset(self):
-        self.forward = self.recompute = self.backward = 0
+        self.forward = self.backward = self._unit_recomputes = 0
         self.grad_timesteps = []
+
+    @property
+    def recompute(self) -> float:
+        return self._unit_recomputes / self._units
 
     @property
     def calls(self) -> int:
@@ -116,9 +129,12 @@ class UNetCalls:
     def as_dict(self) -> dict:
         return {"fwd": self.forward, "recompute": self.recompute, "bwd": self.backward}
 
+    def _unit(self, module, args):
+        if self._in_backward():
+            self._unit_recomputes += 1
+
     def _pre(self, module, args, kwargs):
         if self._in_backward():
-            self.recompute += 1
             return
         self.forward += 1
         if torch.is_grad_enabled():
@@ -449,7 +465,8 @@ def write_report(out: Path, doc: Path, rewards: list, seeds: list, budget: int, 
                   f"One process, one thread, {cost['rounds']} rounds after a warm-up round, each round one "
                   f"{cost['reward']} train step of every configuration in turn (batch and DDIM steps as in "
                   "training); UNet calls counted by hooks (one CFG-batched call = one call; a checkpointing "
-                  "recompute is a forward).", "",
+                  "recompute counts the UNet forwards' worth it re-runs: one step with gradient is recomputed block by "
+                  "block, several whole and then block by block).", "",
                   "| configuration | median s / step | × K=1 (median of per-round ratios) | least s / step | × K=1 "
                   "(least / least) | UNet fwd | recompute | bwd | calls | calls × K=1 |",
                   "|---|---|---|---|---|---|---|---|---|---|"]

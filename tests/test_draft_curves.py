@@ -8,8 +8,10 @@ the tiny SD and compared with the DRaFT paper's Algorithm 1:
     draft         N                              N, every timestep
     draft-lv      N + n                          1 + n, all at the last timestep
     refl          N − j + 1                      1, at timestep[N − j], j drawn from the method's generator
-with --gradient-checkpointing every call with a gradient is also recomputed once in the backward pass.
-"""
+with --gradient-checkpointing every call with a gradient is also recomputed in the backward pass: block by block
+when it is the step's only one (up to 1 UNet's worth), else whole and then block by block (up to 2;
+samplers.predict). "Up to": a unit diffusers does not checkpoint (the mid block's first resnet) or whose
+output needs no gradient (the first resnet when the call's input has none) is not recomputed."""
 import json
 import statistics
 import sys
@@ -179,22 +181,25 @@ def one_step(models, method: str, gen_seed: int = 7, **kw):
 @pytest.mark.parametrize("gc", [False, True])
 def test_k1_one_call_with_gradient(models, gc):
     c, ts = one_step(models, "baseline", gradient_checkpointing=gc)
-    assert (c.forward, c.backward, c.recompute) == (N, 1, int(gc))
+    assert (c.forward, c.backward) == (N, 1)
+    assert 0.75 < c.recompute <= 1 if gc else c.recompute == 0  # the tiny UNet: 10 of its 12 units
     assert c.grad_timesteps == [ts[-1]]
 
 
 @pytest.mark.parametrize("K,gc", [(2, False), (3, True), (4, False)])
 def test_draft_k_k_calls_with_gradient(models, K, gc):
     c, ts = one_step(models, "draft-k", truncate=K, gradient_checkpointing=gc)
-    assert (c.forward, c.backward, c.recompute) == (N, K, K if gc else 0)
+    assert (c.forward, c.backward) == (N, K)
+    assert 1.75 * K < c.recompute <= 2 * K if gc else c.recompute == 0
     assert c.grad_timesteps == ts[-K:]
-    assert c.calls == N + K + (K if gc else 0)
+    assert c.calls == N + K + c.recompute
 
 
 @pytest.mark.parametrize("gc", [False, True])
 def test_draft_every_call_with_gradient(models, gc):
     c, ts = one_step(models, "draft", gradient_checkpointing=gc)
-    assert (c.forward, c.backward, c.recompute) == (N, N, N if gc else 0)
+    assert (c.forward, c.backward) == (N, N)
+    assert 1.75 * N < c.recompute <= 2 * N if gc else c.recompute == 0
     assert c.grad_timesteps == ts
 
 
