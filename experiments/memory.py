@@ -367,7 +367,10 @@ def report(rows: list, batches: list, args, seconds: float, command: str = PROG)
              "see the module's docstring). One optimizer step of rid.train_step on hps (ViT-H-14), the third "
              "task of a RIL run: two frozen LoRA tasks and the current one (rank 4, the attention projections), "
              "the EMA teacher, AdamW's state, and every reward model a RIL run holds (ViT-L-14 + MLP, "
-             "ViT-H-14, fp32) resident. CFG 7.5 (the UNet runs on 2×micro-batch). Peak = live tensor bytes, "
+             "ViT-H-14, fp32) resident. bf16 = train.py's `--dtype bf16`: UNet and text encoder in bf16, the VAE in "
+             "fp32 (its config's force_upcast, SD-1.5's), adapters and AdamW in fp32. Checkpointing = "
+             "`--gradient-checkpointing`: each call with gradient and each decode recomputed block by block in the "
+             "backward pass. CFG 7.5 (the UNet runs on 2×micro-batch). Peak = live tensor bytes, "
              "what `torch.cuda.max_memory_allocated` counts; plan ~10% above it for the allocator.", "",
              f"Columns: peak at micro-batch {b0}; the fixed part and the part per sample (from micro-batches "
              f"{batches[0]} and {batches[1]}); the largest micro-batch that fits 24 / 40 / 80 GB (0: none). "
