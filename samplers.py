@@ -95,13 +95,18 @@ def randn(shape, like: torch.Tensor, generator):
     return torch.randn(shape, generator=generator, device=dev).to(like)
 
 
+def switchable(module) -> bool:
+    """Whether `module` has diffusers' own gradient-checkpointing switch (its ModelMixin models do)."""
+    return bool(getattr(module, "_supports_gradient_checkpointing", False))
+
+
 @contextlib.contextmanager
 def blockwise(module):
     """diffusers' own gradient checkpointing of `module` (a UNet's resnets and attention blocks, a transformer's
     blocks, a VAE decoder's mid and up blocks: each keeps only its inputs and is recomputed in the backward
     pass), switched on for the calls inside only; a module without diffusers' switch, or with it already on,
     is left as it is."""
-    if not getattr(module, "_supports_gradient_checkpointing", False) or module.is_gradient_checkpointing:
+    if not switchable(module) or module.is_gradient_checkpointing:
         yield
         return
     module.enable_gradient_checkpointing()
@@ -125,7 +130,7 @@ def predict(models, z, t, text, guidance, checkpoint=False, whole=True):
     is checkpointed whole."""
     if not (checkpoint and torch.is_grad_enabled()):
         return models.predict(z, t, text, guidance)
-    if whole or not getattr(models.denoiser, "_supports_gradient_checkpointing", False):
+    if whole or not switchable(models.denoiser):
         return torch.utils.checkpoint.checkpoint(_predict_blockwise, models, z, t, text, guidance, use_reentrant=False)
     return _predict_blockwise(models, z, t, text, guidance)
 
@@ -143,7 +148,7 @@ def decode(models, z, checkpoint=False):
     part of draft-lv's step on every backbone after the denoiser's calls are checkpointed."""
     if not (checkpoint and torch.is_grad_enabled()):
         return models.decode(z)
-    if not getattr(models.vae, "_supports_gradient_checkpointing", False):  # a VAE without diffusers' switch
+    if not switchable(models.vae):
         return torch.utils.checkpoint.checkpoint(models.decode, z, use_reentrant=False)
     return _decode_blockwise(models, z)
 
