@@ -345,22 +345,27 @@ def _save_file(tensors: dict, path: Path, metadata: dict | None = None):
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
-def build(out: Path, cfg: BuildConfig, threads: int | None = None) -> dict:
-    """Build every artifact into `out` (replaced atomically); returns world.json's content."""
+def _begin(out: Path, marker: str, what: str, threads: int | None):
+    """A build's start: refuse an `out` that holds something else than `what` (no `marker` file), set the threads,
+    quiet the libraries' progress bars, and give (an empty staging folder beside `out`, wall and CPU clocks)."""
     import diffusers
     import transformers
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-    out = Path(out)
-    if out.exists() and any(out.iterdir()) and not (out / "world.json").exists():
-        raise ValueError(f"--out {out} exists and is not a mini world (no world.json); "
-                         f"give an empty or new directory")
+    if out.exists() and any(out.iterdir()) and not (out / marker).exists():
+        raise ValueError(f"--out {out} exists and is not {what} (no {marker}); give an empty or new directory")
     if threads:
         torch.set_num_threads(threads)
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    t0, c0 = time.time(), time.process_time()
     tmp = out.with_name(out.name + ".building")
     shutil.rmtree(tmp, ignore_errors=True)
+    return tmp, time.time(), time.process_time()
+
+
+def build(out: Path, cfg: BuildConfig, threads: int | None = None) -> dict:
+    """Build every artifact into `out` (replaced atomically); returns world.json's content."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    out = Path(out)
+    tmp, t0, c0 = _begin(out, "world.json", "a mini world", threads)
     (tmp / "prompts").mkdir(parents=True)
     timings = {}
 

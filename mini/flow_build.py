@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from backbones.sd3 import RepeatedLastToken  # the 256 zero T5 tokens as one (training below, and rid's SD3 backbone)
 
 from . import domain, models
-from .build import (_log, _lr, _save_file, _to_unit, caption_features, caption_scores, descend, fid, load_ema,
+from .build import (_begin, _log, _lr, _to_unit, caption_features, caption_scores, descend, fid, load_ema,
                     retrieval_top1)
 
 T5_TOKENS = 256   # StableDiffusion3Pipeline's default max_sequence_length: the zero T5 tokens without a T5
@@ -165,24 +165,13 @@ def _check_world(world: Path):
 
 def build_flow(out: Path, world: Path, cfg: FlowConfig, threads: int | None = None) -> dict:
     """Build the flow world from the mini world `world` into `out` (replaced atomically); returns flow.json's content."""
-    import diffusers
-    import transformers
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline,
                            StableDiffusionPipeline)
     from safetensors.torch import load_file
     from transformers import CLIPTokenizer
     out, world = Path(out), Path(world)
     _check_world(world)
-    if out.exists() and any(out.iterdir()) and not (out / "flow.json").exists():
-        raise ValueError(f"--out {out} exists and is not a mini flow world (no flow.json); "
-                         f"give an empty or new directory")
-    if threads:
-        torch.set_num_threads(threads)
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-    t0, c0 = time.time(), time.process_time()
-    tmp = out.with_name(out.name + ".building")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp, t0, c0 = _begin(out, "flow.json", "a mini flow world", threads)
     timings = {}
 
     #### the world's VAE, text encoder and tokenizer in SD3's slots; a new transformer ####
