@@ -199,20 +199,50 @@ def run(names: list, sizes: list, methods: list, batches: list, steps, truncate:
                         log(f"{name} {res}² {method}{' (gc)' if gc else ''}: peak {row['peak_gib'][0]:.2f} GiB at "
                             f"micro-batch {batches[0]}, +{row['per_sample_gib']:.2f} GiB per sample "
                             f"({time.time() - t:.0f} s)")
-                        _write(out, rows, models_info, batches, truncate, time.time() - t0, argv)  # a partial run shows
-    seconds = time.time() - t0
-    _write(out, rows, models_info, batches, truncate, seconds, argv, done=True)
-    log(f"wrote {out} in {seconds / 60:.1f} min")
+                        _write(out, rows, models_info, batches, truncate, argv)  # a partial run shows
+    _write(out, rows, models_info, batches, truncate, argv)
+    log(f"wrote {out} in {(time.time() - t0) / 60:.1f} min")
     return 0
 
 
-def _write(out: Path, rows: list, models_info: dict, batches: list, truncate: int, seconds: float, argv,
-           done: bool = False) -> None:
+def table_rows() -> set:
+    """The full table's rows, (backbone, resolution, method, checkpointing): every backbone at its resolutions,
+    every method with checkpointing on and off, draft with it on only."""
+    return {(name, res, method, gc) for name, spec in BACKBONES.items() for res in spec.resolutions
+            for method in ORDER for gc in ((True,) if method == "draft" else (False, True))}
+
+
+def _keys(rows: list) -> set:
+    return {(r["backbone"], r["resolution"], r["method"], r["checkpointing"]) for r in rows}
+
+
+def _without(argv: list, flags: tuple) -> list:
+    """argv less `flags` and their values (`--flag value` or `--flag=value`)."""
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in flags:
+            skip = True
+        elif a.split("=", 1)[0] not in flags:
+            kept.append(a)
+    return kept
+
+
+def _write(out: Path, rows: list, models_info: dict, batches: list, truncate: int, argv) -> None:
+    """The doc and its .json from `rows`, which may come from several runs (the .json's kept rows): complete when
+    they are the full table (the doc then names the command that measures it all), and the minutes the sum of
+    the rows' own."""
     import sys
 
     from experiments.common import write_doc
 
-    command = " ".join(["python -m experiments.memory", *(argv if argv is not None else sys.argv[1:])])
+    argv = list(argv if argv is not None else sys.argv[1:])
+    done = table_rows() <= _keys(rows)
+    if done:  # the command that measures the whole table: this run's flags less those that chose its rows
+        argv = ["--backbone", "all", *_without(argv, ("--backbone", "--methods", "--resolution", "--checkpointing"))]
+    seconds = sum(r.get("seconds", 0) for r in rows)
+    command = " ".join(["python -m experiments.memory", *argv])
     rows = sorted(rows, key=lambda r: (list(BACKBONES).index(r["backbone"]), -r["resolution"],
                                        ORDER.index(r["method"]), r["checkpointing"]))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -249,9 +279,10 @@ def over_80(rows: list, models_info: dict) -> list:
 def report(rows: list, models_info: dict, batches: list, truncate: int, seconds: float, command: str,
            done: bool) -> str:
     b0 = batches[0]
+    partial = f"; PARTIAL: {len(_keys(rows) & table_rows())} of the full table's {len(table_rows())} rows"
     lines = ["# Memory of one training step: SDXL, SD3-Medium, SD3.5-Large, FLUX.1-dev", "",
-             f"Regenerate: `{command}` ({seconds / 60:.0f} min on a 2-core CPU shared with other jobs, niced"
-             f"{'' if done else '; PARTIAL: the run had not finished when this was written'}; no GPU, no weights). "
+             f"Regenerate: `{command}` ({seconds / 60:.0f} min, the rows' own, on a 2-core CPU shared with other "
+             f"jobs, niced{'' if done else partial}; no GPU, no weights). "
              "Measured as [sd15_memory.md](sd15_memory.md) is: each model's published architecture (the configs in "
              "`experiments/backbone_memory.py`, checked by the released models' parameter counts) is built as *fake* "
              "tensors (shapes, dtypes, no storage) and rid.train_step, the real code, runs one optimizer step on it "

@@ -3,6 +3,8 @@ docs/backbone_memory.md): the live-tensor counter against hand-counted allocatio
 the same step on real tensors (SD, and SDXL, SD3 and FLUX through memplan.fake_copy), the planner against real
 steps on SD3 and FLUX, the full-size configs against the released models' parameter counts, and the docs'
 arithmetic."""
+from pathlib import Path
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -371,6 +373,30 @@ def test_backbone_table_remeasures_only_the_chosen_checkpointing_rows(tmp_path, 
     assert measured == [("rid", True, 1024)]
     final = {(r["backbone"], r["method"], r["checkpointing"]): r["peak_gib"][0] for r in written[-1]}
     assert final == {("sdxl", "rid", False): 1.0, ("sd3-medium", "rid", True): 3.0, ("sdxl", "rid", True): 9.0}
+
+
+def test_backbone_table_from_several_runs_is_complete_only_with_every_row(tmp_path):
+    """The table is measured piece by piece (--methods/--checkpointing/--resolution keep the other rows): the doc
+    is complete when its rows are the full table, 5 (backbone, size) pairs × (6 methods × checkpointing on/off +
+    draft with it on) = 65 by hand, and then names the command that measures it all, keeping this run's other
+    flags; its minutes are the rows' own. One row short: PARTIAL, with the count, and this run's own command."""
+    import json
+
+    from experiments import backbone_memory as bm
+
+    table = json.loads((Path(__file__).parents[1] / "docs" / "backbone_memory.json").read_text())
+    assert len(bm.table_rows()) == 65
+    argv = ["--backbone", "sdxl", "--methods=draft", "--checkpointing", "yes", "--resolution", "1024", "--truncate", "10"]
+    out = tmp_path / "t.md"
+    bm._write(out, table["rows"], table["models"], table["batches"], table["truncate"], argv)
+    got = json.loads(out.with_suffix(".json").read_text())
+    assert got["complete"] and got["command"] == "python -m experiments.memory --backbone all --truncate 10"
+    assert got["minutes"] == round(sum(r["seconds"] for r in table["rows"]) / 60, 1)
+    assert "PARTIAL" not in out.read_text() and "`python -m experiments.memory --backbone all --truncate 10`" in out.read_text()
+    bm._write(out, table["rows"][1:], table["models"], table["batches"], table["truncate"], argv)
+    got = json.loads(out.with_suffix(".json").read_text())
+    assert not got["complete"] and got["command"] == "python -m experiments.memory " + " ".join(argv)
+    assert "PARTIAL: 64 of the full table's 65 rows" in out.read_text()
 
 
 @pytest.mark.parametrize("name,whole", [("sd", True), ("sd", False), ("sd3", True), ("sd3", False), ("flux", True)])
