@@ -234,6 +234,9 @@ def main(argv=None) -> int:
     bad_steps = [n for n in steps_given if not 2 <= n <= 1000 or not 1 <= args.truncate < n]
     if bad_steps:
         p.error(f"--paper-steps {bad_steps[0]} / --truncate {args.truncate}: need 1 ≤ K < steps ≤ 1000")
+    if args.backbone and gcs == (False,) and set(methods) == {"draft"}:
+        p.error("--methods draft --checkpointing no: the --backbone tables measure draft with checkpointing only "
+                "(without it, its fake step takes hours here and fits no card); use --checkpointing yes")
     if args.backbone:
         names = list(backbone_memory.BACKBONES) if args.backbone == "all" else [args.backbone]
         return backbone_memory.run(names, sizes, methods, batches, args.paper_steps, args.truncate,

@@ -192,7 +192,9 @@ def test_fits_is_the_largest_batch_under_the_budget():
                                         (["--backbone", "flux-dev", "--dtypes", "fp32"], "--dtypes 'fp32'"),
                                         (["--backbone", "sdxl", "--flops"], "--flops"),
                                         (["--backbone", "sdxl", "--checkpointing", "maybe"], "--checkpointing 'maybe'"),
-                                        (["--checkpointing", "yes"], "--checkpointing yes: only with --backbone")])
+                                        (["--checkpointing", "yes"], "--checkpointing yes: only with --backbone"),
+                                        (["--backbone", "sdxl", "--methods", "draft", "--checkpointing", "no"],
+                                         "--methods draft --checkpointing no")])
 def test_bad_flags_exit_2_with_one_line(argv, words, capsys):
     assert memory.main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
