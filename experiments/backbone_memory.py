@@ -170,7 +170,7 @@ def run(names: list, sizes: list, methods: list, batches: list, steps, truncate:
 
     log, t0 = logger(PROG), time.time()
     out = ROOT / out if not Path(out).is_absolute() else Path(out)
-    old = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").exists() else {}
+    old = _previous(out)
     rows = [r for r in old.get("rows", []) if r["backbone"] not in names or r["method"] not in methods
             or r["checkpointing"] not in checkpointing]
     models_info = old.get("models", {})
@@ -203,6 +203,29 @@ def run(names: list, sizes: list, methods: list, batches: list, steps, truncate:
     _write(out, rows, models_info, batches, truncate, argv)
     log(f"wrote {out} in {(time.time() - t0) / 60:.1f} min")
     return 0
+
+
+ROW_KEYS = ("backbone", "resolution", "method", "checkpointing", "peak_gib", "fixed_gib", "per_sample_gib", "fits")
+
+
+def _previous(out: Path) -> dict:
+    """The .json beside `out` an earlier run wrote (its rows are kept), {} if none; anything else is refused in
+    one line before a model is built."""
+    from cli import UsageError
+
+    path = out.with_suffix(".json")
+    if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+        rows = old["rows"]
+        bad = [r for r in rows if not isinstance(r, dict) or any(k not in r for k in ROW_KEYS)]
+        if not isinstance(old.get("models", {}), dict) or bad:
+            raise ValueError(f"a row without {', '.join(ROW_KEYS)}" if bad else "models is not a mapping")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"--out {out}: {path} is not a table this command wrote ({type(e).__name__}: {e}); its rows "
+                         "would be kept, so move it away or give another --out") from None
+    return old
 
 
 def table_rows() -> set:

@@ -352,7 +352,8 @@ def test_backbone_table_remeasures_only_the_chosen_checkpointing_rows(tmp_path, 
             self.res = res
 
     def row(name, method, gc, peak):
-        return {"backbone": name, "resolution": 1024, "method": method, "checkpointing": gc, "peak_gib": [peak]}
+        return {"backbone": name, "resolution": 1024, "method": method, "checkpointing": gc, "peak_gib": [peak],
+                "fixed_gib": 1.0, "per_sample_gib": 1.0, "fits": {}}
 
     old = [row("sdxl", "rid", False, 1.0), row("sdxl", "rid", True, 2.0), row("sd3-medium", "rid", True, 3.0)]
     out = tmp_path / "table.md"
@@ -399,6 +400,22 @@ def test_backbone_table_from_several_runs_is_complete_only_with_every_row(tmp_pa
     got = json.loads(out.with_suffix(".json").read_text())
     assert not got["complete"] and got["command"] == "python -m experiments.memory " + " ".join(argv)
     assert "PARTIAL: 64 of the full table's 65 rows" in out.read_text()
+
+
+@pytest.mark.parametrize("text", ["{garbage", '{"rows": [{"backbone": "sdxl"}]}', "[1, 2]", '{"rows": 3}', "\udcff"])
+def test_backbone_table_refuses_a_foreign_json_beside_out_before_building(tmp_path, text, capsys, monkeypatch):
+    """Its rows would be kept: a .json beside --out that this command did not write is refused in one line
+    (exit 2), before any model is built, and left as it was."""
+    from experiments import backbone_memory
+
+    monkeypatch.setattr(backbone_memory, "build", lambda *a: pytest.fail("built a model"))
+    out = tmp_path / "t.md"
+    out.with_suffix(".json").write_text(text, errors="surrogateescape")
+    before = out.with_suffix(".json").read_bytes()
+    assert memory.main(["--backbone", "sdxl", "--methods", "rid", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a table this command wrote" in err[0], err
+    assert out.with_suffix(".json").read_bytes() == before and not out.exists()
 
 
 @pytest.mark.parametrize("name,whole", [("sd", True), ("sd", False), ("sd3", True), ("sd3", False), ("flux", True)])
