@@ -116,9 +116,10 @@ def blockwise(module):
         module.disable_gradient_checkpointing()
 
 
-def _predict_blockwise(models, z, t, text, guidance):
-    with blockwise(models.denoiser):
-        return models.predict(z, t, text, guidance)
+def _blockwise_call(module, fn, *args):
+    """fn(*args) with `module`'s own block checkpointing on (blockwise)."""
+    with blockwise(module):
+        return fn(*args)
 
 
 def predict(models, z, t, text, guidance, checkpoint=False, whole=True):
@@ -131,13 +132,9 @@ def predict(models, z, t, text, guidance, checkpoint=False, whole=True):
     if not (checkpoint and torch.is_grad_enabled()):
         return models.predict(z, t, text, guidance)
     if whole or not switchable(models.denoiser):
-        return torch.utils.checkpoint.checkpoint(_predict_blockwise, models, z, t, text, guidance, use_reentrant=False)
-    return _predict_blockwise(models, z, t, text, guidance)
-
-
-def _decode_blockwise(models, z):
-    with blockwise(models.vae):
-        return models.decode(z)
+        return torch.utils.checkpoint.checkpoint(_blockwise_call, models.denoiser, models.predict, z, t, text, guidance,
+                                                 use_reentrant=False)
+    return _blockwise_call(models.denoiser, models.predict, z, t, text, guidance)
 
 
 def decode(models, z, checkpoint=False):
@@ -150,7 +147,7 @@ def decode(models, z, checkpoint=False):
         return models.decode(z)
     if not switchable(models.vae):
         return torch.utils.checkpoint.checkpoint(models.decode, z, use_reentrant=False)
-    return _decode_blockwise(models, z)
+    return _blockwise_call(models.vae, models.decode, z)
 
 
 def denoise(models, text, z, sampler, indices, guidance, checkpoint=False, etas=None, generator=None):

@@ -302,10 +302,11 @@ def over_80(rows: list, models_info: dict) -> list:
 def report(rows: list, models_info: dict, batches: list, truncate: int, seconds: float, command: str,
            done: bool) -> str:
     b0 = batches[0]
-    partial = f"; PARTIAL: {len(_keys(rows) & table_rows())} of the full table's {len(table_rows())} rows"
+    need = table_rows()
+    partial = "" if done else f"; PARTIAL: {len(_keys(rows) & need)} of the full table's {len(need)} rows"
     lines = ["# Memory of one training step: SDXL, SD3-Medium, SD3.5-Large, FLUX.1-dev", "",
              f"Regenerate: `{command}` ({seconds / 60:.0f} min, the rows' own, on a 2-core CPU shared with other "
-             f"jobs, niced{'' if done else partial}; no GPU, no weights). "
+             f"jobs, niced{partial}; no GPU, no weights). "
              "Measured as [sd15_memory.md](sd15_memory.md) is: each model's published architecture (the configs in "
              "`experiments/backbone_memory.py`, checked by the released models' parameter counts) is built as *fake* "
              "tensors (shapes, dtypes, no storage) and rid.train_step, the real code, runs one optimizer step on it "
