@@ -258,6 +258,7 @@ def _write(out: Path, rows: list, models_info: dict, batches: list, truncate: in
     the rows' own."""
     import sys
 
+    import checkpoint
     from experiments.common import write_doc
 
     argv = list(argv if argv is not None else sys.argv[1:])
@@ -269,9 +270,9 @@ def _write(out: Path, rows: list, models_info: dict, batches: list, truncate: in
     rows = sorted(rows, key=lambda r: (list(BACKBONES).index(r["backbone"]), -r["resolution"],
                                        ORDER.index(r["method"]), r["checkpointing"]))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps({"batches": batches, "truncate": truncate, "models": models_info,
-                                                    "rows": rows, "command": command, "minutes": round(seconds / 60, 1),
-                                                    "complete": done}, indent=1) + "\n")
+    checkpoint.write_json(out.with_suffix(".json"), {  # atomic: a kill never loses the rows a later run keeps
+        "batches": batches, "truncate": truncate, "models": models_info, "rows": rows, "command": command,
+        "minutes": round(seconds / 60, 1), "complete": done})
     write_doc(out, report(rows, models_info, batches, truncate, seconds, command, done))
 
 

@@ -107,12 +107,15 @@ def mean_std(xs: list, sig: int = 3) -> str:
 
 
 def write_doc(path: Path, text: str) -> None:
-    """Write a generated doc, keeping the hand-written "## Notes" section of the previous version."""
+    """Write a generated doc, keeping the hand-written "## Notes" section of the previous version; atomically (a
+    kill leaves the old doc or the new one, and never loses the Notes)."""
+    from checkpoint import atomic_write
+
     old = path.read_text() if path.exists() else ""
     if NOTES in old:
         text += "\n" + old[old.index(NOTES):].lstrip("\n")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    atomic_write(path, text)
 
 
 def timing(t0: float, t_train: float, trained: int, jobs: int) -> dict:

@@ -402,6 +402,28 @@ def test_backbone_table_from_several_runs_is_complete_only_with_every_row(tmp_pa
     assert "PARTIAL: 64 of the full table's 65 rows" in out.read_text()
 
 
+def test_backbone_table_killed_while_writing_keeps_the_previous_table(tmp_path, monkeypatch):
+    """A run keeps the .json's rows for the next: a kill while the table is written (here, at the file's
+    replacement) leaves the previous .json and doc byte for byte, and no stray file beside them."""
+    import json
+
+    import checkpoint
+    from experiments import backbone_memory as bm
+
+    table = json.loads((Path(__file__).parents[1] / "docs" / "backbone_memory.json").read_text())
+    out = tmp_path / "t.md"
+    bm._write(out, table["rows"], table["models"], table["batches"], table["truncate"], [])
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def killed(*a):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        bm._write(out, table["rows"][1:], table["models"], table["batches"], table["truncate"], [])
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
 @pytest.mark.parametrize("text", ["{garbage", '{"rows": [{"backbone": "sdxl"}]}', "[1, 2]", '{"rows": 3}', "\udcff"])
 def test_backbone_table_refuses_a_foreign_json_beside_out_before_building(tmp_path, text, capsys, monkeypatch):
     """Its rows would be kept: a .json beside --out that this command did not write is refused in one line
