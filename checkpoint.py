@@ -237,10 +237,13 @@ class RunLock:
     A lock whose holder is gone (flock free; on this host, pid not running) is taken over with a
     message; a live holder means exit 2 with one line naming it."""
 
-    def __init__(self, out: Path, log=print):
+    def __init__(self, out: Path, log=print, name: str = ".lock", label: str | None = None):
+        """name: the lock file's name in `out` (one lock per file written there); label: how messages name what is
+        locked (default `--out OUT`)."""
         import fcntl
 
-        self.path = Path(out) / ".lock"
+        self.path = Path(out) / name
+        label = label or f"--out {out}"
         me = {"pid": os.getpid(), "host": socket.gethostname()}
         try:
             Path(out).mkdir(parents=True, exist_ok=True)
@@ -251,7 +254,7 @@ class RunLock:
                 except BlockingIOError:
                     held = self._holder()
                     os.close(self.fd)
-                    raise UsageError(f"--out {out} is in use by {self._who(held)} ({self.path}); wait for it "
+                    raise UsageError(f"{label} is in use by {self._who(held)} ({self.path}); wait for it "
                                      "to finish or choose another --out") from None
                 try:  # the holder before us may have unlinked the file after we opened it: retry
                     if os.fstat(self.fd).st_ino == os.stat(self.path).st_ino:
@@ -260,12 +263,12 @@ class RunLock:
                     pass
                 os.close(self.fd)
         except OSError as e:
-            raise UsageError(f"--out {out}: not writable ({e.strerror or e})") from None
+            raise UsageError(f"{label}: not writable ({e.strerror or e})") from None
         held = self._holder()
         if held and held != me:
             if held.get("host") != me["host"] or _pid_running(held.get("pid")):
                 os.close(self.fd)  # flock free but the holder may be alive (another host; no flock there)
-                raise UsageError(f"--out {out} is locked by {self._who(held)} ({self.path}); if no train.py runs "
+                raise UsageError(f"{label} is locked by {self._who(held)} ({self.path}); if no train.py runs "
                                  "there any more, delete the lock file")
             log(f"{self.path}: taking over the lock of {self._who(held)}, which is no longer running")
         os.ftruncate(self.fd, 0)

@@ -162,15 +162,26 @@ def run(names: list, sizes: list, methods: list, batches: list, steps, truncate:
     (the .json's rows of other backbones, methods and checkpointing settings are kept). Method by method, cheapest first, over every
     backbone: a long run shows every backbone's cheap rows early. draft with checkpointing only (without, its fake
     step costs hours here and fits no card: the doc bounds it by draft-k's). steps None: each backbone's own."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    import memplan
+    import checkpoint
     from experiments.common import ROOT, logger
-    from experiments.memory import PROG, measure, reward_world
+    from experiments.memory import PROG
 
     log, t0 = logger(PROG), time.time()
     out = ROOT / out if not Path(out).is_absolute() else Path(out)
-    old = _previous(out)
+    lock = checkpoint.RunLock(out.parent, log, name=f".{out.name}.lock", label=f"--out {out}")  # one run per table
+    try:
+        return _run(names, sizes, methods, batches, steps, truncate, out, argv, checkpointing, log, t0)
+    finally:
+        lock.release()
+
+
+def _run(names, sizes, methods, batches, steps, truncate, out: Path, argv, checkpointing, log, t0) -> int:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import memplan
+    from experiments.memory import measure, reward_world
+
+    old = _previous(out)  # read under the lock: the rows this run keeps are the last run's
     rows = [r for r in old.get("rows", []) if r["backbone"] not in names or r["method"] not in methods
             or r["checkpointing"] not in checkpointing]
     models_info = old.get("models", {})

@@ -374,6 +374,7 @@ def test_backbone_table_remeasures_only_the_chosen_checkpointing_rows(tmp_path, 
     monkeypatch.setattr(backbone_memory, "_write", lambda out, rows, *a, **k: written.append(list(rows)))
     assert backbone_memory.run(["sdxl"], [1024], ["rid"], [1, 2], None, 10, str(out), [], (True,)) == 0
     assert measured == [("rid", True, 1024)]
+    assert not list(tmp_path.glob(".*lock*"))  # the run's lock is gone with it
     final = {(r["backbone"], r["method"], r["checkpointing"]): r["peak_gib"][0] for r in written[-1]}
     assert final == {("sdxl", "rid", False): 1.0, ("sd3-medium", "rid", True): 3.0, ("sdxl", "rid", True): 9.0}
 
@@ -400,6 +401,27 @@ def test_backbone_table_from_several_runs_is_complete_only_with_every_row(tmp_pa
     got = json.loads(out.with_suffix(".json").read_text())
     assert not got["complete"] and got["command"] == "python -m experiments.memory " + " ".join(argv)
     assert "PARTIAL: 64 of the full table's 65 rows" in out.read_text()
+
+
+def test_backbone_table_one_run_at_a_time(tmp_path, capsys, monkeypatch):
+    """Each run rewrites the table from the rows it read at its start: a second run on the same --out while
+    one holds it is refused in one line naming the holder (it would drop the first's rows), before any model is
+    built; another table in the same folder is not blocked."""
+    import checkpoint
+    from experiments import backbone_memory
+
+    monkeypatch.setattr(backbone_memory, "build", lambda *a: pytest.fail("built a model"))
+    out = tmp_path / "t.md"
+    holder = checkpoint.RunLock(tmp_path, name=".t.md.lock")  # a first run, still measuring
+    try:
+        assert memory.main(["--backbone", "sdxl", "--methods", "rid", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"--out {out} is in use by pid" in err[0], err
+        other = checkpoint.RunLock(tmp_path, name=".u.md.lock")
+        other.release()
+    finally:
+        holder.release()
+    assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
 def test_backbone_table_killed_while_writing_keeps_the_previous_table(tmp_path, monkeypatch):
